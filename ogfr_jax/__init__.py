@@ -1,0 +1,3 @@
+"""OGFR occluded person re-identification in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,177 @@
+"""The shared recipe every config starts from (TransReID-style defaults).
+
+Each choice that the OGFR paper would fix but that we could not read from it is a field
+here with a documented default, so that a run can set it with `--config.FIELD=VALUE` and an
+ablation can switch it off. Files under configs/ call `base_config()` and override what their protocol changes.
+"""
+
+import ml_collections
+
+# Backbone sizes: (width, depth, heads). 'tiny' is for tests and the synthetic benchmark.
+VIT_SIZES = {
+    'tiny': (64, 2, 2),
+    'mini': (128, 4, 4),
+    'small': (384, 12, 6),
+    'base': (768, 12, 12),
+    'large': (1024, 24, 16),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- which data --------------------------------------------------------------------------
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'synthetic'  # a name registered in ogfr_jax.data.datasets
+  c.dataset.root = ''  # the dataset's own folder; for 'synthetic' the cache folder ('' = default)
+  c.dataset.merge_train_val = False  # msmt17 only: train on list_train + list_val
+  # Cross-domain protocols (Occluded-REID / Partial-REID): train on `name`, test on this one.
+  c.dataset.test_name = ''  # '' = test on the same dataset
+  c.dataset.test_root = ''
+
+  # The embedded benchmark (used when dataset.name == 'synthetic').
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.seed = 0
+  c.synthetic.num_train_ids = 64
+  c.synthetic.num_test_ids = 48
+  c.synthetic.images_per_id = 12  # per identity, spread over cameras
+  c.synthetic.num_cameras = 4
+  c.synthetic.height = 128
+  c.synthetic.width = 64
+  c.synthetic.clutter_fraction = 0.5  # holistic train images that get planted clutter
+  c.synthetic.occluded_query_fraction = 1.0
+
+  # --- input pipeline ----------------------------------------------------------------------
+  c.input = ml_collections.ConfigDict()
+  c.input.height = 256
+  c.input.width = 128
+  c.input.ids_per_batch = 16  # P
+  c.input.images_per_id = 4  # K; the global train batch is P * K
+  c.input.eval_batch_size = 128  # global
+  c.input.num_workers = 2  # grain worker processes (0 = in the main process)
+  c.input.prefetch = 2
+  c.input.flip_prob = 0.5
+  c.input.pad = 10
+  c.input.erase_prob = 0.5
+  c.input.erase_area = (0.02, 0.4)
+  c.input.erase_min_aspect = 0.3
+  c.input.mean = (0.5, 0.5, 0.5)
+  c.input.std = (0.5, 0.5, 0.5)
+  # What to do with an image that cannot be decoded during training: 'fail' or 'skip'.
+  c.input.corrupt_image_policy = 'fail'
+
+  # --- occlusion synthesis for the student --------------------------------------------------
+  c.occlusion = ml_collections.ConfigDict()
+  c.occlusion.enabled = True
+  c.occlusion.prob = 0.75  # chance that the student's view of an image is occluded
+  # Pattern types; pattern id k = 1 + index here, 0 means "no occluder".
+  c.occlusion.patterns = ('object', 'texture', 'person', 'crop')
+  c.occlusion.holdout = ()  # pattern names never synthesised during training
+  c.occlusion.placements = ('bottom', 'top', 'left', 'right', 'center')
+  c.occlusion.area = (0.15, 0.5)  # occluded fraction of the image
+
+  # --- model -------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.size = 'base'  # a key of VIT_SIZES
+  c.model.patch_size = 16
+  c.model.stride = 12  # overlapping patches (TransReID: 12; 11 on Occluded-Duke)
+  c.model.mlp_ratio = 4.0
+  c.model.drop_path = 0.1
+  c.model.sie = True  # camera embedding (side information embedding)
+  c.model.sie_weight = 3.0
+  c.model.jpm = False  # TransReID jigsaw patch module (part branch)
+  c.model.jpm_shift = 5
+  c.model.jpm_shuffle_groups = 2
+  c.model.jpm_parts = 4
+  c.model.dtype = 'float32'  # compute dtype: float32 or bfloat16 (parameters stay float32)
+  c.model.teacher = True  # False: student only (ViT baseline ablations; no KD, no FEPM)
+  c.model.shared_backbone = False  # teacher and student share backbone parameters
+  # Occlusion-Aware ViT: learnable pattern embeddings E[0..K] added to the student's tokens.
+  c.model.pattern_embed = True
+  c.model.pattern_test_policy = 'none'  # 'none' -> E[0]; 'soft' -> sum_k p_k E[k]
+
+  # --- Feature Erasing and Purification Module (teacher) -------------------------------------
+  c.fepm = ml_collections.ConfigDict()
+  c.fepm.enabled = True
+  c.fepm.layer = -1  # agent acts after block L; negative counts from the end (-1: before last)
+  c.fepm.selection = 'agent'  # 'agent' (REINFORCE) or 'random' (ablation: random tokens)
+  c.fepm.action = 'bernoulli'  # 'bernoulli' per token, or 'topk' without replacement
+  c.fepm.topk_fraction = 0.1  # k / num_patches for 'topk' and for 'random'
+  c.fepm.agent_hidden = 128
+  c.fepm.eta = 0.1  # reward penalty per replaced fraction
+  c.fepm.baseline = 'self_critical'  # or 'moving_average'
+  c.fepm.baseline_momentum = 0.9
+  c.fepm.entropy_weight = 0.01
+  c.fepm.prior_logit = -2.0  # initial bias of the agent: ~12% selection rate at start
+
+  # --- losses ------------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.id_weight = 1.0
+  c.loss.label_smoothing = 0.0
+  c.loss.triplet_weight = 1.0
+  c.loss.triplet_margin = 0.0  # 0 -> soft margin
+  c.loss.kd_weight = 1.0
+  c.loss.kd_feature = 'cos'  # 'mse', 'cos' or 'both'
+  c.loss.kd_logit_weight = 1.0
+  c.loss.kd_temperature = 4.0
+  c.loss.pattern_weight = 0.1
+  c.loss.agent_weight = 1.0
+  c.loss.teacher_weight = 1.0  # teacher's own ID + triplet terms
+  c.loss.student_weight = 1.0
+
+  # --- optimisation ------------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'  # 'sgd' (momentum) or 'adamw'
+  c.optim.lr = 0.008  # for the global batch of 64; scaled linearly with the batch
+  c.optim.base_batch_size = 64
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.bias_lr_factor = 2.0
+  c.optim.no_decay_norm_and_embed = True
+  c.optim.warmup_epochs = 5
+  c.optim.grad_clip = 0.0  # 0 = off
+  c.optim.agent_name = 'adam'
+  c.optim.agent_lr = 1e-4
+
+  # --- schedule, logging, checkpoints --------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 120
+  c.train.steps_per_epoch = 0  # 0 = (number of train images) // batch
+  c.train.log_every = 50
+  c.train.eval_every_epochs = 40
+  c.train.checkpoint_every = 500  # steps
+  c.train.keep_checkpoints = 2
+
+  # --- evaluation --------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.feature = 'pre_bn'  # student feature: 'pre_bn' or 'post_bn'
+  c.eval.normalize = True  # L2-normalise before Euclidean distance
+  c.eval.flip = False  # average features of the image and its mirror
+  c.eval.rerank = False
+  c.eval.rerank_k1 = 20
+  c.eval.rerank_k2 = 6
+  c.eval.rerank_lambda = 0.3
+  c.eval.max_rank = 50
+  c.eval.query_chunk = 1024
+
+  # --- devices -----------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by other axes
+  c.mesh.fsdp = 1
+  return c
+
+
+def parse_arg(arg, **defaults):
+  """Parses 'k=v,k2=v2' config args (big_vision style); bare 'k' means k=True."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config arg {key!r}; known: {sorted(defaults)}')
+    if not value:
+      out[key] = True
+    else:
+      kind = type(defaults[key])
+      out[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
+  return ml_collections.ConfigDict(out)
