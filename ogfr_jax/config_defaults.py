@@ -175,3 +175,14 @@ def parse_arg(arg, **defaults):
       kind = type(defaults[key])
       out[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
   return ml_collections.ConfigDict(out)
+
+
+def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
+  """A few tiny steps of the same pipeline: for smoke tests of a real-dataset config."""
+  c.model.size = 'tiny'
+  c.input.ids_per_batch, c.input.images_per_id = 4, 2
+  c.input.eval_batch_size = 16
+  c.input.num_workers = 0
+  c.train.epochs = 1
+  c.train.steps_per_epoch = 4
+  c.train.log_every = 2

@@ -1,0 +1,49 @@
+"""The OGFR ablation ladder, one step at a time, on the embedded benchmark by default.
+
+Command (one run per step; same budget and seed for each):
+  python -m ogfr_jax.main --config configs/ablations.py:step=vit_baseline --workdir runs/abl/base
+  steps: vit_baseline, occ_synthesis, kd, fepm_random, fepm_agent, full
+
+  vit_baseline   student ViT only, trained on holistic images (no occlusion synthesis)
+  occ_synthesis  + the student sees synthesised occlusions
+  kd             + holistic teacher and distillation into the student (no FEPM)
+  fepm_random    + FEPM that replaces random tokens (no learning)
+  fepm_agent     + FEPM with the REINFORCE agent choosing the tokens
+  full           + occlusion pattern embeddings in the student (full OGFR)
+
+Args: `step=NAME`; `dataset=occluded_duke` (or another dataset name) runs the ladder on the
+ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for smoke tests.
+"""
+
+import importlib.util
+import os
+
+STEPS = ('vit_baseline', 'occ_synthesis', 'kd', 'fepm_random', 'fepm_agent', 'full')
+
+
+def apply_step(c, step):
+  if step not in STEPS:
+    raise ValueError(f'unknown ablation step {step!r}; one of {STEPS}')
+  level = STEPS.index(step)
+  c.occlusion.enabled = level >= STEPS.index('occ_synthesis')
+  c.model.teacher = level >= STEPS.index('kd')
+  c.fepm.enabled = level >= STEPS.index('fepm_random')
+  c.fepm.selection = 'random' if step == 'fepm_random' else 'agent'
+  c.model.pattern_embed = level >= STEPS.index('full')
+  return c
+
+
+def get_config(arg=None):
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  arg = config_defaults.parse_arg(arg, step='full', dataset='synthetic', runlocal=False)
+  return apply_step(_dataset_config(arg), arg.step)
+
+
+def _dataset_config(arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{arg.dataset}.py')
+  if not os.path.exists(path):
+    raise ValueError(f'no config file for dataset {arg.dataset!r} ({path})')
+  spec = importlib.util.spec_from_file_location(f'ogfr_config_{arg.dataset}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('runlocal' if arg.runlocal else None)

@@ -1,0 +1,98 @@
+"""Optimizers: the TransReID parameter groups, a warm-up + cosine schedule, and the agent's
+own optimizer, combined with optax.multi_transform.
+
+Groups (by parameter path):
+  agent      every parameter under a module named 'agent' (FEPM policy): its own optimizer;
+  no_decay   norm scales/biases and embeddings (cls, position, camera, pattern, replacement
+             token) when config.optim.no_decay_norm_and_embed;
+  bias       other biases: learning rate x bias_lr_factor (TransReID uses 2);
+  weights    everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+from flax import traverse_util
+
+_EMBED_NAMES = ('cls_token', 'pos_embed', 'sie_embed', 'pattern_embed', 'replace_token')
+_NORM_HINTS = ('norm', 'ln', 'bn', 'batchnorm', 'layernorm')
+
+
+def param_group(path: tuple[str, ...], cfg: ml_collections.ConfigDict) -> str:
+  names = [p.lower() for p in path]
+  if 'agent' in names:
+    return 'agent'
+  leaf = names[-1]
+  in_norm = any(any(h in n for h in _NORM_HINTS) for n in names[:-1])
+  if cfg.no_decay_norm_and_embed and (in_norm or any(e in leaf for e in _EMBED_NAMES)):
+    return 'no_decay'
+  if leaf == 'bias':
+    return 'bias'
+  return 'weights'
+
+
+def param_labels(params: Any, cfg: ml_collections.ConfigDict) -> Any:
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: param_group(k, cfg) for k in flat})
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict, global_batch: int, steps_per_epoch: int,
+                total_steps: int) -> Callable[[Any], Any]:
+  """Linear warm-up from 1% to the peak, then cosine decay to 1% of the peak."""
+  peak = cfg.lr * global_batch / cfg.base_batch_size
+  warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.01 * peak, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=0.01 * peak)
+
+
+def _base(cfg, lr, weight_decay: float) -> optax.GradientTransformation:
+  if cfg.name == 'sgd':
+    # Coupled weight decay, as torch.optim.SGD does it in the TransReID recipe.
+    parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    return optax.chain(*parts, optax.sgd(lr, momentum=cfg.momentum or None))
+  if cfg.name == 'adamw':
+    return optax.adamw(lr, weight_decay=weight_decay)
+  raise ValueError(f'config.optim.name={cfg.name!r}: use sgd or adamw')
+
+
+def make_optimizer(config: ml_collections.ConfigDict, global_batch: int,
+                   steps_per_epoch: int, total_steps: int):
+  """Returns (optax transformation, backbone learning-rate schedule)."""
+  cfg = config.optim
+  schedule = lr_schedule(cfg, global_batch, steps_per_epoch, total_steps)
+  bias_schedule = lambda step: cfg.bias_lr_factor * schedule(step)
+  bias_decay = 0.0 if cfg.no_decay_norm_and_embed else cfg.weight_decay
+  if cfg.agent_name == 'adam':
+    agent_tx = optax.adam(cfg.agent_lr)
+  elif cfg.agent_name == 'sgd':
+    agent_tx = optax.sgd(cfg.agent_lr, momentum=0.9)
+  else:
+    raise ValueError(f'config.optim.agent_name={cfg.agent_name!r}: use adam or sgd')
+  transforms = {
+      'weights': _base(cfg, schedule, cfg.weight_decay),
+      'bias': _base(cfg, bias_schedule, bias_decay),
+      'no_decay': _base(cfg, schedule, 0.0),
+      'agent': agent_tx,
+  }
+  tx = optax.multi_transform(transforms, lambda params: param_labels(params, cfg))
+  if cfg.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  return tx, schedule
+
+
+def group_sizes(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Parameter counts per group, for the start-of-run log."""
+  out: dict[str, int] = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    group = param_group(path, cfg)
+    out[group] = out.get(group, 0) + int(leaf.size)
+  return out
+
+
+def tree_size(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

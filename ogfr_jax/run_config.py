@@ -1,0 +1,118 @@
+"""Config checks and the workdir's config.json.
+
+`validate` catches values that ml_collections' type checks cannot (names, ranges, divisibility)
+before anything is built. `prepare_workdir` writes the resolved config as JSON and refuses a
+workdir that holds a run of a different config, so two runs never mix checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import ml_collections
+
+from ogfr_jax import config_defaults
+
+# Fields that may differ when a run is resumed: they change logging or speed, not results.
+RESUMABLE_FIELDS = (
+    'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+    'input.num_workers', 'input.prefetch', 'eval.query_chunk',
+)
+
+
+def describe_config_error(error: Exception, argv: list[str]) -> str:
+  """One line naming the offending --config.FIELD for an override that failed to apply."""
+  overrides = [a for a in argv if a.startswith('--config.')]
+  text = str(error).strip('\'"').replace('\\n', ' ').replace('\n', ' ')
+  match = re.search(r"'([A-Za-z0-9_]+)'", text)
+  culprit = next((a.split('=')[0] for a in overrides
+                  if match and a.split('=')[0].endswith('.' + match.group(1))), None)
+  if culprit:
+    return f'{culprit}: unknown config field ({text})'
+  return f'{text} (overrides: {" ".join(overrides) or "none"})'
+
+
+def _choice(value: Any, allowed, field: str) -> None:
+  if value not in allowed:
+    raise ValueError(f'config.{field}={value!r}: must be one of {sorted(allowed)}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field for a config that cannot run."""
+  from ogfr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  names = set(datasets.dataset_names())
+  _choice(config.dataset.name, names, 'dataset.name')
+  if config.dataset.test_name:
+    _choice(config.dataset.test_name, names, 'dataset.test_name')
+  _choice(config.model.size, config_defaults.VIT_SIZES, 'model.size')
+  _choice(config.model.dtype, {'float32', 'bfloat16'}, 'model.dtype')
+  _choice(config.model.pattern_test_policy, {'none', 'soft'}, 'model.pattern_test_policy')
+  _choice(config.fepm.selection, {'agent', 'random'}, 'fepm.selection')
+  _choice(config.fepm.action, {'bernoulli', 'topk'}, 'fepm.action')
+  _choice(config.fepm.baseline, {'self_critical', 'moving_average'}, 'fepm.baseline')
+  _choice(config.loss.kd_feature, {'mse', 'cos', 'both'}, 'loss.kd_feature')
+  _choice(config.optim.name, {'sgd', 'adamw'}, 'optim.name')
+  _choice(config.eval.feature, {'pre_bn', 'post_bn'}, 'eval.feature')
+  _choice(config.input.corrupt_image_policy, {'fail', 'skip'}, 'input.corrupt_image_policy')
+  for field in ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch_size',
+                'input.height', 'input.width', 'model.patch_size', 'model.stride',
+                'train.log_every', 'train.checkpoint_every'):
+    section, name = field.split('.')
+    if int(config[section][name]) < 1:
+      raise ValueError(f'config.{field}={config[section][name]} must be >= 1')
+  if config.model.patch_size > min(config.input.height, config.input.width):
+    raise ValueError(f'config.model.patch_size={config.model.patch_size} is larger than the '
+                     f'input {config.input.height}x{config.input.width}')
+  if config.train.epochs <= 0:
+    raise ValueError(f'config.train.epochs={config.train.epochs} must be > 0')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+  a, b = _flatten(old), _flatten(new)
+  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
+          for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS]
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
+                    overwrite: bool = False) -> None:
+  """Creates the workdir and writes config.json (process 0 only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  new = json.loads(config.to_json_best_effort())
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); move it away or pass --overwrite') from e
+    diff = config_diff(old, new)
+    if diff and not overwrite:
+      raise ValueError(
+          f'{workdir} holds a run of a different config; refusing to mix them. Differences:\n  '
+          + '\n  '.join(diff) + '\nUse another --workdir, or pass --overwrite to start afresh '
+          '(removes its checkpoints).')
+    if diff and overwrite and jax.process_index() == 0:
+      shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
