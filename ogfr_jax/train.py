@@ -252,7 +252,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
               total_steps=total_steps, global_batch=global_batch)
 
 
-def _restore_latest(s: dict):
+def restore_latest(s: dict):
   step = s['manager'].latest_step()
   if step is None:
     return s['state'], None, 0
@@ -267,13 +267,20 @@ def _batches(it: Iterator[dict]) -> Iterator[dict]:
     yield {k: batch[k] for k in STEP_KEYS}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir), then evaluates the student.
+
+  `stop_at_step` ends the run early after checkpointing that step, as a preemption would;
+  running again continues it. Returns the results written to WORKDIR/results.json ({} when
+  stopped early).
+  """
   s = setup(config, workdir)
   mesh, model = s['mesh'], s['model']
   if jax.process_index() == 0:
     logging.info('parameters:\n%s', parameter_overview.get_parameter_overview(s['state'].params))
     logging.info('parameter groups: %s', optim.group_sizes(s['state'].params, config.optim))
-  state, data_state, start_step = _restore_latest(s)
+  state, data_state, start_step = restore_latest(s)
   total_steps, steps_per_epoch = s['total_steps'], s['steps_per_epoch']
   train_iter = pipeline.make_train_iterator(
       s['train_data'].train, config, process_index=jax.process_index(),
@@ -313,8 +320,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise FloatingPointError(
             f'non-finite loss at step {done}; the last good checkpoint is kept in '
             f'{s["manager"].directory}')
-    if done % config.train.checkpoint_every == 0 or done == total_steps:
-      checkpoints.save(s['manager'], done, state, train_iter.get_state())
+    stopping = done == stop_at_step
+    if done % config.train.checkpoint_every == 0 or done == total_steps or stopping:
+      checkpoints.save(s['manager'], done, state, train_iter.get_state(), force=stopping)
+    if stopping:
+      s['manager'].wait_until_finished()
+      writer.close()
+      s['manager'].close()
+      return {}
     if done % eval_every == 0 and done != total_steps:
       results = run_evaluation(model, state, s['test_data'], config, mesh, done, writer)
   s['manager'].wait_until_finished()
@@ -328,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = setup(config, workdir)
-  state, _, step = _restore_latest(s)
+  state, _, step = restore_latest(s)
   if step == 0:
     raise FileNotFoundError(f'no checkpoint to evaluate in {s["manager"].directory}')
   results = run_evaluation(s['model'], state, s['test_data'], config, s['mesh'], step, None)
