@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rerank_k2 = 6
   c.eval.rerank_lambda = 0.3
   c.eval.max_rank = 50
-  c.eval.query_chunk = 1024
+  c.eval.query_chunk = 256
 
   # --- devices -----------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
