@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- schedule, logging, checkpoints --------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 120
-  c.train.steps_per_epoch = 0  # 0 = (number of train images) // batch
+  c.train.steps_per_epoch = 0  # 0 = what the P x K sampler yields per pass over the ids
   c.train.log_every = 50
   c.train.eval_every_epochs = 40
   c.train.checkpoint_every = 500  # steps

@@ -1,0 +1,280 @@
+"""Occlusion synthesis: the student's view occ(x) of the teacher's holistic view x.
+
+occ(x) is x with one occluder pasted in, so the two views stay pixel-aligned and the occluder
+mask says exactly which pixels differ in origin. Pattern ids follow `config.occlusion.patterns`
+(k = 1 + index); 0 means "not occluded". Types listed in `config.occlusion.holdout` are never
+synthesised, while every other type keeps its id, so a model trained with a held-out type can
+still be tested against it.
+
+Synthesis runs on uint8 images before normalisation: occluder sources (solid colours, textures,
+another image's pixels) are defined in pixel space, the donor images of the `person` and `crop`
+types are the other rows' augmented x in that same space, and both views then go through the
+single normalisation step.
+
+Work is split into a plan (pattern id and donor row, drawn first so that a caller can fetch the
+donor image) and a render that pastes the occluder. Both draw from one Generator in a fixed
+order, so the result is a pure function of the generator's seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+PATTERN_TYPES = ('object', 'texture', 'person', 'crop')
+PLACEMENTS = ('bottom', 'top', 'left', 'right', 'center')
+# Types whose occluder is taken from another image of the batch with a different identity.
+DONOR_TYPES = frozenset({'person', 'crop'})
+
+
+@dataclasses.dataclass(frozen=True)
+class OcclusionSpec:
+  """`config.occlusion` in validated form (a small picklable value for input workers)."""
+  enabled: bool = True
+  prob: float = 0.75
+  patterns: tuple[str, ...] = PATTERN_TYPES
+  holdout: tuple[str, ...] = ()
+  placements: tuple[str, ...] = PLACEMENTS
+  area: tuple[float, float] = (0.15, 0.5)
+
+  def __post_init__(self):
+    unknown = [p for p in self.patterns if p not in PATTERN_TYPES]
+    if unknown or not self.patterns:
+      raise ValueError(f'config.occlusion.patterns: unknown or empty pattern types {unknown} '
+                       f'in {self.patterns}; known types are {PATTERN_TYPES}')
+    if len(set(self.patterns)) != len(self.patterns):
+      raise ValueError(f'config.occlusion.patterns lists a type twice: {self.patterns}')
+    bad = [p for p in self.holdout if p not in self.patterns]
+    if bad:
+      raise ValueError(f'config.occlusion.holdout names {bad}, which are not in '
+                       f'config.occlusion.patterns {self.patterns}')
+    if self.enabled and self.prob > 0 and not self.train_ids:
+      raise ValueError(f'config.occlusion.holdout {self.holdout} holds out every type of '
+                       f'config.occlusion.patterns {self.patterns}; nothing is left to train on')
+    bad = [p for p in self.placements if p not in PLACEMENTS]
+    if bad or not self.placements:
+      raise ValueError(f'config.occlusion.placements: unknown or empty placements {bad} in '
+                       f'{self.placements}; known placements are {PLACEMENTS}')
+    lo, hi = self.area
+    if not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f'config.occlusion.area must satisfy 0 < lo <= hi <= 1, got {self.area}')
+    if not 0.0 <= self.prob <= 1.0:
+      raise ValueError(f'config.occlusion.prob must lie in [0, 1], got {self.prob}')
+
+  @property
+  def num_patterns(self) -> int:
+    """Size of the pattern-embedding table minus one (ids run 0..num_patterns)."""
+    return len(self.patterns)
+
+  def pattern_id(self, name: str) -> int:
+    return 1 + self.patterns.index(name)
+
+  @property
+  def train_ids(self) -> tuple[int, ...]:
+    """Ids of the types synthesised in training (all but the held-out ones)."""
+    return tuple(self.pattern_id(p) for p in self.patterns if p not in self.holdout)
+
+
+def occlusion_spec(config) -> OcclusionSpec:
+  """Reads `config.occlusion` into an OcclusionSpec (raises naming the bad field)."""
+  c = config.occlusion
+  return OcclusionSpec(
+      enabled=bool(c.enabled), prob=float(c.prob),
+      patterns=tuple(str(p) for p in c.patterns), holdout=tuple(str(p) for p in c.holdout),
+      placements=tuple(str(p) for p in c.placements),
+      area=tuple(float(v) for v in c.area))
+
+
+@dataclasses.dataclass(frozen=True)
+class OcclusionPlan:
+  pattern: int  # 0 = not occluded, else 1 + index into spec.patterns
+  donor: int  # row of the batch whose image supplies the occluder, -1 if none
+
+
+def plan_occlusion(spec: OcclusionSpec, pids: Sequence[int] | np.ndarray, row: int,
+                   rng: np.random.Generator) -> OcclusionPlan:
+  """Chooses the pattern for batch row `row` and, for donor types, the donor row.
+
+  Donors are rows with a different identity, so the occluder never shows the same person.
+  When the batch has none, donor types are left out of the draw for this row.
+  """
+  if not spec.enabled or rng.random() >= spec.prob:
+    return OcclusionPlan(0, -1)
+  pids = np.asarray(pids)
+  donors = np.flatnonzero(pids != pids[row])
+  choices = [k for k in spec.train_ids
+             if donors.size or spec.patterns[k - 1] not in DONOR_TYPES]
+  if not choices:
+    return OcclusionPlan(0, -1)
+  k = int(choices[int(rng.integers(len(choices)))])
+  if spec.patterns[k - 1] in DONOR_TYPES:
+    return OcclusionPlan(k, int(donors[int(rng.integers(donors.size))]))
+  return OcclusionPlan(k, -1)
+
+
+def _band_or_box(height: int, width: int, placement: str, frac: float,
+                 rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(y, x, h, w) of a region covering about `frac` of the image at `placement`.
+
+  Edge placements are full-width (top/bottom) or full-height (left/right) bands; 'center' is
+  a box of random aspect whose centre lies in the middle half of the image.
+  """
+  if placement in ('bottom', 'top'):
+    h = min(height, max(1, int(round(frac * height))))
+    return (height - h if placement == 'bottom' else 0), 0, h, width
+  if placement in ('left', 'right'):
+    w = min(width, max(1, int(round(frac * width))))
+    return 0, (width - w if placement == 'right' else 0), height, w
+  s = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
+  h = min(height, max(1, int(round(height * math.sqrt(frac) * s))))
+  w = min(width, max(1, int(round(frac * height * width / h))))
+  y = (height - h) / 2 + rng.uniform(-0.25, 0.25) * height
+  x = (width - w) / 2 + rng.uniform(-0.25, 0.25) * width
+  y = int(np.clip(round(y), 0, height - h))
+  x = int(np.clip(round(x), 0, width - w))
+  return y, x, h, w
+
+
+def _person_box(height: int, width: int, placement: str, frac: float,
+                rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(y, x, h, w) of an upright strip, as a pedestrian standing in front would cover.
+
+  left/right/center: a full-height strip at that side or near the middle; bottom/top: a strip
+  at least half the image tall standing on the bottom edge or hanging from the top.
+  """
+  if placement in ('left', 'right', 'center'):
+    w = min(width, max(1, int(round(frac * width))))
+    if placement == 'left':
+      x = 0
+    elif placement == 'right':
+      x = width - w
+    else:
+      x = int(np.clip(round((width - w) / 2 + rng.uniform(-0.125, 0.125) * width), 0,
+                      width - w))
+    return 0, x, height, w
+  h = min(height, max(1, int(round(height * rng.uniform(max(frac, 0.5), 1.0)))))
+  w = min(width, max(1, int(round(frac * height * width / h))))
+  x = int(rng.integers(0, width - w + 1))
+  return (height - h if placement == 'bottom' else 0), x, h, w
+
+
+def _ellipse_mask(h: int, w: int) -> np.ndarray:
+  yy = (np.arange(h) + 0.5 - h / 2) / (h / 2)
+  xx = (np.arange(w) + 0.5 - w / 2) / (w / 2)
+  return (yy[:, None] ** 2 + xx[None, :] ** 2) <= 1.0
+
+
+def _object(image: np.ndarray, placement: str, frac: float,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """A solid shape of one random colour: a rectangle, or an ellipse of the same area."""
+  H, W = image.shape[:2]
+  colour = rng.integers(0, 256, size=3, dtype=np.uint8)
+  want_ellipse = rng.random() < 0.5
+  y, x, h, w = _band_or_box(H, W, placement, frac, rng)
+  mask = np.zeros((H, W), bool)
+  # An ellipse covers pi/4 of its bounding box, so the box grows to keep the area (across the
+  # band for edge placements, in both directions for 'center'); when that box would not fit,
+  # the shape stays a rectangle.
+  grow = 4.0 / math.pi
+  if placement in ('bottom', 'top'):
+    eh, ew = int(round(h * grow)), w
+  elif placement in ('left', 'right'):
+    eh, ew = h, int(round(w * grow))
+  else:
+    eh, ew = int(round(h * math.sqrt(grow))), int(round(w * math.sqrt(grow)))
+  if want_ellipse and eh <= H and ew <= W:
+    ey = {'bottom': H - eh, 'top': 0}.get(placement, int(np.clip(y + (h - eh) // 2, 0, H - eh)))
+    ex = {'right': W - ew, 'left': 0}.get(placement, int(np.clip(x + (w - ew) // 2, 0, W - ew)))
+    mask[ey:ey + eh, ex:ex + ew] = _ellipse_mask(eh, ew)
+  else:
+    mask[y:y + h, x:x + w] = True
+  out = image.copy()
+  out[mask] = colour
+  return out, mask
+
+
+def _texture_patch(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+  """Procedural texture, uint8 [h, w, 3]: stripes at a random angle, or blocky colour noise."""
+  if rng.random() < 0.5:
+    angle = rng.uniform(0, math.pi)
+    period = rng.uniform(3.0, 12.0)
+    colours = rng.integers(0, 256, size=(2, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period
+    return colours[(np.floor(phase).astype(np.int64) & 1)]
+  cell = int(rng.integers(2, 9))
+  grid = rng.integers(0, 256, size=(-(-h // cell), -(-w // cell), 3), dtype=np.uint8)
+  patch = np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)[:h, :w].astype(np.int16)
+  grain_noise = rng.integers(-24, 25, size=(h, w, 3), dtype=np.int16)
+  return np.clip(patch + grain_noise, 0, 255).astype(np.uint8)
+
+
+def render_occlusion(image: np.ndarray, plan: OcclusionPlan, spec: OcclusionSpec,
+                     rng: np.random.Generator,
+                     donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Pastes the planned occluder into uint8 [H, W, 3] `image`.
+
+  Returns (occ, mask): occ uint8 [H, W, 3] equal to `image` wherever mask is 0, and mask uint8
+  [H, W] with 1 on occluder pixels. `donor` is the holistic image of row `plan.donor` (same
+  size), required for the person and crop types.
+  """
+  H, W = image.shape[:2]
+  if plan.pattern == 0:
+    return image.copy(), np.zeros((H, W), np.uint8)
+  name = spec.patterns[plan.pattern - 1]
+  placement = spec.placements[int(rng.integers(len(spec.placements)))]
+  frac = float(rng.uniform(spec.area[0], spec.area[1]))
+  if name == 'object':
+    occ, mask = _object(image, placement, frac, rng)
+    return occ, mask.astype(np.uint8)
+  if name in DONOR_TYPES:
+    if donor is None or donor.shape != image.shape:
+      raise ValueError(f'occlusion type {name!r} needs a donor image of shape {image.shape}, '
+                       f'got {None if donor is None else donor.shape}')
+  occ = image.copy()
+  mask = np.zeros((H, W), np.uint8)
+  if name == 'texture':
+    y, x, h, w = _band_or_box(H, W, placement, frac, rng)
+    occ[y:y + h, x:x + w] = _texture_patch(h, w, rng)
+  elif name == 'person':
+    # The donor's central columns hold its pedestrian; rows stay aligned so the occluding
+    # person's body parts sit at plausible heights.
+    y, x, h, w = _person_box(H, W, placement, frac, rng)
+    sx = (W - w) // 2
+    occ[y:y + h, x:x + w] = donor[y:y + h, sx:sx + w]
+  else:  # crop
+    y, x, h, w = _band_or_box(H, W, placement, frac, rng)
+    sy = int(rng.integers(0, H - h + 1))
+    sx = int(rng.integers(0, W - w + 1))
+    occ[y:y + h, x:x + w] = donor[sy:sy + h, sx:sx + w]
+  mask[y:y + h, x:x + w] = 1
+  return occ, mask
+
+
+def synthesise_batch(images: np.ndarray, pids, spec: OcclusionSpec,
+                     rng: np.random.Generator | Sequence[np.random.Generator]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Occludes a whole uint8 batch [n, H, W, 3]; donors are other rows of the same batch.
+
+  `rng` is either one Generator (split into one child per row) or one Generator per row; the
+  input pipeline passes per-row generators so that a row's result does not depend on how the
+  batch is split across processes. Returns (occluded uint8 [n, H, W, 3], pattern int32 [n],
+  mask uint8 [n, H, W]).
+  """
+  images = np.asarray(images)
+  n = images.shape[0]
+  rngs = rng.spawn(n) if isinstance(rng, np.random.Generator) else list(rng)
+  if len(rngs) != n:
+    raise ValueError(f'synthesise_batch needs one generator per row: {len(rngs)} for {n} rows')
+  occ = np.empty_like(images)
+  masks = np.empty(images.shape[:3], np.uint8)
+  patterns = np.empty(n, np.int32)
+  for i in range(n):
+    plan = plan_occlusion(spec, pids, i, rngs[i])
+    donor = images[plan.donor] if plan.donor >= 0 else None
+    occ[i], masks[i] = render_occlusion(images[i], plan, spec, rngs[i], donor)
+    patterns[i] = plan.pattern
+  return occ, patterns, masks
