@@ -20,6 +20,10 @@ VIT_SIZES = {
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # ImageNet (or ReID) backbone weights for teacher and student: AugReg/big_vision .npz,
+  # timm/TransReID PyTorch (.pth/.bin) or .safetensors. '' = random init.
+  c.init_from = ''
+  c.init_format = 'auto'  # 'auto' (from the file), 'npz', 'torch' or 'safetensors'
 
   # --- which data --------------------------------------------------------------------------
   c.dataset = ml_collections.ConfigDict()
