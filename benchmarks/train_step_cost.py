@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
-  loss = float(metrics['loss'])
+  loss = float(metrics['loss/total'])
 
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}

@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Occlusion-Aware ViT: learnable pattern embeddings E[0..K] added to the student's tokens.
   c.model.pattern_embed = True
   c.model.pattern_test_policy = 'none'  # 'none' -> E[0]; 'soft' -> sum_k p_k E[k]
+  # Chance per training image that the student gets E[0] instead of E[k] (it still predicts
+  # k); trains the first pass of the 'soft' policy, which sees E[0].
+  c.model.pattern_dropout = 0.0
+  c.model.attention_impl = 'xla'  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16 only)
 
   # --- Feature Erasing and Purification Module (teacher) -------------------------------------
   c.fepm = ml_collections.ConfigDict()

@@ -19,7 +19,6 @@ import optax
 from flax import traverse_util
 
 _EMBED_NAMES = ('cls_token', 'pos_embed', 'sie_embed', 'pattern_embed', 'replace_token')
-_NORM_HINTS = ('norm', 'ln', 'bn', 'batchnorm', 'layernorm')
 
 
 def param_group(path: tuple[str, ...], cfg: ml_collections.ConfigDict) -> str:
@@ -27,7 +26,7 @@ def param_group(path: tuple[str, ...], cfg: ml_collections.ConfigDict) -> str:
   if 'agent' in names:
     return 'agent'
   leaf = names[-1]
-  in_norm = any(any(h in n for h in _NORM_HINTS) for n in names[:-1])
+  in_norm = any('norm' in n or n == 'bnneck' for n in names[:-1])
   if cfg.no_decay_norm_and_embed and (in_norm or any(e in leaf for e in _EMBED_NAMES)):
     return 'no_decay'
   if leaf == 'bias':

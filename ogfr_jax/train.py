@@ -143,11 +143,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = _global_norm(grads)
   metrics['lr'] = lr_fn(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, baseline=baseline)
   return new_state, metrics
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree_util.tree_leaves(tree)))
 
 
 def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings):
@@ -311,11 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       summary['images_per_sec'] = ips
       eta = (total_steps - done) * s['global_batch'] / max(ips, 1e-9)
       logging.info('step %d/%d epoch %.2f | loss %.4f | %s | %.1f img/s | ETA %s', done,
-                   total_steps, done / steps_per_epoch, summary.get('loss', float('nan')),
+                   total_steps, done / steps_per_epoch, summary.get('loss/total', float('nan')),
                    ' '.join(f'{k}={v:.3g}' for k, v in sorted(summary.items())
-                            if k not in ('loss', 'images_per_sec')), ips, _format_eta(eta))
+                            if k not in ('loss/total', 'images_per_sec')), ips, _format_eta(eta))
       writer.scalars(done, {f'train/{k}': v for k, v in summary.items()})
-      if not np.isfinite(summary.get('loss', 0.0)):
+      if not np.isfinite(summary.get('loss/total', 0.0)):
         s['manager'].wait_until_finished()
         raise FloatingPointError(
             f'non-finite loss at step {done}; the last good checkpoint is kept in '

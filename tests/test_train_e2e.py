@@ -37,6 +37,11 @@ def tiny_config(tmp_path, epochs=1):
   return c
 
 
+def _train_lines(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [l for l in lines if 'train/loss/total' in l]
+
+
 def _params_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                    jax.tree_util.tree_leaves(b)))
@@ -48,8 +53,7 @@ def test_train_stop_resume_and_eval(tmp_path):
   run_config.prepare_workdir(wd, config)
   assert train.train_and_evaluate(config, wd, stop_at_step=3) == {}
   assert not os.path.exists(os.path.join(wd, 'results.json'))
-  lines = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
-  assert [l['step'] for l in lines] == [1, 2, 3]
+  assert [l['step'] for l in _train_lines(wd)] == [1, 2, 3]
 
   # The same command again resumes at step 3 and finishes the schedule.
   results = train.train_and_evaluate(config, wd)
@@ -61,9 +65,9 @@ def test_train_stop_resume_and_eval(tmp_path):
   assert json.load(open(os.path.join(wd, 'results.json'))) == results
   events = os.listdir(os.path.join(wd, 'tensorboard'))
   assert any(f.startswith('events.out.tfevents') for f in events)
-  lines = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
+  lines = _train_lines(wd)
   assert [l['step'] for l in lines] == [1, 2, 3, 4, 5, 6]
-  assert all(np.isfinite(l['train/loss']) for l in lines)
+  assert all(np.isfinite(l['train/loss/total']) for l in lines)
 
   evaluated = train.evaluate_checkpoint(config, wd)
   assert evaluated['synthetic']['step'] == 6

@@ -1,0 +1,202 @@
+"""Feature Erasing and Purification Module: the token-scoring agent, its policies and the
+token replacement.
+
+The agent scores every patch token after block L; a selection (boolean mask over the fixed
+number of patch tokens, so shapes stay static) picks tokens to erase, and each erased token is
+replaced by a learnable embedding plus that token's position embedding.
+
+Policies over a mask a in {0,1}^N given logits l:
+- 'bernoulli': independent tokens, a_i ~ Bernoulli(sigmoid(l_i));
+  log pi(a) = sum_i [a_i log sigmoid(l_i) + (1 - a_i) log sigmoid(-l_i)]. Greedy: l_i > 0.
+- 'topk': exactly k tokens drawn without replacement with probability proportional to exp(l)
+  (Plackett-Luce). Sampled with the Gumbel-top-k trick: the k largest of l_i + G_i, G_i iid
+  Gumbel, in decreasing order, are distributed as an ordered PL draw i_1..i_k, whose probability
+  is prod_j exp(l_{i_j}) / sum_{m not in i_<j} exp(l_m). We use the probability of the ordered
+  draw as log pi: the reward depends only on the unordered set, so E[R * grad log p(order)] is
+  still the exact gradient of E[R] (the order is an auxiliary variable of the sampler), and it
+  avoids summing over k! orderings. Greedy: the k largest logits.
+- 'random' (ablation): k tokens uniformly without replacement; nothing is learned.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ogfr_jax.models import vit as vit_lib
+
+
+class Selection(NamedTuple):
+  """The outcome of one policy step; log_prob/entropy are None for random selection."""
+  mask: jax.Array  # [B, N] bool, the action taken
+  greedy_mask: Optional[jax.Array]  # [B, N] bool
+  log_prob: Optional[jax.Array]  # [B] float32, log pi(mask)
+  entropy: Optional[jax.Array]  # [B] float32
+
+
+def replace_tokens(tokens: jax.Array, mask: jax.Array, replacement: jax.Array,
+                   pos_embed: jax.Array) -> jax.Array:
+  """Replaces the selected patch tokens; the CLS token (index 0) is never touched.
+
+  tokens [B, 1 + N, D]; mask [B, N] bool over patch tokens; replacement [D];
+  pos_embed [1, N, D] (the patch tokens' position embeddings).
+  """
+  patches = tokens[:, 1:]
+  fill = (replacement[None, None, :] + pos_embed).astype(tokens.dtype)
+  patches = jnp.where(mask[..., None], fill, patches)
+  return jnp.concatenate([tokens[:, :1], patches], axis=1)
+
+
+def num_selected(fraction: float, num_tokens: int) -> int:
+  """k for 'topk' and 'random' selection: round(fraction * N), which must be in [1, N]."""
+  k = int(round(fraction * num_tokens))
+  if not 1 <= k <= num_tokens:
+    raise ValueError(f'fepm.topk_fraction={fraction} selects {k} of {num_tokens} patch tokens; '
+                     f'it must select between 1 and {num_tokens}')
+  return k
+
+
+# --- Bernoulli policy -----------------------------------------------------------------------
+
+
+def bernoulli_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
+  return jax.random.uniform(key, logits.shape) < jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
+def bernoulli_log_prob(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """log pi(mask), summed over the last axis; stable through log_sigmoid."""
+  logits = logits.astype(jnp.float32)
+  per_token = jnp.where(mask, jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits))
+  return jnp.sum(per_token, axis=-1)
+
+
+def bernoulli_entropy(logits: jax.Array) -> jax.Array:
+  """Exact entropy of the joint (independent) policy: the sum of per-token entropies."""
+  logits = logits.astype(jnp.float32)
+  p = jax.nn.sigmoid(logits)
+  per_token = -(p * jax.nn.log_sigmoid(logits) + (1 - p) * jax.nn.log_sigmoid(-logits))
+  return jnp.sum(per_token, axis=-1)
+
+
+# --- Plackett-Luce (top-k without replacement) policy -----------------------------------------
+
+
+def gumbel_topk(key: jax.Array, logits: jax.Array, k: int) -> jax.Array:
+  """Ordered indices [..., k] of a Plackett-Luce draw without replacement (Gumbel-top-k)."""
+  perturbed = logits.astype(jnp.float32) + jax.random.gumbel(key, logits.shape, jnp.float32)
+  return jax.lax.top_k(perturbed, k)[1]
+
+
+def order_to_mask(order: jax.Array, num_tokens: int) -> jax.Array:
+  """Ordered indices [..., k] -> boolean mask [..., N]."""
+  return jnp.any(jax.nn.one_hot(order, num_tokens, dtype=jnp.bool_), axis=-2)
+
+
+def _pl_step_logits(logits: jax.Array, order: jax.Array) -> jax.Array:
+  """[..., k, N]: the logits at each draw j with the tokens drawn before j masked to -inf."""
+  n = logits.shape[-1]
+  picked = jax.nn.one_hot(order, n, dtype=jnp.int32)  # [..., k, N]
+  before = jnp.cumsum(picked, axis=-2) - picked  # drawn strictly before step j
+  return jnp.where(before > 0, -jnp.inf, logits[..., None, :].astype(jnp.float32))
+
+
+def plackett_luce_log_prob(logits: jax.Array, order: jax.Array) -> jax.Array:
+  """log p(i_1, ..., i_k) = sum_j [l_{i_j} - logsumexp(l over tokens not drawn before j)]."""
+  step = jax.nn.log_softmax(_pl_step_logits(logits, order), axis=-1)
+  chosen = jnp.take_along_axis(step, order[..., None], axis=-1)[..., 0]
+  return jnp.sum(chosen, axis=-1)
+
+
+def plackett_luce_entropy(logits: jax.Array, order: jax.Array) -> jax.Array:
+  """Sum of the entropies of each draw's conditional distribution along the sampled order.
+
+  By the chain rule its expectation over orders is the entropy of the ordered draw, so it is an
+  unbiased single-sample estimate; as a regulariser it is differentiated with the prefix held
+  fixed (the usual surrogate: there is no closed form for the entropy of a PL draw).
+  """
+  step = _pl_step_logits(logits, order)
+  logp = jax.nn.log_softmax(step, axis=-1)
+  # Tokens drawn before step j have p = 0 and logp = -inf; zero them before multiplying so that
+  # neither the value nor the gradient sees 0 * inf.
+  drawn = jnp.isneginf(step)
+  p = jnp.where(drawn, 0.0, jnp.exp(logp))
+  ent = -jnp.sum(p * jnp.where(drawn, 0.0, logp), axis=-1)
+  return jnp.sum(ent, axis=-1)
+
+
+def topk_mask(logits: jax.Array, k: int) -> jax.Array:
+  return order_to_mask(jax.lax.top_k(logits.astype(jnp.float32), k)[1], logits.shape[-1])
+
+
+def random_mask(key: jax.Array, shape: tuple[int, ...], k: int) -> jax.Array:
+  """k tokens per row, uniformly without replacement."""
+  return order_to_mask(gumbel_topk(key, jnp.zeros(shape, jnp.float32), k), shape[-1])
+
+
+# --- One policy step --------------------------------------------------------------------------
+
+
+def select(logits: jax.Array, *, action: str, k: int, key: Optional[jax.Array]) -> Selection:
+  """Samples an action (when `key` is given) or takes the greedy one (key None), with log pi.
+
+  logits [B, N] float32. With key None the returned mask is the greedy action and log_prob is
+  its log-probability, which is what an evaluation pass reports.
+  """
+  if action == 'bernoulli':
+    greedy = logits > 0
+    mask = greedy if key is None else bernoulli_sample(key, logits)
+    return Selection(mask, greedy, bernoulli_log_prob(logits, mask), bernoulli_entropy(logits))
+  if action == 'topk':
+    greedy_order = jax.lax.top_k(logits.astype(jnp.float32), k)[1]
+    order = greedy_order if key is None else gumbel_topk(key, logits, k)
+    n = logits.shape[-1]
+    return Selection(order_to_mask(order, n), order_to_mask(greedy_order, n),
+                     plackett_luce_log_prob(logits, order), plackett_luce_entropy(logits, order))
+  raise ValueError(f"fepm.action={action!r}: use 'bernoulli' or 'topk'")
+
+
+class Agent(nn.Module):
+  """Token-scoring policy network: LayerNorm -> Dense(hidden) -> GELU -> Dense(1) per patch.
+
+  Its input is under stop_gradient, so the policy gradient never reaches the backbone and the
+  backbone's losses never reach the agent; it runs in float32 whatever the backbone dtype, since
+  it is small and its log-probabilities feed REINFORCE directly.
+  """
+  hidden: int = 128
+  prior_logit: float = -2.0
+
+  @nn.compact
+  def __call__(self, patches: jax.Array) -> jax.Array:
+    """patches [B, N, D] -> logits [B, N] float32."""
+    x = jax.lax.stop_gradient(patches).astype(jnp.float32)
+    x = nn.LayerNorm(vit_lib.LN_EPS, name='norm')(x)
+    x = nn.Dense(self.hidden, kernel_init=vit_lib.TRUNC_INIT, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dense(1, kernel_init=vit_lib.TRUNC_INIT,
+                 bias_init=nn.initializers.constant(self.prior_logit), name='fc2')(x)
+    return x[..., 0]
+
+
+class TokenReplacement(nn.Module):
+  """Holds the learnable replacement token. It is trained by the teacher's own losses (it sits
+  in the teacher's forward pass), not by REINFORCE, so it is kept outside the 'agent' module."""
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array, pos_embed: jax.Array) -> jax.Array:
+    token = self.param('replace_token', vit_lib.TRUNC_INIT, (tokens.shape[-1],), jnp.float32)
+    return replace_tokens(tokens, mask, token, pos_embed)
+
+
+def describe(config: Any) -> dict[str, Any]:
+  """The FEPM choices of a config, validated (one place that names the bad field)."""
+  f = config.fepm
+  if f.selection not in ('agent', 'random'):
+    raise ValueError(f"fepm.selection={f.selection!r}: use 'agent' or 'random'")
+  if f.action not in ('bernoulli', 'topk'):
+    raise ValueError(f"fepm.action={f.action!r}: use 'bernoulli' or 'topk'")
+  if f.baseline not in ('self_critical', 'moving_average'):
+    raise ValueError(f"fepm.baseline={f.baseline!r}: use 'self_critical' or 'moving_average'")
+  return {'selection': f.selection, 'action': f.action, 'baseline': f.baseline}

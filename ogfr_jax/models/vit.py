@@ -1,0 +1,332 @@
+"""Vision Transformer backbone for person re-identification (TransReID flavour) and the BNNeck head.
+
+The backbone is split into stages that can be called on their own (`embed`, `run_blocks`,
+`final_norm`, `tail`) because the teacher's purification agent acts between block L and the
+rest of the network, and the reward passes re-run only the blocks after L.
+
+Token layout everywhere: [B, 1 + N, D] with the CLS token first and N = gh * gw patch tokens in
+row-major grid order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+Dtype = Any
+
+LN_EPS = 1e-6
+# Linear layers, CLS and position embeddings (ViT / TransReID convention).
+TRUNC_INIT = nn.initializers.truncated_normal(stddev=0.02)
+# ID classifier: small weights so that the initial logits are near uniform (TransReID).
+CLASSIFIER_INIT = nn.initializers.normal(stddev=0.001)
+
+
+def patch_grid(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
+  """Token grid of an overlapping patch embedding (a VALID convolution)."""
+  if patch_size <= 0 or stride <= 0:
+    raise ValueError(f'model.patch_size={patch_size} and model.stride={stride} must be positive')
+  if height < patch_size or width < patch_size:
+    raise ValueError(f'input {height}x{width} (input.height x input.width) is smaller than '
+                     f'model.patch_size={patch_size}')
+  return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
+
+
+def resize_pos_embed(posemb, old_grid: tuple[int, int], new_grid: tuple[int, int]):
+  """Bilinearly resamples a position embedding to another token grid.
+
+  Used when importing weights trained at another resolution or stride (e.g. ImageNet 14x14 ->
+  ReID 21x10). `posemb` is [1, T, D] or [T, D] with T = gh*gw (patch tokens only) or 1 + gh*gw
+  (CLS first; the CLS entry is kept as is). Half-pixel centres without antialiasing, which is
+  what `torch.nn.functional.interpolate(mode='bilinear', align_corners=False)` does, so imported
+  TransReID checkpoints keep their behaviour.
+  """
+  posemb = jnp.asarray(posemb)
+  squeeze = posemb.ndim == 2
+  if squeeze:
+    posemb = posemb[None]
+  if posemb.ndim != 3:
+    raise ValueError(f'position embedding must be [1, T, D] or [T, D], got {posemb.shape}')
+  (oh, ow), (nh, nw) = tuple(old_grid), tuple(new_grid)
+  t, d = posemb.shape[1], posemb.shape[2]
+  if t == oh * ow + 1:
+    cls, grid = posemb[:, :1], posemb[:, 1:]
+  elif t == oh * ow:
+    cls, grid = posemb[:, :0], posemb
+  else:
+    raise ValueError(f'position embedding has {t} tokens, which fits neither {oh}x{ow} nor '
+                     f'1 + {oh}x{ow}')
+  grid = grid.reshape(posemb.shape[0], oh, ow, d).astype(jnp.float32)
+  grid = jax.image.resize(grid, (posemb.shape[0], nh, nw, d), method='bilinear', antialias=False)
+  out = jnp.concatenate([cls.astype(jnp.float32), grid.reshape(posemb.shape[0], nh * nw, d)],
+                        axis=1).astype(posemb.dtype)
+  return out[0] if squeeze else out
+
+
+def shift_and_shuffle(patches: jax.Array, shift: int, groups: int) -> jax.Array:
+  """The JPM rearrangement: rotate patch tokens by `shift`, then interleave `groups` groups.
+
+  Rotation moves a few tokens from the start to the end; the shuffle then reads the groups
+  column-wise, so each later part mixes tokens from all over the body. If N is not a multiple of
+  `groups`, the last token is repeated until it is (so every group has the same length).
+  """
+  b, n, d = patches.shape
+  x = jnp.roll(patches, -shift, axis=1)
+  pad = (-n) % groups
+  if pad:
+    x = jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1)
+  x = x.reshape(b, groups, (n + pad) // groups, d)
+  return jnp.swapaxes(x, 1, 2).reshape(b, n + pad, d)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (with bias)."""
+  dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None  # jax.nn.dot_product_attention's: None/'xla'/'cudnn'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    head_dim = self.dim // self.num_heads
+    qkv = nn.Dense(3 * self.dim, dtype=self.dtype, kernel_init=TRUNC_INIT, name='qkv')(x)
+    q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
+    # The XLA implementation runs everywhere; 'cudnn' (fused, bf16/fp16 on NVIDIA GPUs only) is
+    # opt-in through model.attention_impl.
+    y = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                     implementation=self.implementation)
+    return nn.Dense(self.dim, dtype=self.dtype, kernel_init=TRUNC_INIT,
+                    name='proj')(y.reshape(b, t, self.dim))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with per-sample stochastic depth on both residual branches."""
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    # Dropout broadcast over tokens and channels drops a whole sample's branch: drop-path.
+    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+    y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm1')(x)
+    y = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl, name='attn')(y)
+    x = x + drop(y, deterministic=not train)
+    y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm2')(x)
+    y = nn.Dense(int(self.dim * self.mlp_ratio), dtype=self.dtype, kernel_init=TRUNC_INIT,
+                 name='fc1')(y)
+    y = nn.gelu(y, approximate=False)
+    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=TRUNC_INIT, name='fc2')(y)
+    return x + drop(y, deterministic=not train)
+
+
+class ViT(nn.Module):
+  """ReID ViT: overlapping patches, CLS, position + camera (SIE) embeddings, blocks, final norm.
+
+  `grid` is the token grid the position embedding is shaped for (see `patch_grid`). With `jpm`,
+  a copy of the last block and norm (`jpm_block`, `jpm_norm`) forms the TransReID part branch.
+  """
+  dim: int
+  depth: int
+  num_heads: int
+  grid: tuple[int, int]
+  patch_size: int = 16
+  stride: int = 16
+  mlp_ratio: float = 4.0
+  num_cameras: int = 0
+  sie: bool = False
+  sie_weight: float = 3.0
+  drop_path: float = 0.0
+  jpm: bool = False
+  jpm_shift: int = 5
+  jpm_shuffle_groups: int = 2
+  jpm_parts: int = 4
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  def setup(self):
+    if self.dim % self.num_heads:
+      raise ValueError(f'width {self.dim} is not divisible by {self.num_heads} heads')
+    n = self.grid[0] * self.grid[1]
+    self.patch_embed = nn.Conv(self.dim, (self.patch_size, self.patch_size),
+                               strides=(self.stride, self.stride), padding='VALID',
+                               dtype=self.dtype, name='patch_embed')
+    self.cls_token = self.param('cls_token', TRUNC_INIT, (1, 1, self.dim))
+    self.pos_embed = self.param('pos_embed', TRUNC_INIT, (1, 1 + n, self.dim))
+    if self.sie and self.num_cameras > 0:
+      self.sie_embed = self.param('sie_embed', TRUNC_INIT, (self.num_cameras, self.dim))
+    rates = np.linspace(0.0, self.drop_path, self.depth)  # stochastic depth grows with depth
+    self.blocks = [Block(self.dim, self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+                         self.attention_impl) for i in range(self.depth)]
+    self.norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+    if self.jpm:
+      if not 1 <= self.jpm_parts <= n:
+        raise ValueError(f'model.jpm_parts={self.jpm_parts} must be in [1, {n}] (patch tokens)')
+      if self.jpm_shuffle_groups < 1:
+        raise ValueError(f'model.jpm_shuffle_groups={self.jpm_shuffle_groups} must be >= 1')
+      self.jpm_block = Block(self.dim, self.num_heads, self.mlp_ratio, float(rates[-1]),
+                             self.dtype, self.attention_impl)
+      self.jpm_norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  def embed(self, image: jax.Array, camid: Optional[jax.Array] = None,
+            extra: Optional[jax.Array] = None) -> jax.Array:
+    """Image [B, H, W, 3] -> tokens [B, 1 + N, D] (compute dtype).
+
+    `extra` ([B, D] or [D]) is added to every token, like SIE; the occlusion-aware student
+    passes its pattern embedding here. A camera id outside [0, num_cameras) gives NaN
+    features (jnp.take's fill mode), so a bad id shows up as a NaN loss instead of passing
+    silently.
+    """
+    x = self.patch_embed(image.astype(self.dtype))
+    b, gh, gw, _ = x.shape
+    if (gh, gw) != tuple(self.grid):
+      raise ValueError(f'image {image.shape[1]}x{image.shape[2]} gives a {gh}x{gw} token grid '
+                       f'but the model is built for {self.grid[0]}x{self.grid[1]} '
+                       f'(config input.height/input.width, model.patch_size/model.stride)')
+    x = x.reshape(b, gh * gw, self.dim)
+    cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (b, 1, self.dim))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(self.dtype)
+    if self.sie and self.num_cameras > 0:
+      if camid is None:
+        raise ValueError('model.sie is on, so camera ids are required')
+      cam = jnp.take(self.sie_embed, jnp.asarray(camid, jnp.int32), axis=0)
+      x = x + (self.sie_weight * cam).astype(self.dtype)[:, None, :]
+    if extra is not None:
+      extra = jnp.asarray(extra)
+      extra = extra[:, None, :] if extra.ndim == 2 else extra[None, None, :]
+      x = x + extra.astype(self.dtype)
+    return x
+
+  def patch_pos_embed(self) -> jax.Array:
+    """Position embeddings of the patch tokens, [1, N, D] float32 (for token replacement)."""
+    return self.pos_embed[:, 1:]
+
+  def run_blocks(self, tokens: jax.Array, start: int, stop: int, *, train: bool) -> jax.Array:
+    """Runs blocks [start, stop) (Python ints: the slice is static)."""
+    if not 0 <= start <= stop <= self.depth:
+      raise ValueError(f'block range [{start}, {stop}) is outside [0, {self.depth}]')
+    for block in self.blocks[start:stop]:
+      tokens = block(tokens, train=train)
+    return tokens
+
+  def final_norm(self, tokens: jax.Array) -> jax.Array:
+    return self.norm(tokens)
+
+  def part_features(self, tokens: jax.Array, *, train: bool) -> jax.Array:
+    """JPM part features [B, P, D] from the tokens that enter the last block.
+
+    The shifted and shuffled patch tokens are cut into P equal parts of N // P tokens (the
+    remainder is left out), each prefixed with the CLS token and run through the part block as
+    one batch of B * P sequences; each part's feature is its normalised CLS output.
+    """
+    b, _, d = tokens.shape
+    p = self.jpm_parts
+    per_part = self.num_patches // p
+    mixed = shift_and_shuffle(tokens[:, 1:], self.jpm_shift, self.jpm_shuffle_groups)
+    parts = mixed[:, :p * per_part].reshape(b, p, per_part, d)
+    cls = jnp.broadcast_to(tokens[:, None, :1], (b, p, 1, d))
+    seq = jnp.concatenate([cls, parts], axis=2).reshape(b * p, 1 + per_part, d)
+    out = self.jpm_norm(self.jpm_block(seq, train=train))
+    return out[:, 0].reshape(b, p, d)
+
+  def tail(self, tokens: jax.Array, start: int, *,
+           train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Blocks [start, depth), final norm; returns (normalised tokens, JPM parts or None)."""
+    pre_last = self.run_blocks(tokens, start, self.depth - 1, train=train)
+    out = self.final_norm(self.run_blocks(pre_last, self.depth - 1, self.depth, train=train))
+    parts = self.part_features(pre_last, train=train) if self.jpm else None
+    return out, parts
+
+  def __call__(self, image: jax.Array, camid: Optional[jax.Array] = None,
+               extra: Optional[jax.Array] = None, *,
+               train: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Whole backbone: (CLS feature [B, D], parts [B, P, D] or None)."""
+    out, parts = self.tail(self.embed(image, camid, extra), 0, train=train)
+    return out[:, 0], parts
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean and (biased) variance over the batch axis, in float32, two-pass for stability."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=0)
+  return mean, jnp.mean(jnp.square(x - mean), axis=0)
+
+
+class BNNeck(nn.Module):
+  """BatchNorm over the batch axis with a learnable scale and no shift (TransReID's BNNeck,
+  whose bias is frozen at zero: leaving it out is the same thing).
+
+  Variables match `nn.BatchNorm(use_bias=False)`: params/scale, batch_stats/mean and var.
+  Unlike nn.BatchNorm it can normalise with given statistics (`stats`) and returns the ones it
+  used, so that extra passes can be normalised exactly like the real batch without touching the
+  running averages. Features may be [B, D] or [B, P, D] (per-part statistics).
+  Under jit over a sharded global batch the mean covers the global batch.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool,
+               stats: Optional[tuple[jax.Array, jax.Array]] = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    x = x.astype(jnp.float32)
+    shape = x.shape[1:]
+    scale = self.param('scale', nn.initializers.ones, shape, jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
+    if stats is not None:
+      mean, var = stats
+    elif train:
+      mean, var = batch_moments(x)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+        ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+    return y, (mean, var)
+
+
+class Classifier(nn.Module):
+  """Bias-free linear ID classifier; [B, D] -> [B, C], or per part [B, P, D] -> [B, P, C]."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', CLASSIFIER_INIT, x.shape[1:] + (self.num_classes,),
+                        jnp.float32)
+    x = x.astype(jnp.float32)
+    if x.ndim == 2:
+      return x @ kernel
+    return jnp.einsum('bpd,pdc->bpc', x, kernel)
+
+
+class ReIDHead(nn.Module):
+  """BNNeck + ID classifier, computed in float32."""
+  num_classes: int
+
+  def setup(self):
+    self.bnneck = BNNeck()
+    self.classifier = Classifier(self.num_classes)
+
+  def __call__(self, feat: jax.Array, *, train: bool) -> dict[str, Any]:
+    """Returns bn_feat, logits and the normalisation statistics that were used."""
+    bn_feat, stats = self.bnneck(feat, train=train)
+    return {'bn_feat': bn_feat, 'logits': self.classifier(bn_feat), 'stats': stats}
+
+  def logits_with_stats(self, feat: jax.Array, stats: tuple[jax.Array, jax.Array]) -> jax.Array:
+    bn_feat, _ = self.bnneck(feat, train=False, stats=stats)
+    return self.classifier(bn_feat)

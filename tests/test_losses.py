@@ -1,0 +1,300 @@
+"""Losses against small NumPy references, stop-gradient on every teacher side, and the way
+ogfr_loss assembles the terms for each ablation."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ogfr_jax import config_defaults
+from ogfr_jax import losses
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _softplus(x):
+  return np.log1p(np.exp(x))
+
+
+# --- ID -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('eps', [0.0, 0.1])
+def test_id_loss_matches_numpy_with_label_smoothing(eps):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, size=5)
+  target = np.full((5, 7), eps / 7)
+  target[np.arange(5), labels] += 1 - eps
+  expected = -(target * _np_log_softmax(logits)).sum(-1).mean()
+  np.testing.assert_allclose(losses.id_loss(logits, labels, eps), expected, rtol=1e-5)
+  # Part logits [B, P, C] with labels broadcast over parts = mean of per-part losses.
+  parts = rng.normal(size=(5, 3, 7)).astype(np.float32)
+  per_part = [losses.id_loss(parts[:, p], labels, eps) for p in range(3)]
+  np.testing.assert_allclose(losses.id_loss(parts, labels[:, None], eps), np.mean(per_part),
+                             rtol=1e-5)
+
+
+def test_id_loss_is_float32_for_bfloat16_logits():
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.bfloat16)
+  out = losses.id_loss(logits, jnp.array([0, 1, 2, 0]), 0.1)
+  assert out.dtype == jnp.float32 and np.isfinite(float(out))
+
+
+# --- triplet ----------------------------------------------------------------------------------
+
+
+def test_triplet_batch_hard_on_hand_made_distances():
+  # Points on a line: ids 0 at x = 0, 1; ids 1 at x = 3, 7.
+  feat = np.array([[0.0], [1.0], [3.0], [7.0]], np.float32)
+  labels = np.array([0, 0, 1, 1])
+  # (hardest positive, hardest negative) per anchor.
+  pairs = [(1, 3), (1, 2), (4, 2), (4, 6)]
+  soft = np.mean([_softplus(ap - an) for ap, an in pairs])
+  hinge = np.mean([max(0.0, ap - an + 0.3) for ap, an in pairs])
+  np.testing.assert_allclose(losses.triplet_loss(feat, labels, 0.0), soft, rtol=1e-5)
+  np.testing.assert_allclose(losses.triplet_loss(feat, labels, 0.3), hinge, rtol=1e-5)
+
+
+def test_triplet_matches_brute_force_reference():
+  rng = np.random.default_rng(2)
+  feat = rng.normal(size=(12, 5)).astype(np.float32)
+  labels = np.repeat(np.arange(4), 3)
+  dist = np.sqrt(((feat[:, None] - feat[None]) ** 2).sum(-1))
+  ref = []
+  for i in range(12):
+    pos = [dist[i, j] for j in range(12) if labels[j] == labels[i]]
+    neg = [dist[i, j] for j in range(12) if labels[j] != labels[i]]
+    ref.append(_softplus(max(pos) - min(neg)))
+  np.testing.assert_allclose(losses.triplet_loss(feat, labels), np.mean(ref), rtol=1e-4)
+  parts = np.stack([feat, feat[::-1] * 2], axis=1)  # [B, 2, D]
+  expected = 0.5 * (losses.triplet_loss(parts[:, 0], labels)
+                    + losses.triplet_loss(parts[:, 1], labels))
+  np.testing.assert_allclose(losses.part_triplet_loss(parts, labels), expected, rtol=1e-5)
+
+
+def test_triplet_edge_cases_have_finite_gradients():
+  # Duplicate features (distance exactly 0) and a batch with a single identity.
+  feat = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+  labels = jnp.array([0, 1, 1, 0])
+  grad = jax.grad(losses.triplet_loss)(feat, labels)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  one_id = jnp.zeros(4, jnp.int32)
+  assert float(losses.triplet_loss(feat, one_id)) == 0.0  # no negatives: nothing to rank
+  assert np.all(np.isfinite(np.asarray(jax.grad(losses.triplet_loss)(feat, one_id))))
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+
+def test_kd_feature_losses_and_teacher_stop_gradient():
+  s = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+  t = np.array([[0.0, 2.0], [2.0, 2.0]], np.float32)  # orthogonal, then parallel
+  np.testing.assert_allclose(losses.kd_feature_loss(s, t, 'cos'), (1.0 + 0.0) / 2, rtol=1e-6)
+  np.testing.assert_allclose(losses.kd_feature_loss(s, t, 'mse'), np.mean((s - t) ** 2),
+                             rtol=1e-6)
+  np.testing.assert_allclose(losses.kd_feature_loss(s, t, 'both'),
+                             0.5 + np.mean((s - t) ** 2), rtol=1e-6)
+  for kind in ('mse', 'cos', 'both'):
+    g_t = jax.grad(lambda tt: losses.kd_feature_loss(s, tt, kind))(jnp.asarray(t))
+    g_s = jax.grad(lambda ss: losses.kd_feature_loss(ss, t, kind))(jnp.asarray(s))
+    np.testing.assert_array_equal(g_t, 0.0)
+    assert np.abs(np.asarray(g_s)).sum() > 0
+  with pytest.raises(ValueError, match='loss.kd_feature'):
+    losses.kd_feature_loss(s, t, 'l1')
+
+
+def test_kd_logit_loss_is_scaled_kl_with_teacher_constant():
+  rng = np.random.default_rng(3)
+  s = rng.normal(size=(4, 6)).astype(np.float32)
+  t = rng.normal(size=(4, 6)).astype(np.float32)
+  temp = 3.0
+  pt = np.exp(_np_log_softmax(t / temp))
+  kl = (pt * (_np_log_softmax(t / temp) - _np_log_softmax(s / temp))).sum(-1).mean()
+  np.testing.assert_allclose(losses.kd_logit_loss(s, t, temp), kl * temp ** 2, rtol=1e-5)
+  np.testing.assert_allclose(losses.kd_logit_loss(t, t, temp), 0.0, atol=1e-6)
+  g_t = jax.grad(lambda tt: losses.kd_logit_loss(s, tt, temp))(jnp.asarray(t))
+  np.testing.assert_array_equal(g_t, 0.0)
+  # d/ds of T^2 KL = T (softmax(s/T) - softmax(t/T)) / B.
+  g_s = jax.grad(lambda ss: losses.kd_logit_loss(ss, t, temp))(jnp.asarray(s))
+  ps = np.exp(_np_log_softmax(s / temp))
+  np.testing.assert_allclose(g_s, temp * (ps - pt) / 4, rtol=1e-4, atol=1e-7)
+
+
+def test_pattern_loss_is_cross_entropy():
+  logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]], np.float32)
+  expected = -np.mean([_np_log_softmax(logits)[0, 0], _np_log_softmax(logits)[1, 1]])
+  np.testing.assert_allclose(losses.pattern_loss(logits, np.array([0, 1])), expected, rtol=1e-6)
+
+
+# --- agent ------------------------------------------------------------------------------------
+
+
+def test_reward_baselines_and_reinforce_value():
+  lp_s, lp_c = np.array([-1.0, -2.0]), np.array([-1.5, -1.0])
+  rate = np.array([0.2, 0.5])
+  reward = losses.agent_reward(lp_s, lp_c, rate, eta=0.1)
+  np.testing.assert_allclose(reward, [0.5 - 0.02, -1.0 - 0.05], rtol=1e-6)
+  greedy = np.array([0.1, -0.3])
+  b, ema = losses.agent_baseline('self_critical', reward, 0.7, greedy_reward=greedy)
+  np.testing.assert_allclose(b, greedy)
+  assert float(ema) == pytest.approx(0.7)
+  b, ema = losses.agent_baseline('moving_average', reward, 0.7, momentum=0.9)
+  assert float(b) == pytest.approx(0.7)  # last step's average, not this batch's
+  assert float(ema) == pytest.approx(0.9 * 0.7 + 0.1 * float(np.mean(reward)))
+  with pytest.raises(ValueError, match='fepm.baseline'):
+    losses.agent_baseline('critic', reward, 0.0)
+  logp, ent = np.array([-3.0, -4.0]), np.array([2.0, 1.0])
+  val = losses.reinforce_loss(logp, reward, b, ent, 0.01)
+  np.testing.assert_allclose(val, -np.mean((np.asarray(reward) - 0.7) * logp) - 0.01 * 1.5,
+                             rtol=1e-6)
+  # Reward and baseline are constants for differentiation.
+  g_r = jax.grad(lambda r: losses.reinforce_loss(logp, r, 0.0, ent, 0.0))(jnp.asarray(reward))
+  g_b = jax.grad(lambda bb: losses.reinforce_loss(logp, reward, bb, ent, 0.0))(0.3)
+  np.testing.assert_array_equal(g_r, 0.0)
+  assert float(g_b) == 0.0
+
+
+# --- the assembled objective ------------------------------------------------------------------
+
+B, C, D, K1, N = 8, 4, 6, 5, 10
+
+
+def _outputs(rng, *, teacher=True, agent='learned', parts=False, pattern=True):
+  def branch():
+    o = {'feat': rng.normal(size=(B, D)), 'bn_feat': rng.normal(size=(B, D)),
+         'logits': rng.normal(size=(B, C))}
+    if parts:
+      o.update(part_feats=rng.normal(size=(B, 2, D)), part_logits=rng.normal(size=(B, 2, C)))
+    return o
+
+  out = {'student': branch()}
+  if pattern:
+    out['student']['pattern_logits'] = rng.normal(size=(B, K1))
+  if teacher:
+    out['teacher'] = branch()
+  if teacher and agent:
+    a = {'mask': rng.random((B, N)) < 0.3, 'select_rate': rng.random(B),
+         'lp_sampled': -rng.random(B), 'lp_clean': -rng.random(B)}
+    if agent == 'learned':
+      a.update(logp=-5 * rng.random(B), entropy=rng.random(B) * 3,
+               greedy_mask=rng.random((B, N)) < 0.2, greedy_select_rate=rng.random(B),
+               lp_greedy=-rng.random(B))
+    out['agent'] = a
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32)
+                                if x.dtype != bool else jnp.asarray(x), out)
+
+
+def ogfr_loss(outputs, batch, config, ema):
+  """ogfr_loss under jit (one compilation instead of hundreds of eager ones)."""
+  return _jit_ogfr_loss(outputs, batch, ml_collections.FrozenConfigDict(config), ema)
+
+
+_jit_ogfr_loss = jax.jit(losses.ogfr_loss, static_argnums=2)
+
+
+def _batch(rng):
+  return {'pid': jnp.asarray(np.repeat(np.arange(B // 2), 2), jnp.int32),
+          'pattern': jnp.asarray(rng.integers(0, K1, B), jnp.int32)}
+
+
+def _config(**loss):
+  c = config_defaults.base_config()
+  weights = dict(id_weight=1.3, triplet_weight=0.7, kd_weight=0.5, kd_logit_weight=0.25,
+                 pattern_weight=0.1, agent_weight=2.0, teacher_weight=0.9, student_weight=1.1,
+                 label_smoothing=0.1)
+  weights.update(loss)
+  c.loss.update(weights)
+  return c
+
+
+def test_ogfr_loss_is_the_weighted_sum_of_its_terms():
+  rng = np.random.default_rng(4)
+  out, batch, c = _outputs(rng), _batch(rng), _config()
+  total, m, ema = ogfr_loss(out, batch, c, jnp.float32(0.3))
+  lc = c.loss
+  expected = (lc.student_weight * (lc.id_weight * m['loss/student_id']
+                                   + lc.triplet_weight * m['loss/student_triplet'])
+              + lc.teacher_weight * (lc.id_weight * m['loss/teacher_id']
+                                     + lc.triplet_weight * m['loss/teacher_triplet'])
+              + lc.kd_weight * m['loss/kd_feature'] + lc.kd_logit_weight * m['loss/kd_logit']
+              + lc.pattern_weight * m['loss/pattern'] + lc.agent_weight * m['loss/agent'])
+  np.testing.assert_allclose(total, expected, rtol=1e-6)
+  np.testing.assert_allclose(m['loss/total'], total)
+  # Each component is the documented function of the outputs.
+  s, t, a = out['student'], out['teacher'], out['agent']
+  pid = batch['pid']
+  np.testing.assert_allclose(m['loss/student_id'], losses.id_loss(s['logits'], pid, 0.1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(m['loss/kd_feature'],
+                             losses.kd_feature_loss(s['feat'], t['feat'], 'cos'), rtol=1e-6)
+  reward = losses.agent_reward(a['lp_sampled'], a['lp_clean'], a['select_rate'], c.fepm.eta)
+  greedy = losses.agent_reward(a['lp_greedy'], a['lp_clean'], a['greedy_select_rate'],
+                               c.fepm.eta)
+  np.testing.assert_allclose(
+      m['loss/agent'],
+      losses.reinforce_loss(a['logp'], reward, greedy, a['entropy'], c.fepm.entropy_weight),
+      rtol=1e-6)
+  np.testing.assert_allclose(m['agent/reward'], np.mean(reward), rtol=1e-6)
+  assert float(ema) == pytest.approx(0.3)  # self-critical leaves the average alone
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in m.values())
+  assert 0.0 <= float(m['pattern/accuracy']) <= 1.0
+
+
+def test_ogfr_loss_ablations():
+  rng = np.random.default_rng(5)
+  batch = _batch(rng)
+  # Student only (ViT baseline): no teacher, KD or agent terms.
+  total, m, _ = ogfr_loss(_outputs(rng, teacher=False), batch, _config(), 0.0)
+  assert not any(k.startswith(('loss/teacher', 'loss/kd', 'loss/agent', 'agent/')) for k in m)
+  lc = _config().loss
+  np.testing.assert_allclose(
+      total, lc.student_weight * (lc.id_weight * m['loss/student_id']
+                                  + lc.triplet_weight * m['loss/student_triplet'])
+      + lc.pattern_weight * m['loss/pattern'], rtol=1e-6)
+  # FEPM off: teacher without agent.
+  _, m, _ = ogfr_loss(_outputs(rng, agent=None), batch, _config(), 0.0)
+  assert 'loss/teacher_id' in m and 'loss/agent' not in m and 'agent/reward' not in m
+  # Random selection: reward is reported, nothing is learned from it.
+  _, m, _ = ogfr_loss(_outputs(rng, agent='random'), batch, _config(), 0.0)
+  assert 'agent/reward' in m and 'loss/agent' not in m
+  # No pattern embeddings: no pattern term.
+  _, m, _ = ogfr_loss(_outputs(rng, pattern=False), batch, _config(), 0.0)
+  assert 'loss/pattern' not in m
+
+
+def test_ogfr_loss_parts_and_moving_average():
+  rng = np.random.default_rng(6)
+  out, batch = _outputs(rng, parts=True), _batch(rng)
+  c = _config()
+  c.fepm.baseline = 'moving_average'
+  total, m, ema = ogfr_loss(out, batch, c, jnp.float32(0.2))
+  s, t = out['student'], out['teacher']
+  pid = batch['pid']
+  expected_id = 0.5 * losses.id_loss(s['logits'], pid, 0.1) + 0.5 * losses.id_loss(
+      s['part_logits'], pid[:, None], 0.1)
+  np.testing.assert_allclose(m['loss/student_id'], expected_id, rtol=1e-6)
+  expected_kd = 0.5 * losses.kd_logit_loss(s['logits'], t['logits'], 4.0) + 0.5 * (
+      losses.kd_logit_loss(s['part_logits'], t['part_logits'], 4.0))
+  np.testing.assert_allclose(m['loss/kd_logit'], expected_kd, rtol=1e-6)
+  assert float(m['agent/baseline']) == pytest.approx(0.2)
+  assert float(ema) == pytest.approx(0.9 * 0.2 + 0.1 * float(m['agent/reward']), rel=1e-5)
+  assert np.isfinite(float(total))
+
+
+def test_ogfr_loss_gradients_never_reach_the_teacher_through_kd():
+  rng = np.random.default_rng(7)
+  out, batch = _outputs(rng), _batch(rng)
+  c = _config(teacher_weight=0.0)  # leave only the KD terms touching the teacher outputs
+
+  def f(teacher):
+    o = dict(out, teacher=teacher)
+    return losses.ogfr_loss(o, batch, c, 0.0)[0]
+
+  grads = jax.grad(f)(out['teacher'])
+  for key in ('feat', 'logits'):
+    np.testing.assert_array_equal(grads[key], 0.0)

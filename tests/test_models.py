@@ -1,0 +1,418 @@
+"""OGFR models: shapes for every variant, token grid, position-embedding resampling, token
+replacement, the reward passes, gradient routing to the agent, bfloat16.
+
+Compile budget (the slow part on CPU): shapes use jax.eval_shape (tracing only); numerical checks
+share two jitted functions (one float32 and one bfloat16 "step") and one jitted extract, built
+once per module with XLA's cheaper CPU optimisation level.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ogfr_jax import config_defaults
+from ogfr_jax import losses
+from ogfr_jax.models import fepm
+from ogfr_jax.models import ogfr
+from ogfr_jax.models import vit
+
+B, H, W = 8, 32, 16
+NUM_CLASSES, NUM_CAMERAS = 4, 3
+FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  c = config_defaults.base_config()
+  c.model.size = 'tiny'
+  c.input.height, c.input.width = H, W
+  c.model.patch_size, c.model.stride = 8, 6  # overlapping: a 5 x 2 grid
+  c.model.drop_path = 0.0
+  c.model.jpm_parts = 2
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  return c
+
+
+def make_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      'image': jnp.asarray(rng.normal(size=(B, H, W, 3)), jnp.float32),
+      'occluded': jnp.asarray(rng.normal(size=(B, H, W, 3)), jnp.float32),
+      'camid': jnp.asarray(np.arange(B) % NUM_CAMERAS, jnp.int32),
+      'pattern': jnp.asarray(np.arange(B) % 5, jnp.int32),
+      'pid': jnp.asarray(np.repeat(np.arange(B // 2), 2), jnp.int32),
+  }
+
+
+def build(config):
+  return ogfr.OGFR(config=ml_collections.FrozenConfigDict(config), num_classes=NUM_CLASSES,
+                   num_cameras=NUM_CAMERAS)
+
+
+RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1),
+        'agent': jax.random.PRNGKey(2)}
+
+
+def fast_jit(fn, *args):
+  return jax.jit(fn).lower(*args).compile(FAST)
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def test_token_grid_for_overlapping_strides():
+  assert ogfr.token_grid(tiny_config()) == (5, 2)
+  c = config_defaults.base_config()
+  assert ogfr.token_grid(c) == (21, 10)  # 256x128, patch 16, stride 12 (TransReID)
+  c.model.stride = 11
+  assert ogfr.token_grid(c) == (22, 11)
+  c.model.stride = 16
+  assert ogfr.token_grid(c) == (16, 8)
+  with pytest.raises(ValueError, match='input.height'):
+    vit.patch_grid(8, 16, 16, 12)
+
+
+def test_fepm_layer_resolution_and_errors():
+  c = tiny_config()  # tiny depth 2
+  assert ogfr.fepm_layer(c) == 1
+  c.fepm.layer = 0
+  assert ogfr.fepm_layer(c) == 0
+  for bad in (2, -3):
+    c.fepm.layer = bad
+    with pytest.raises(ValueError, match='fepm.layer'):
+      ogfr.fepm_layer(c)
+
+
+def test_resize_pos_embed():
+  rng = np.random.default_rng(0)
+  pe = rng.normal(size=(1, 1 + 5 * 2, 8)).astype(np.float32)
+  np.testing.assert_allclose(vit.resize_pos_embed(pe, (5, 2), (5, 2)), pe, atol=1e-6)
+  out = vit.resize_pos_embed(pe, (5, 2), (7, 3))
+  assert out.shape == (1, 1 + 21, 8)
+  np.testing.assert_array_equal(out[:, 0], pe[:, 0])  # CLS untouched
+  # A constant grid stays constant, and a grid without CLS is accepted.
+  const = np.full((5 * 2, 4), 0.25, np.float32)
+  np.testing.assert_allclose(vit.resize_pos_embed(const, (5, 2), (3, 4)), 0.25, atol=1e-6)
+  # Upsampling by 2 with half-pixel centres: interior samples are the means of neighbours.
+  ramp = np.arange(4, dtype=np.float32).reshape(4, 1) * np.ones((1, 1), np.float32)
+  up = np.asarray(vit.resize_pos_embed(ramp, (4, 1), (8, 1)))[:, 0]
+  np.testing.assert_allclose(up[1:-1], [0.25, 0.75, 1.25, 1.75, 2.25, 2.75], atol=1e-6)
+  with pytest.raises(ValueError, match='fits neither'):
+    vit.resize_pos_embed(pe, (4, 2), (5, 2))
+
+
+def test_shift_and_shuffle_is_a_permutation_with_padding():
+  x = jnp.arange(10, dtype=jnp.float32).reshape(1, 10, 1)
+  y = np.asarray(vit.shift_and_shuffle(x, 3, 2))[0, :, 0]
+  # Rotate by 3: 3..9,0,1,2; two groups of five read column-wise.
+  np.testing.assert_array_equal(y, [3, 8, 4, 9, 5, 0, 6, 1, 7, 2])
+  y = np.asarray(vit.shift_and_shuffle(x[:, :9], 0, 2))[0, :, 0]  # 9 -> padded to 10
+  np.testing.assert_array_equal(y, [0, 5, 1, 6, 2, 7, 3, 8, 4, 8])
+
+
+# --- token replacement and selection ----------------------------------------------------------
+
+
+def test_replacement_leaves_unselected_tokens_untouched():
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.normal(size=(3, 1 + 6, 4)), jnp.float32)
+  pos = jnp.asarray(rng.normal(size=(1, 6, 4)), jnp.float32)
+  mask = jnp.asarray(rng.random((3, 6)) < 0.5)
+  module = fepm.TokenReplacement()
+  variables = module.init(jax.random.PRNGKey(0), tokens, mask, pos)
+  replacement = variables['params']['replace_token']
+  nothing = module.apply(variables, tokens, jnp.zeros_like(mask), pos)
+  np.testing.assert_array_equal(nothing, tokens)  # the all-false pass is the identity
+  out = np.asarray(module.apply(variables, tokens, mask, pos))
+  keep = ~np.asarray(mask)
+  np.testing.assert_array_equal(out[:, 0], np.asarray(tokens)[:, 0])  # CLS never replaced
+  np.testing.assert_array_equal(out[:, 1:][keep], np.asarray(nothing)[:, 1:][keep])
+  expected = np.broadcast_to(np.asarray(replacement + pos), out[:, 1:].shape)
+  np.testing.assert_allclose(out[:, 1:][~keep], expected[~keep], rtol=1e-6)
+  assert mask.any() and (~mask).any()
+
+
+def test_selection_policies_static_shapes_and_counts():
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 10)), jnp.float32)
+  key = jax.random.PRNGKey(3)
+  topk = fepm.select(logits, action='topk', k=3, key=key)
+  assert topk.mask.shape == (4, 10) and topk.mask.dtype == jnp.bool_
+  np.testing.assert_array_equal(topk.mask.sum(-1), 3)
+  greedy = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  np.testing.assert_array_equal(np.asarray(topk.greedy_mask),
+                                np.any(np.eye(10, dtype=bool)[greedy], axis=1))
+  bern = fepm.select(logits, action='bernoulli', k=0, key=None)  # greedy
+  np.testing.assert_array_equal(bern.mask, logits > 0)
+  rand = fepm.random_mask(key, (4, 10), 2)
+  np.testing.assert_array_equal(rand.sum(-1), 2)
+  assert fepm.num_selected(0.1, 210) == 21
+  with pytest.raises(ValueError, match='fepm.topk_fraction'):
+    fepm.num_selected(0.01, 10)
+  with pytest.raises(ValueError, match='fepm.action'):
+    fepm.select(logits, action='gumbel', k=1, key=None)
+
+
+# --- shapes of every variant (tracing only) -------------------------------------------------
+
+VARIANTS = {
+    'default': {},
+    'jpm': {'model.jpm': True},
+    'shared': {'model.shared_backbone': True},
+    'no_teacher': {'model.teacher': False},
+    'fepm_off': {'fepm.enabled': False},
+    'random': {'fepm.selection': 'random'},
+    'topk': {'fepm.action': 'topk', 'fepm.topk_fraction': 0.3},
+    'soft_jpm_layer0': {'model.pattern_test_policy': 'soft', 'model.jpm': True,
+                        'fepm.layer': 0},
+    'no_pattern_no_sie': {'model.pattern_embed': False, 'model.sie': False},
+    'moving_average': {'fepm.baseline': 'moving_average', 'model.pattern_dropout': 0.5},
+}
+
+
+@pytest.mark.parametrize('name', sorted(VARIANTS))
+def test_output_shapes(name):
+  config = tiny_config(**VARIANTS[name])
+  model = build(config)
+  batch = make_batch()
+  d, n, k1, p = 64, 10, 5, 2
+
+  def train_fwd():
+    variables = model.init(RNGS, batch, train=False)
+    out, updates = model.apply(variables, batch, train=True, rngs=RNGS, mutable=['batch_stats'])
+    loss, metrics, ema = losses.ogfr_loss(out, batch, config, jnp.zeros(()))
+    return variables, out, loss, metrics, ema
+
+  variables, out, loss, metrics, ema = jax.eval_shape(train_fwd)
+  params = variables['params']
+  m = config.model
+  teacher = m.teacher
+  expected_top = {'student_head', 'student_vit'} if not (teacher and m.shared_backbone) else {
+      'student_head', 'vit'}
+  if teacher:
+    expected_top |= {'teacher_head'} | ({'teacher_vit'} if not m.shared_backbone else set())
+  if m.jpm:
+    expected_top |= {'student_part_head'} | ({'teacher_part_head'} if teacher else set())
+  if m.pattern_embed:
+    expected_top |= {'pattern_embed', 'pattern_head'}
+  if teacher and config.fepm.enabled:
+    expected_top |= {'fepm'} | ({'agent'} if config.fepm.selection == 'agent' else set())
+  assert set(params) == expected_top
+  assert set(ogfr.backbone_names(config)) <= set(params)
+
+  branches = ['student'] + (['teacher'] if teacher else [])
+  for branch in branches:
+    o = out[branch]
+    assert o['feat'].shape == (B, d) and o['bn_feat'].shape == (B, d)
+    assert o['logits'].shape == (B, NUM_CLASSES)
+    if m.jpm:
+      assert o['part_feats'].shape == (B, p, d)
+      assert o['part_logits'].shape == (B, p, NUM_CLASSES)
+    else:
+      assert 'part_feats' not in o
+  assert ('pattern_logits' in out['student']) == m.pattern_embed
+  if m.pattern_embed:
+    assert out['student']['pattern_logits'].shape == (B, k1)
+  assert ('agent' in out) == (teacher and config.fepm.enabled)
+  if 'agent' in out:
+    a = out['agent']
+    assert a['mask'].shape == (B, n) and a['mask'].dtype == jnp.bool_
+    for key in ('lp_sampled', 'lp_clean', 'select_rate'):
+      assert a[key].shape == (B,)
+    learned = config.fepm.selection == 'agent'
+    assert ('logp' in a) == learned and ('loss/agent' in metrics) == learned
+    if learned:
+      for key in ('logp', 'entropy', 'lp_greedy'):
+        assert a[key].shape == (B,)
+      assert a['greedy_mask'].shape == (B, n)
+  assert loss.shape == () and ema.shape == ()
+  assert all(v.shape == () for v in metrics.values())
+  assert ('loss/teacher_id' in metrics) == teacher
+
+  feat = jax.eval_shape(
+      lambda v: model.apply(v, batch['image'], batch['camid'], method=ogfr.OGFR.extract),
+      variables)
+  assert feat.shape == (B, d * (1 + p) if m.jpm else d) and feat.dtype == jnp.float32
+  if teacher and config.fepm.enabled:
+    sel = jax.eval_shape(lambda v: model.apply(v, batch['image'], batch['camid'],
+                                               method=ogfr.OGFR.teacher_selection), variables)
+    assert sel['mask'].shape == (B, n) and sel['scores'].shape == (B, n)
+
+
+def test_bad_config_values_name_the_field():
+  batch = make_batch()
+  for key, value, field in [('model.size', 'huge', 'model.size'),
+                            ('model.dtype', 'float16', 'model.dtype'),
+                            ('model.pattern_test_policy', 'hard', 'pattern_test_policy'),
+                            ('fepm.selection', 'greedy', 'fepm.selection'),
+                            ('fepm.baseline', 'none', 'fepm.baseline')]:
+    model = build(tiny_config(**{key: value}))
+    with pytest.raises(ValueError, match=field):
+      jax.eval_shape(lambda: model.init(RNGS, batch, train=False))
+  model = build(tiny_config(**{'input.height': 40}))  # grid no longer matches the images
+  with pytest.raises(ValueError, match='input.height'):
+    jax.eval_shape(lambda: model.init(RNGS, batch, train=False))
+
+
+# --- numerical checks on shared compiled functions ---------------------------------------------
+
+
+def _step_fn(config, split: bool):
+  """One compiled call: loss values, gradients, outputs, new batch_stats and metrics.
+
+  split: gradients of the supervised part (everything but REINFORCE) and of the agent term
+  separately (one batched backward pass); otherwise the gradient of the total.
+  """
+  model = build(config)
+  supervised_only = ml_collections.ConfigDict(config.to_dict())
+  supervised_only.loss.agent_weight = 0.0
+
+  def fn(params, batch_stats, batch, rngs):
+    def parts(p):
+      out, updates = model.apply({'params': p, 'batch_stats': batch_stats}, batch, train=True,
+                                 rngs=rngs, mutable=['batch_stats'])
+      total, metrics, _ = losses.ogfr_loss(out, batch, config, jnp.zeros(()))
+      if not split:
+        return total[None], (out, updates['batch_stats'], metrics)
+      supervised, _, _ = losses.ogfr_loss(out, batch, supervised_only, jnp.zeros(()))
+      agent = config.loss.agent_weight * metrics['loss/agent']
+      return jnp.stack([supervised, agent]), (out, updates['batch_stats'], metrics)
+
+    values, vjp, aux = jax.vjp(parts, params, has_aux=True)
+    grads = jax.vmap(lambda ct: vjp(ct)[0])(jnp.eye(values.shape[0]))
+    return values, grads, aux
+
+  return model, fn
+
+
+@pytest.fixture(scope='module')
+def default_state():
+  config = tiny_config(**{'model.jpm': True})
+  model, step = _step_fn(config, split=True)
+  batch = make_batch()
+  variables = fast_jit(lambda r, b: model.init(r, b, train=False), RNGS, batch)(RNGS, batch)
+  rngs = {'dropout': jax.random.PRNGKey(5), 'agent': jax.random.PRNGKey(6)}
+  args = (variables['params'], variables['batch_stats'], batch, rngs)
+  compiled = fast_jit(step, *args)
+  return {'config': config, 'model': model, 'variables': variables, 'batch': batch,
+          'compiled': compiled, 'result': compiled(*args)}
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_agent_gets_gradient_only_from_reinforce(default_state):
+  values, grads, (_, _, metrics) = default_state['result']
+  assert np.all(np.isfinite(np.asarray(values)))
+  sup = _flat(jax.tree_util.tree_map(lambda g: g[0], grads))
+  agent = _flat(jax.tree_util.tree_map(lambda g: g[1], grads))
+  np.testing.assert_allclose(values[0] + values[1], metrics['loss/total'], rtol=1e-6)
+  agent_keys = [k for k in sup if k.startswith('agent/')]
+  assert agent_keys
+  for k in sup:
+    if k.startswith('agent/'):
+      np.testing.assert_array_equal(sup[k], 0.0, err_msg=k)  # no supervised gradient
+    else:
+      np.testing.assert_array_equal(agent[k], 0.0, err_msg=k)  # REINFORCE stays in the agent
+  assert sum(float(np.abs(agent[k]).sum()) for k in agent_keys) > 0
+  # The teacher backbone, the replacement token and the student all learn from the rest.
+  for prefix in ('teacher_vit/', 'student_vit/', 'fepm/', 'pattern_embed', 'teacher_head/'):
+    assert any(np.abs(v).sum() > 0 for k, v in sup.items() if k.startswith(prefix)), prefix
+
+
+def test_reward_passes_match_the_main_forward(default_state):
+  """The batched reward rows reproduce the teacher's own forward (drop-path is off here):
+  lp_sampled is the true-class log-prob of the logits the ID loss sees. BatchNorm's running
+  averages move with the real teacher batch only."""
+  _, _, (out, new_stats, metrics) = default_state['result']
+  batch = default_state['batch']
+  a, t = out['agent'], out['teacher']
+  lp_main = jax.nn.log_softmax(t['logits'])[np.arange(B), batch['pid']]
+  np.testing.assert_allclose(a['lp_sampled'], lp_main, atol=2e-5)
+  assert a['mask'].any(), 'sampling at the prior rate should select some tokens here'
+  np.testing.assert_allclose(a['select_rate'], np.asarray(a['mask']).mean(-1), rtol=1e-6)
+  # Prior logit -2 on a fresh agent: the greedy action selects nothing, so the greedy row
+  # equals the clean row.
+  assert not np.asarray(a['greedy_mask']).any()
+  np.testing.assert_allclose(a['lp_greedy'], a['lp_clean'], atol=1e-6)
+  feat = np.asarray(t['feat'])
+  np.testing.assert_allclose(new_stats['teacher_head']['bnneck']['mean'], 0.1 * feat.mean(0),
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(new_stats['teacher_head']['bnneck']['var'],
+                             0.9 + 0.1 * feat.var(0), rtol=1e-4)
+  reward = a['lp_sampled'] - a['lp_clean'] - default_state['config'].fepm.eta * a['select_rate']
+  np.testing.assert_allclose(metrics['agent/reward'], np.mean(reward), rtol=1e-5, atol=1e-7)
+
+
+def test_new_batch_and_rngs_reuse_the_compiled_step(default_state):
+  """The compiled step takes any batch of the same shapes; a new 'agent' rng gives new
+  actions (the sampling is not frozen into the compiled function)."""
+  compiled = default_state['compiled']
+  variables = default_state['variables']
+  other = make_batch(seed=7)
+  values, _, (out, _, _) = compiled(variables['params'], variables['batch_stats'], other,
+                                    {'dropout': jax.random.PRNGKey(8),
+                                     'agent': jax.random.PRNGKey(9)})
+  assert np.all(np.isfinite(np.asarray(values)))
+  assert not np.array_equal(out['agent']['mask'],
+                            default_state['result'][2][0]['agent']['mask'])
+
+
+def test_bfloat16_runs_with_finite_losses(default_state):
+  config = tiny_config(**{'model.dtype': 'bfloat16', 'model.jpm': True})
+  model, step = _step_fn(config, split=False)
+  batch = default_state['batch']
+  # Parameters are float32 whatever the compute dtype, so the float32 model's variables fit.
+  variables = default_state['variables']
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      jax.eval_shape(lambda: model.init(RNGS, batch, train=False)))
+  rngs = {'dropout': jax.random.PRNGKey(5), 'agent': jax.random.PRNGKey(6)}
+  args = (variables['params'], variables['batch_stats'], batch, rngs)
+  values, grads, (out, _, metrics) = fast_jit(step, *args)(*args)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables['params']))
+  assert np.all(np.isfinite(np.asarray(values)))
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
+  assert out['student']['feat'].dtype == jnp.float32
+
+
+def test_extract_and_pattern_policies(default_state):
+  """'none' uses E[0]; 'soft' mixes E[k] with the predicted pattern probabilities, so it equals
+  'none' exactly when all E[k] are equal, and differs otherwise."""
+  variables = default_state['variables']
+  batch = default_state['batch']
+  models = {pol: build(tiny_config(**{'model.pattern_test_policy': pol, 'model.jpm': True}))
+            for pol in ('none', 'soft')}
+
+  def features(v, image, camid):
+    same = jax.tree_util.tree_map(lambda x: x, v)
+    same['params']['pattern_embed'] = jnp.broadcast_to(v['params']['pattern_embed'][:1],
+                                                       v['params']['pattern_embed'].shape)
+    return {
+        'none': models['none'].apply(v, image, camid, method=ogfr.OGFR.extract),
+        'none_post': models['none'].apply(v, image, camid, feature='post_bn',
+                                          method=ogfr.OGFR.extract),
+        'soft': models['soft'].apply(v, image, camid, method=ogfr.OGFR.extract),
+        'soft_same': models['soft'].apply(same, image, camid, method=ogfr.OGFR.extract),
+        'none_same': models['none'].apply(same, image, camid, method=ogfr.OGFR.extract),
+        'selection': models['none'].apply(v, image, camid,
+                                          method=ogfr.OGFR.teacher_selection)['mask'],
+    }
+
+  args = (variables, batch['occluded'], batch['camid'])
+  out = fast_jit(features, *args)(*args)
+  assert out['none'].shape == (B, 64 * 3)  # global + 2 parts
+  np.testing.assert_allclose(out['soft_same'], out['none_same'], atol=1e-6)
+  assert np.abs(np.asarray(out['soft']) - np.asarray(out['none'])).max() > 1e-4
+  # Fresh BNNeck: running mean 0, variance 1, scale 1.
+  np.testing.assert_allclose(out['none_post'], np.asarray(out['none']) / np.sqrt(1 + 1e-5),
+                             rtol=1e-6, atol=1e-6)
+  # A fresh agent (prior logit -2) selects nothing greedily.
+  assert not np.asarray(out['selection']).any()
+  with pytest.raises(ValueError, match='eval.feature'):
+    models['none'].apply(variables, batch['occluded'], batch['camid'], feature='bn',
+                         method=ogfr.OGFR.extract)
