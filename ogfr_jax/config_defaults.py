@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ImageNet (or ReID) backbone weights for teacher and student: AugReg/big_vision .npz,
   # timm/TransReID PyTorch (.pth/.bin) or .safetensors. '' = random init.
   c.init_from = ''
-  c.init_format = 'auto'  # 'auto' (from the file), 'npz', 'torch' or 'safetensors'
+  c.init_format = 'auto'  # 'auto' (from the file), 'npz', 'torch', 'safetensors' or 'orbax'
 
   # --- which data --------------------------------------------------------------------------
   c.dataset = ml_collections.ConfigDict()

@@ -48,6 +48,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.dataset.name, names, 'dataset.name')
   if config.dataset.test_name:
     _choice(config.dataset.test_name, names, 'dataset.test_name')
+  _choice(config.init_format, {'auto', 'npz', 'torch', 'safetensors', 'orbax'}, 'init_format')
+  if config.init_from and not os.path.exists(config.init_from):
+    raise ValueError(f'config.init_from={config.init_from!r}: no such file or folder')
   _choice(config.model.size, config_defaults.VIT_SIZES, 'model.size')
   _choice(config.model.dtype, {'float32', 'bfloat16'}, 'model.dtype')
   _choice(config.model.pattern_test_policy, {'none', 'soft'}, 'model.pattern_test_policy')

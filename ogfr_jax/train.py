@@ -26,6 +26,7 @@ from ogfr_jax import evaluate
 from ogfr_jax import losses
 from ogfr_jax import optim
 from ogfr_jax import parallel
+from ogfr_jax import pretrained
 from ogfr_jax.data import datasets as datasets_lib
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import synthetic
@@ -120,6 +121,22 @@ def create_sharded_state(model, tx, config, mesh, rng):
   shardings = parallel.state_shardings(abstract, mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, abstract, shardings
+
+
+def load_pretrained(state: TrainState, abstract: TrainState, shardings: TrainState,
+                    config: ml_collections.ConfigDict) -> TrainState:
+  """Puts config.init_from's backbone weights into teacher and student (fresh runs only).
+
+  The momentum buffers need no reset: they are zeros at init whatever the weights are.
+  """
+  loaded, report = pretrained.load_backbone(abstract.params, config.init_from, config,
+                                            fmt=config.init_format)
+  if jax.process_index() == 0:
+    logging.info('backbone weights from %s:\n%s', config.init_from, report.table())
+  params = jax.tree_util.tree_map(
+      lambda new, old, sharding: jax.device_put(new, sharding)
+      if isinstance(new, np.ndarray) else old, loaded, state.params, shardings.params)
+  return state.replace(params=params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +268,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   rng = jax.random.PRNGKey(config.seed)
   state, abstract, shardings = create_sharded_state(model, tx, config, mesh, rng)
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  if config.init_from and manager.latest_step() is None:
+    state = load_pretrained(state, abstract, shardings, config)
   return dict(train_data=train_data, test_data=test_data, mesh=mesh, model=model, tx=tx,
               lr_fn=lr_fn, state=state, abstract=abstract,
               shardings=shardings, manager=manager, steps_per_epoch=steps_per_epoch,

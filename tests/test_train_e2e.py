@@ -80,3 +80,18 @@ def test_train_stop_resume_and_eval(tmp_path):
   sb, _, step_b = train.restore_latest(train.setup(config, wd))
   assert step_a == step_b == 6
   assert _params_equal(sa.params, sb.params)
+
+
+def test_init_from_fills_both_backbones(tmp_path):
+  from safetensors.numpy import load_file
+  path = os.path.join(ROOT, 'tests', 'fixtures', 'parity', 'vit_tiny.safetensors')
+  config = tiny_config(tmp_path)
+  config.init_from = path
+  run_config.validate(config)
+  state = train.setup(config, str(tmp_path / 'wd'))['state']
+  ref = load_file(path)
+  for branch in ('teacher_vit', 'student_vit'):
+    np.testing.assert_array_equal(
+        np.asarray(state.params[branch]['cls_token']).reshape(-1), ref['cls_token'].reshape(-1))
+    np.testing.assert_array_equal(np.asarray(state.params[branch]['norm']['scale']),
+                                  ref['norm.weight'])

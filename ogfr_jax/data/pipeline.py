@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import sys
+
+from absl import flags
 from absl import logging
 import grain
 import numpy as np
@@ -209,7 +212,14 @@ def _read_options(num_workers: int, prefetch: int) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch)
 
 
+def _ensure_flags_parsed() -> None:
+  """grain reads absl flags; a library caller (a notebook, a script) may never parse them."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1], known_only=True)
+
+
 def _to_iterator(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.DatasetIterator:
+  _ensure_flags_parsed()
   it_ds = ds.to_iter_dataset(_read_options(num_workers, prefetch))
   if num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
