@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic.width = 64
   c.synthetic.clutter_fraction = 0.5  # holistic train images that get planted clutter
   c.synthetic.occluded_query_fraction = 1.0
+  c.synthetic.occluded_gallery_fraction = 0.1  # as in Occluded-Duke, a few occluded gallery images
+  c.synthetic.distractor_fraction = 0.1  # pid-0 gallery images, relative to test-id gallery images
 
   # --- input pipeline ----------------------------------------------------------------------
   c.input = ml_collections.ConfigDict()

@@ -1,0 +1,380 @@
+"""The embedded synthetic benchmark: determinism, Market-1501 layout, protocol promises, side
+files (occluder and clutter masks), the cache, and token scoring of clutter masks."""
+
+import dataclasses
+import json
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ogfr_jax import config_defaults
+from ogfr_jax.data import synthetic
+
+MARKET_NAME = re.compile(r'^(\d{4})_c([1-9])s(\d)_(\d{6})_(\d{2})\.jpg$')
+SPLITS = ('train', 'query', 'gallery')
+
+
+def tiny(**overrides) -> dict:
+  cfg = dict(seed=3, num_train_ids=5, num_test_ids=4, images_per_id=5, num_cameras=3, height=48,
+             width=24, clutter_fraction=0.5, occluded_query_fraction=1.0)
+  cfg.update(overrides)
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('syn') / 'data')
+  return synthetic.generate(root, tiny())
+
+
+def files(root: str, split: str) -> list[str]:
+  return sorted(os.listdir(os.path.join(root, synthetic.SPLIT_DIRS[split])))
+
+
+def parsed(root: str, split: str) -> list[tuple[str, int, int]]:
+  out = []
+  for name in files(root, split):
+    m = MARKET_NAME.match(name)
+    assert m, f'{split}/{name} does not follow the Market-1501 naming'
+    out.append((name, int(m.group(1)), int(m.group(2)) - 1))
+  return out
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path, dataset):
+  again = synthetic.generate(str(tmp_path / 'again'), tiny())
+  other = synthetic.generate(str(tmp_path / 'other'), tiny(seed=4))
+  for split in SPLITS:
+    assert files(dataset, split) == files(again, split)
+    for name in files(dataset, split):
+      path = os.path.join(synthetic.SPLIT_DIRS[split], name)
+      with open(os.path.join(dataset, path), 'rb') as a, open(os.path.join(again, path),
+                                                              'rb') as b:
+        assert a.read() == b.read(), path
+  for side in ('masks.npz', 'clutter.npz'):
+    with np.load(os.path.join(dataset, side)) as a, np.load(os.path.join(again, side)) as b:
+      assert sorted(a.files) == sorted(b.files)
+      for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+  name = files(dataset, 'train')[0]
+  first = np.asarray(Image.open(os.path.join(dataset, 'bounding_box_train', name)))
+  theirs = [f for f in files(other, 'train') if f[:4] == name[:4]][0]
+  second = np.asarray(Image.open(os.path.join(other, 'bounding_box_train', theirs)))
+  assert np.abs(first.astype(int) - second.astype(int)).mean() > 5
+
+
+def test_worker_processes_do_not_change_the_output(tmp_path, dataset):
+  parallel = synthetic.generate(str(tmp_path / 'parallel'), tiny(), workers=2)
+  for split in SPLITS:
+    assert files(parallel, split) == files(dataset, split)
+    for name in files(dataset, split)[::4]:
+      path = os.path.join(synthetic.SPLIT_DIRS[split], name)
+      with open(os.path.join(dataset, path), 'rb') as a, open(os.path.join(parallel, path),
+                                                              'rb') as b:
+        assert a.read() == b.read(), path
+  with open(os.path.join(dataset, 'meta.json')) as a, open(os.path.join(parallel,
+                                                                        'meta.json')) as b:
+    assert a.read() == b.read()
+  with np.load(os.path.join(dataset, 'masks.npz')) as a, np.load(
+      os.path.join(parallel, 'masks.npz')) as b:
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_market_layout_and_counts(dataset):
+  with open(os.path.join(dataset, 'meta.json')) as f:
+    meta = json.load(f)
+  cfg = synthetic.resolve_config(tiny())
+  assert meta['generator_version'] == synthetic.GENERATOR_VERSION
+  assert meta['config'] == cfg
+  assert meta['occluder_types'] == list(synthetic.OCCLUDER_TYPES)
+  for split in SPLITS:
+    items = parsed(dataset, split)
+    assert len(items) == meta['counts'][split]['images'] > 0
+    assert all(0 <= cam < cfg['num_cameras'] for _, _, cam in items)
+    pids = {pid for _, pid, _ in items}
+    assert (0 in pids) == (split == 'gallery')  # distractors only in the gallery
+    assert len(pids - {0}) == meta['counts'][split]['ids']
+    for name, _, _ in items[:3]:
+      img = Image.open(os.path.join(dataset, synthetic.SPLIT_DIRS[split], name))
+      assert img.size == (cfg['width'], cfg['height']) and img.mode == 'RGB'
+  assert meta['counts']['train']['images'] == cfg['num_train_ids'] * cfg['images_per_id']
+  n_query = meta['counts']['query']['images']
+  n_gallery_ids = meta['counts']['gallery']['images'] - meta['counts']['gallery']['distractors']
+  assert n_query + n_gallery_ids == cfg['num_test_ids'] * cfg['images_per_id']
+  assert meta['counts']['gallery']['distractors'] == round(0.1 * n_gallery_ids)
+
+
+def test_train_and_test_ids_disjoint(dataset):
+  train = {pid for _, pid, _ in parsed(dataset, 'train')}
+  query = {pid for _, pid, _ in parsed(dataset, 'query')}
+  gallery = {pid for _, pid, _ in parsed(dataset, 'gallery')} - {0}
+  assert len(train) == 5 and len(query) == 4
+  assert query == gallery
+  assert not train & gallery
+  assert min(train) == 1  # 0000 is reserved for distractors
+
+
+def test_query_camera_never_in_gallery_of_same_id(dataset):
+  gallery = {}
+  for _, pid, cam in parsed(dataset, 'gallery'):
+    gallery.setdefault(pid, set()).add(cam)
+  for _, pid, cam in parsed(dataset, 'query'):
+    assert gallery[pid], pid
+    assert cam not in gallery[pid], (pid, cam, gallery[pid])
+
+
+def test_train_ids_seen_by_several_cameras(dataset):
+  cams = {}
+  for _, pid, cam in parsed(dataset, 'train'):
+    cams.setdefault(pid, set()).add(cam)
+  assert all(len(c) >= 2 for c in cams.values())
+
+
+def test_occluder_masks_exactly_for_occluded_images(dataset):
+  info = synthetic.load_side_info(dataset)
+  occluded = {n for n, e in info.items() if e['occluder_mask'] is not None}
+  queries = set(files(dataset, 'query'))
+  gallery = [n for n in files(dataset, 'gallery') if not n.startswith('0000')]
+  assert queries <= occluded  # occluded_query_fraction = 1
+  occluded_gallery = occluded - queries
+  assert occluded_gallery <= set(gallery)
+  assert len(occluded_gallery) == round(0.1 * len(gallery))
+  for name in occluded:
+    e = info[name]
+    assert e['occluder_type'] in synthetic.OCCLUDER_TYPES
+    assert e['occluder_mask'].shape == (48, 24) and e['occluder_mask'].dtype == bool
+    assert 0.1 <= e['occluder_mask'].mean() <= 0.6, (name, e['occluder_mask'].mean())
+  only_query = synthetic.load_side_info(dataset, splits=('query',))
+  assert set(only_query) == queries
+
+
+def test_half_the_queries_occluded(tmp_path):
+  root = synthetic.generate(str(tmp_path / 'd'), tiny(occluded_query_fraction=0.5,
+                                                      images_per_id=8, clutter_fraction=0.0))
+  info = synthetic.load_side_info(root)
+  queries = files(root, 'query')
+  assert sum(n in info for n in queries) == round(0.5 * len(queries))
+  assert not any(e['clutter_mask'] is not None for e in info.values())
+
+
+def test_clutter_recorded_for_the_configured_fraction(dataset):
+  info = synthetic.load_side_info(dataset)
+  train = files(dataset, 'train')
+  cluttered = [n for n, e in info.items() if e['clutter_mask'] is not None]
+  assert len(cluttered) == round(0.5 * len(train))
+  assert set(cluttered) <= set(train)
+  for name in cluttered:
+    assert info[name]['clutter_type'] in synthetic.CLUTTER_TYPES
+    assert info[name]['occluder_mask'] is None
+    assert 0 < info[name]['clutter_mask'].mean() < 0.5
+
+
+def test_masks_cover_exactly_the_pixels_that_change():
+  """An image drawn with and without its occluder / clutter differs only inside the mask."""
+  cfg = tiny(occluded_query_fraction=1.0, clutter_fraction=1.0)
+  items = [it for it in synthetic.plan(cfg) if it.occluder or it.clutter][:12]
+  kinds = {it.occluder or it.clutter for it in items}
+  assert len(kinds) >= 3
+  plain = [dataclasses.replace(it, occluder=None, clutter=None) for it in items]
+  drawn = [r for _, r in synthetic.iter_images(cfg, items)]
+  bare = [r for _, r in synthetic.iter_images(cfg, plain)]
+  for it, with_, without in zip(items, drawn, bare):
+    mask = with_.occluder_mask if it.occluder else with_.clutter_mask
+    changed = np.any(with_.image != without.image, axis=-1)
+    assert not changed[~mask].any(), it
+    assert changed[mask].mean() > 0.5, it
+
+
+def test_every_occluder_type_covers_a_part_and_leaves_the_rest():
+  cfg = tiny()
+  queries = [it for it in synthetic.plan(cfg) if it.split == 'query']
+  variants = [dataclasses.replace(q, occluder=k) for q in queries
+              for k in synthetic.OCCLUDER_TYPES]
+  for it, r in synthetic.iter_images(cfg, variants):
+    assert 0.15 <= r.occluder_mask.mean() <= 0.55, (it, r.occluder_mask.mean())
+    hidden = np.count_nonzero(r.occluder_mask & r.person_mask) / r.person_mask.sum()
+    assert hidden <= 0.7, (it, hidden)
+
+
+def test_reader_loads_it(dataset):
+  from ogfr_jax.data import datasets  # noqa: PLC0415
+  splits = datasets.get_dataset('synthetic', dataset)
+  with open(os.path.join(dataset, 'meta.json')) as f:
+    counts = json.load(f)['counts']
+  assert len(splits.train) == counts['train']['images']
+  assert len(splits.query) == counts['query']['images']
+  assert len(splits.gallery) == counts['gallery']['images']
+  assert splits.train.num_ids == 5
+  assert sorted(np.unique(splits.train.pids)) == list(range(5))
+  assert splits.num_cameras == 3
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match='num_cameras'):
+    synthetic.resolve_config(tiny(num_cameras=1))
+  with pytest.raises(ValueError, match='clutter_fraction'):
+    synthetic.resolve_config(tiny(clutter_fraction=1.5))
+  with pytest.raises(ValueError, match='colour'):
+    synthetic.resolve_config(tiny(colour=1))
+  cfg = tiny()
+  del cfg['height']
+  with pytest.raises(ValueError, match='height'):
+    synthetic.resolve_config(cfg)
+  default = config_defaults.base_config().synthetic
+  resolved = synthetic.resolve_config(default)
+  assert resolved['occluded_gallery_fraction'] == synthetic.OPTIONAL_FIELDS[
+      'occluded_gallery_fraction']
+  explicit = dict(default.to_dict(), **synthetic.OPTIONAL_FIELDS)
+  assert synthetic.config_hash(explicit) == synthetic.config_hash(default)
+
+
+def test_generate_refuses_a_non_empty_folder(tmp_path):
+  (tmp_path / 'x').mkdir()
+  (tmp_path / 'x' / 'keep.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='x'):
+    synthetic.generate(str(tmp_path / 'x'), tiny())
+
+
+# --- cache --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting(monkeypatch):
+  calls = []
+  real = synthetic.generate
+
+  def counted(root, cfg):
+    calls.append(root)
+    return real(root, cfg)
+
+  monkeypatch.setattr(synthetic, 'generate', counted)
+  return calls
+
+
+def test_ensure_generates_once(tmp_path, counting):
+  cache = str(tmp_path / 'cache')
+  first = synthetic.ensure(tiny(), cache)
+  meta = os.path.join(first, 'meta.json')
+  stamp = os.stat(meta).st_mtime_ns
+  again = synthetic.ensure(tiny(), cache)
+  assert again == first and len(counting) == 1
+  assert os.stat(meta).st_mtime_ns == stamp
+  assert os.path.dirname(first) == cache
+  other = synthetic.ensure(tiny(seed=9), cache)
+  assert other != first and len(counting) == 2
+  assert sorted(e for e in os.listdir(cache) if not e.endswith('.lock')) == sorted(
+      [os.path.basename(first), os.path.basename(other)])
+
+
+def test_ensure_default_cache_from_environment(tmp_path, monkeypatch, counting):
+  monkeypatch.setenv('OGFR_JAX_CACHE', str(tmp_path / 'env'))
+  root = synthetic.ensure(tiny())
+  assert root.startswith(str(tmp_path / 'env' / 'synthetic'))
+
+
+def test_leftover_temp_folder_is_not_a_dataset(tmp_path, counting):
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  name = f'synthetic-v{synthetic.GENERATOR_VERSION}-{synthetic.config_hash(tiny())}'
+  # A killed run on this host (its pid no longer exists) and one on another host.
+  dead = cache / f'.{name}.tmp.{socket.gethostname()}.999999999.abc'
+  foreign = cache / f'.{name}.tmp.otherhost.1.abc'
+  for d in (dead, foreign):
+    (d / 'query').mkdir(parents=True)
+    (d / 'query' / '0001_c1s1_000001_01.jpg').write_bytes(b'partial')
+  root = synthetic.ensure(tiny(), str(cache))
+  assert root == str(cache / name) and len(counting) == 1
+  assert os.path.isfile(os.path.join(root, 'meta.json'))
+  assert len(files(root, 'train')) == 25
+  assert not dead.exists()  # cleaned: its process is gone
+  assert foreign.exists()  # not ours to judge
+
+
+def test_killed_generation_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+  cache = str(tmp_path / 'cache')
+  real = synthetic.generate
+
+  def dies(root, cfg):
+    os.makedirs(os.path.join(root, 'query'))
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(synthetic, 'generate', dies)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.ensure(tiny(), cache)
+  assert [e for e in os.listdir(cache) if not e.endswith('.lock')] == []
+  monkeypatch.setattr(synthetic, 'generate', real)
+  root = synthetic.ensure(tiny(), cache)
+  assert os.path.isfile(os.path.join(root, 'meta.json'))
+
+
+def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
+  cache = str(tmp_path / 'cache')
+  real = synthetic.generate
+  name = f'synthetic-v{synthetic.GENERATOR_VERSION}-{synthetic.config_hash(tiny())}'
+  target = os.path.join(cache, name)
+
+  def racing(root, cfg):
+    real(root, cfg)
+    # Another process finishes first and renames its copy into place.
+    real(os.path.join(cache, 'winner'), cfg)
+    os.rename(os.path.join(cache, 'winner'), target)
+    with open(os.path.join(target, 'winner.txt'), 'w') as f:
+      f.write('1')
+
+  monkeypatch.setattr(synthetic, 'generate', racing)
+  assert synthetic.ensure(tiny(), cache) == target
+  assert os.path.exists(os.path.join(target, 'winner.txt'))
+  assert sorted(e for e in os.listdir(cache) if not e.endswith('.lock')) == [name]
+
+
+def test_incomplete_target_is_an_error_not_a_dataset(tmp_path):
+  cache = tmp_path / 'cache'
+  name = f'synthetic-v{synthetic.GENERATOR_VERSION}-{synthetic.config_hash(tiny())}'
+  (cache / name / 'query').mkdir(parents=True)
+  with pytest.raises(RuntimeError, match=name):
+    synthetic.ensure(tiny(), str(cache))
+
+
+# --- token scoring ------------------------------------------------------------------------
+
+
+def test_clutter_token_mask_hand_made():
+  mask = np.zeros((16, 16), bool)
+  mask[0:8, 0:8] = True  # exactly the first 8x8 window
+  # patch 8, stride 4 -> 3x3 tokens with windows starting at 0, 4, 8.
+  tokens = synthetic.clutter_token_mask(mask, 3, 3, patch=8, stride=4)
+  expected = np.array([[1, 1, 0],  # (0,1) window cols 4..11: half clutter
+                       [1, 0, 0],  # (1,1) rows and cols 4..11: a quarter
+                       [0, 0, 0]], bool)
+  np.testing.assert_array_equal(tokens, expected)
+  strict = synthetic.clutter_token_mask(mask, 3, 3, patch=8, stride=4, min_cover=0.6)
+  np.testing.assert_array_equal(strict, np.eye(3, dtype=bool) & expected)
+  loose = synthetic.clutter_token_mask(mask, 3, 3, patch=8, stride=4, min_cover=0.25)
+  assert loose.sum() == 4
+
+
+def test_clutter_token_mask_matches_brute_force_and_batches():
+  rng = np.random.default_rng(0)
+  masks = rng.random((2, 40, 28)) < 0.4
+  got = synthetic.clutter_token_mask(masks, 3, 2, patch=16, stride=12, min_cover=0.4)
+  assert got.shape == (2, 3, 2)
+  for b in range(2):
+    for i in range(3):
+      for j in range(2):
+        cover = masks[b, 12 * i:12 * i + 16, 12 * j:12 * j + 16].mean()
+        assert got[b, i, j] == (cover >= 0.4)
+
+
+def test_clutter_token_mask_resizes_to_the_model_input():
+  small = np.zeros((16, 16), bool)
+  small[0:8, 0:8] = True
+  big = small.repeat(2, 0).repeat(2, 1)  # the stored image is twice the model input
+  np.testing.assert_array_equal(
+      synthetic.clutter_token_mask(big, 3, 3, 8, 4, input_size=(16, 16)),
+      synthetic.clutter_token_mask(small, 3, 3, 8, 4))
+  with pytest.raises(ValueError, match='needs'):
+    synthetic.clutter_token_mask(small, 4, 3, 8, 4)
