@@ -1,0 +1,102 @@
+"""The ablation ladder over seeds on the embedded benchmark: one table of mean and spread.
+
+  python benchmarks/ablation_table.py --root runs/ablations --seeds 0 1 2 [--json]
+
+Every step of configs/ablations.py runs through the normal entry point
+(`python -m ogfr_jax.main --config configs/ablations.py:step=S --config.seed=N`) with the same
+budget, so each row differs from the one above it by one component. Row `random_init`
+evaluates the full model at initialisation (no training). Runs that already have a
+results.json are reused, so an interrupted table continues where it stopped. Extra
+`--config.FIELD=VALUE` arguments after `--` go to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import ablations  # noqa: E402  pylint: disable=g-import-not-at-top
+
+METRICS = ('mAP', 'rank1', 'rank5', 'mINP')
+
+
+def run_step(root: str, step: str, seed: int, extra: list[str]) -> dict:
+  workdir = os.path.join(root, f'{step}_seed{seed}')
+  results = os.path.join(workdir, 'results.json')
+  if not os.path.exists(results):
+    cmd = [sys.executable, '-m', 'ogfr_jax.main', '--config',
+           f'configs/ablations.py:step={step}', '--workdir', workdir,
+           f'--config.seed={seed}', *extra]
+    print('+', ' '.join(cmd), flush=True)
+    with open(os.path.join(root, f'{step}_seed{seed}.log'), 'w') as log:
+      subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+  with open(results) as f:
+    return json.load(f)['synthetic']
+
+
+def random_init(root: str, seed: int, extra: list[str]) -> dict:
+  """Evaluates the untrained full model (same data and evaluation as the trained rows)."""
+  path = os.path.join(root, f'random_init_seed{seed}.json')
+  if not os.path.exists(path):
+    code = ('import json,sys; from absl import flags; flags.FLAGS(sys.argv[:1]);'
+            'from ml_collections import config_flags; import ogfr_jax.main;'
+            'from ogfr_jax import train, run_config;'
+            'flags.FLAGS(["x", "--config", "configs/ablations.py:step=full", "--workdir", "_",'
+            f' "--config.seed={seed}", *{extra!r}]);'
+            'c = flags.FLAGS.config; run_config.validate(c);'
+            f's = train.setup(c, {os.path.join(root, "random_init_tmp")!r});'
+            'r = train.run_evaluation(s["model"], s["state"], s["test_data"], c, s["mesh"], 0,'
+            ' None);'
+            f'json.dump(r["synthetic"], open({path!r}, "w"))')
+    subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+  with open(path) as f:
+    return json.load(f)
+
+
+def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  extra = argv[argv.index('--') + 1:] if '--' in argv else []
+  own = argv[:argv.index('--')] if '--' in argv else argv
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--root', required=True, help='folder for the runs and the table')
+  p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  p.add_argument('--steps', nargs='+', default=list(ablations.STEPS))
+  p.add_argument('--json', action='store_true')
+  args = p.parse_args(own)
+  os.makedirs(args.root, exist_ok=True)
+
+  rows: dict[str, list[dict]] = {'random_init': [random_init(args.root, s, extra)
+                                                 for s in args.seeds]}
+  for step in args.steps:
+    rows[step] = [run_step(args.root, step, s, extra) for s in args.seeds]
+
+  table = {}
+  print(f'\nOccluded queries vs gallery, {len(args.seeds)} seeds {args.seeds}; '
+        'mean +- std (min..max)')
+  print(f"{'row':15s} " + ' '.join(f'{m:>22s}' for m in METRICS))
+  for name, results in rows.items():
+    table[name] = {}
+    cells = []
+    for m in METRICS:
+      vals = np.array([r[m] for r in results])
+      table[name][m] = {'mean': float(vals.mean()), 'std': float(vals.std()),
+                        'values': vals.tolist()}
+      cells.append(f'{vals.mean():.3f}+-{vals.std():.3f} ({vals.min():.2f}..{vals.max():.2f})')
+    print(f'{name:15s} ' + ' '.join(f'{c:>22s}' for c in cells))
+  with open(os.path.join(args.root, 'table.json'), 'w') as f:
+    json.dump({'seeds': args.seeds, 'extra': extra, 'table': table}, f, indent=2)
+  if args.json:
+    print(json.dumps(table))
+  return table
+
+
+if __name__ == '__main__':
+  main()

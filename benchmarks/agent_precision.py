@@ -1,0 +1,103 @@
+"""Does the trained purification agent find the clutter planted in the synthetic benchmark?
+
+  python benchmarks/agent_precision.py --workdir runs/synthetic [--json]
+
+For every holistic training image of the embedded benchmark, the teacher's greedy (evaluation)
+selection after block L is compared with the planted-clutter token mask (a token counts as
+clutter when at least --min-cover of its patch window is clutter). Reports, over all training
+images and over those with clutter only: the selection rate, precision (selected tokens that
+are clutter), recall (clutter tokens selected), and the chance precision (the clutter fraction
+of all tokens: what a selection blind to content would score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from ogfr_jax import parallel
+from ogfr_jax import train
+from ogfr_jax.data import augment
+from ogfr_jax.data import image_io
+from ogfr_jax.data import synthetic
+from ogfr_jax.models import ogfr as ogfr_model
+
+
+def _counts(sel: np.ndarray, clutter: np.ndarray) -> dict[str, float]:
+  hits = float(np.sum(sel & clutter))
+  return {
+      'images': int(sel.shape[0]),
+      'select_rate': float(sel.mean()),
+      'precision': hits / max(float(sel.sum()), 1.0),
+      'recall': hits / max(float(clutter.sum()), 1.0),
+      'chance_precision': float(clutter.mean()),
+      'selected_tokens': int(sel.sum()),
+  }
+
+
+def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float = 0.5) -> dict:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.dataset.name != 'synthetic':
+    raise ValueError(f'{workdir} is a run on {config.dataset.name!r}; planted clutter exists '
+                     'only in the synthetic benchmark')
+  s = train.setup(config, workdir)
+  state, _, step = train.restore_latest(s)
+  if step == 0:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+  split = s['train_data'].train
+  root = synthetic.ensure(config.synthetic, config.dataset.root or None)
+  side = synthetic.load_side_info(root, splits=('train',))
+  spec = augment.augment_spec(config)
+  gh, gw = ogfr_model.token_grid(config)
+  input_size = (config.input.height, config.input.width)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  select = jax.jit(lambda v, x, c: s['model'].apply(
+      v, x, c, method=ogfr_model.OGFR.teacher_selection)['mask'])
+
+  sels, clutters = [], []
+  for start in range(0, len(split), batch_size):
+    idx = np.arange(start, min(start + batch_size, len(split)))
+    images = np.stack([augment.eval_transform(image_io.load_image(split.paths[i]), spec)
+                       for i in idx])
+    clutter = np.zeros((len(idx), gh, gw), bool)
+    for row, i in enumerate(idx):
+      entry = side.get(os.path.basename(split.paths[i]))
+      if entry is not None and entry['clutter_mask'] is not None:
+        clutter[row] = synthetic.clutter_token_mask(
+            entry['clutter_mask'].astype(np.float32), gh, gw, config.model.patch_size,
+            config.model.stride, min_cover=min_cover, input_size=input_size)
+    sel = np.asarray(parallel.fetch(select(variables, images, split.camids[idx])))
+    sels.append(sel.reshape(len(idx), -1))
+    clutters.append(clutter.reshape(len(idx), -1))
+  sel, clutter = np.concatenate(sels), np.concatenate(clutters)
+  has = clutter.any(axis=1)
+  return {'step': int(step), 'grid': [gh, gw], 'min_cover': min_cover,
+          'all_train_images': _counts(sel, clutter),
+          'clutter_images': _counts(sel[has], clutter[has])}
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--min-cover', type=float, default=0.5)
+  p.add_argument('--json', action='store_true')
+  args = p.parse_args(argv)
+  stats = agent_clutter_stats(args.workdir, min_cover=args.min_cover)
+  for name in ('all_train_images', 'clutter_images'):
+    r = stats[name]
+    print(f"{name:17s} images {r['images']:5d} | select rate {r['select_rate']:.3f} | "
+          f"precision {r['precision']:.3f} vs chance {r['chance_precision']:.3f} | "
+          f"recall {r['recall']:.3f}")
+  if args.json:
+    print(json.dumps(stats))
+  return stats
+
+
+if __name__ == '__main__':
+  main()
