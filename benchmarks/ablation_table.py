@@ -46,19 +46,30 @@ def random_init(root: str, seed: int, extra: list[str]) -> dict:
   """Evaluates the untrained full model (same data and evaluation as the trained rows)."""
   path = os.path.join(root, f'random_init_seed{seed}.json')
   if not os.path.exists(path):
-    code = ('import json,sys; from absl import flags; flags.FLAGS(sys.argv[:1]);'
-            'from ml_collections import config_flags; import ogfr_jax.main;'
-            'from ogfr_jax import train, run_config;'
-            'flags.FLAGS(["x", "--config", "configs/ablations.py:step=full", "--workdir", "_",'
-            f' "--config.seed={seed}", *{extra!r}]);'
-            'c = flags.FLAGS.config; run_config.validate(c);'
-            f's = train.setup(c, {os.path.join(root, "random_init_tmp")!r});'
-            'r = train.run_evaluation(s["model"], s["state"], s["test_data"], c, s["mesh"], 0,'
-            ' None);'
-            f'json.dump(r["synthetic"], open({path!r}, "w"))')
-    subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+    subprocess.run([sys.executable, os.path.abspath(__file__), '--random-init-child', path,
+                    '--seeds', str(seed), '--root', root, '--', *extra], cwd=REPO, check=True)
   with open(path) as f:
     return json.load(f)
+
+
+def _random_init_child(path: str, root: str, seed: int, extra: list[str]) -> None:
+  """In a fresh process: the config exactly as the entry point builds it, then evaluation
+  of the freshly initialised state."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import run_config, train  # pylint: disable=g-import-not-at-top
+  argv = ['ablation_table', '--config', 'configs/ablations.py:step=full',
+          f'--config.seed={seed}', *extra]
+  sys.argv = argv  # config_flags finds the --config.FIELD overrides in sys.argv
+  config_flag = config_flags.DEFINE_config_file('config')
+  flags.FLAGS(argv)
+  config = config_flag.value
+  run_config.validate(config)
+  s = train.setup(config, os.path.join(root, f'random_init_seed{seed}_workdir'))
+  result = train.run_evaluation(s['model'], s['state'], s['test_data'], config, s['mesh'], 0,
+                                None)
+  with open(path, 'w') as f:
+    json.dump(result['synthetic'], f)
 
 
 def main(argv=None) -> dict:
@@ -70,8 +81,12 @@ def main(argv=None) -> dict:
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--steps', nargs='+', default=list(ablations.STEPS))
   p.add_argument('--json', action='store_true')
+  p.add_argument('--random-init-child', help=argparse.SUPPRESS)
   args = p.parse_args(own)
   os.makedirs(args.root, exist_ok=True)
+  if args.random_init_child:
+    _random_init_child(args.random_init_child, args.root, args.seeds[0], extra)
+    return {}
 
   rows: dict[str, list[dict]] = {'random_init': [random_init(args.root, s, extra)
                                                  for s in args.seeds]}
