@@ -35,7 +35,8 @@ from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
+
+from ogfr_jax.tools import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/NAME.py[:ARGS]); for --export_student the default is '
@@ -145,43 +146,15 @@ def convert(input_path: str, output_dir: str, config: Any, *, fmt: str = 'auto',
 
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: pass --config with the run\'s config')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return common.workdir_config(workdir)
 
 
 def restore_params(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
-  """The 'params' of the train state in WORKDIR/checkpoints (latest step), as numpy arrays.
-
-  Reads the orbax 'state' item directly onto the host CPU, so neither the dataset nor the
-  device layout of the training run is needed.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{directory} not found: is {workdir} a training workdir?')
-  # Naming the handlers lets orbax read the items' metadata before anything is restored.
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {directory}')
-  meta = manager.item_metadata(step)['state']
-  meta = getattr(meta, 'tree', meta)
-  if not meta:
-    raise ValueError(f'{directory}/{step} has no readable train state')
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
-  manager.close()
-  params = restored['params'] if isinstance(restored, dict) else restored.params
-  return jax.tree.map(np.asarray, params), int(step)
+  """The 'params' of the train state in WORKDIR/checkpoints (latest step), as numpy arrays,
+  read onto the host without the dataset or the training run's devices (see
+  `common.restore_state`)."""
+  state, step = common.restore_state(workdir, step)
+  return state['params'], step
 
 
 def export_student(workdir: str, output: str, config: Optional[Any] = None, *,

@@ -1,0 +1,357 @@
+"""What the command-line tools share: a trained run read back from its workdir.
+
+A workdir written by training holds config.json and orbax checkpoints of the train state. The
+tools need the student for inference (and the teacher's agent for the purification figures),
+but not the optimizer, the mesh of the training run, or the training set: the sizes of the ID
+classifier and of the camera table are read from the checkpointed parameters themselves, so
+a model trained on a dataset that is no longer on disk can still extract features.
+
+Argument parsing is argparse (not absl flags) so that several tools can be imported into one
+process, e.g. a test that calls each tool's `main(argv)`; every multi-word option accepts both
+spellings, `--num-queries` and `--num_queries`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+# Top-level parameter names that hold the student's backbone (see models/ogfr.py).
+_STUDENT_BACKBONES = ('student_vit', 'vit')
+
+
+def workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json as a ConfigDict (the resolved config of the training run)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir? (pass the '
+                            "run's config explicitly where the tool allows it)")
+  with open(path) as f:
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON: {e}') from e
+
+
+def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
+  """The train state saved in WORKDIR/checkpoints (latest step unless `step`), as numpy trees.
+
+  Returns ({'params': ..., 'batch_stats': ...}, step). The orbax 'state' item is read
+  directly onto the host CPU from its own metadata, so neither the dataset nor the device
+  layout of the training run is needed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory} not found: is {workdir} a training workdir?')
+  # Naming the handlers lets orbax read the items' metadata before anything is restored.
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'data': ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}')
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint of step {step} in {directory} (saved steps: '
+                              f'{sorted(manager.all_steps())})')
+    meta = manager.item_metadata(step)['state']
+    meta = getattr(meta, 'tree', meta)
+    if not meta or 'params' not in meta:
+      raise ValueError(f'{directory}/{step} has no readable train state')
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    # Only the parameters and BN statistics: the optimizer state can be as large as the
+    # parameters again and no tool needs it.
+    wanted = {k: meta[k] for k in ('params', 'batch_stats') if k in meta}
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+                          wanted)
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args, partial_restore=True)))['state']
+  finally:
+    manager.close()
+  out = {k: jax.tree.map(np.asarray, dict(restored[k])) for k in restored}
+  out.setdefault('batch_stats', {})
+  return out, int(step)
+
+
+def model_sizes(params: dict[str, Any]) -> tuple[int, int]:
+  """(num_classes, num_cameras) of a trained OGFR, read from its parameter shapes.
+
+  num_classes is the width of the student's ID classifier; num_cameras the rows of the
+  student's SIE table (1 when the model has no camera embedding, the size the model builds).
+  """
+  try:
+    num_classes = int(np.shape(params['student_head']['classifier']['kernel'])[-1])
+  except KeyError as e:
+    raise ValueError(f'the checkpoint has no student ID classifier (student_head/classifier/'
+                     f'kernel); top-level parameters: {sorted(params)}') from e
+  num_cameras = 1
+  for name in _STUDENT_BACKBONES:
+    if name in params and 'sie_embed' in params[name]:
+      num_cameras = int(np.shape(params[name]['sie_embed'])[0])
+  return num_classes, num_cameras
+
+
+def student_backbone_name(params: dict[str, Any]) -> str:
+  for name in _STUDENT_BACKBONES:
+    if name in params:
+      return name
+  raise ValueError(f'no student backbone in the parameters (top-level names: {sorted(params)})')
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A trained OGFR on the host: config, Flax module and its variables."""
+  config: ml_collections.ConfigDict
+  model: Any  # ogfr_jax.models.ogfr.OGFR
+  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...} (numpy)
+  step: int
+  num_classes: int
+  num_cameras: int
+  workdir: str
+
+  @property
+  def params(self) -> dict[str, Any]:
+    return self.variables['params']
+
+
+def load_trained(workdir: str, step: Optional[int] = None,
+                 config: Optional[ml_collections.ConfigDict] = None) -> TrainedModel:
+  """The model of a training workdir at its latest (or the given) checkpoint."""
+  from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+  config = workdir_config(workdir) if config is None else config
+  state, step = restore_state(workdir, step)
+  num_classes, num_cameras = model_sizes(state['params'])
+  model = train.build_model(config, num_classes, num_cameras)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return TrainedModel(config=config, model=model, variables=variables, step=step,
+                      num_classes=num_classes, num_cameras=num_cameras,
+                      workdir=os.path.abspath(workdir))
+
+
+def local_mesh():
+  """A data-parallel mesh over this process's devices (the training run's mesh may need
+  devices that the machine running a tool does not have)."""
+  from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+
+
+def round_batch(batch_size: int, num_devices: int) -> int:
+  """The smallest multiple of the device count that is >= batch_size (sharded batches)."""
+  if batch_size < 1:
+    raise ValueError(f'--batch-size must be >= 1, got {batch_size}')
+  return -(-batch_size // num_devices) * num_devices
+
+
+def read_split(config: ml_collections.ConfigDict, which: str, root: str = ''):
+  """DatasetSplits of the run's training ('train') or test ('test') dataset.
+
+  Mirrors train.load_data but reads only the dataset that is asked for, so that the test set
+  can be used on a machine without the training set (cross-domain protocols). `root`
+  replaces the folder recorded in the config (datasets move between machines).
+  """
+  from ogfr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  d = config.dataset
+  if which == 'test' and d.test_name and d.test_name != d.name:
+    name, root = d.test_name, root or d.test_root
+  elif which in ('train', 'test'):
+    name, root = d.name, root or d.root
+  else:
+    raise ValueError(f"which={which!r}: use 'train' or 'test'")
+  if name == 'synthetic':
+    root = synthetic.ensure(config.synthetic, root or None)
+  elif not root:
+    raise ValueError(f'the run\'s config has no folder for dataset {name!r}: pass '
+                     '--dataset-root')
+  options = {'merge_train_val': d.merge_train_val} if name == 'msmt17' else {}
+  return datasets.get_dataset(name, root, **options)
+
+
+def to_uint8(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """Undoes `augment.normalize`: float32 [..., 3] model input -> uint8 pixels."""
+  x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Lines of a metrics.jsonl; a line cut short by a crash at the end is skipped."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: the run has logged no metrics yet')
+  rows = []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        break  # an interrupted write; everything before it is intact
+      raise ValueError(f'{path}:{i + 1} is not valid JSON: {e}') from e
+  return rows
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse that accepts '-' and '_' in option names and reports errors as ValueError
+  when used in-process (tools' `main(argv)`), so a caller sees the message, not SystemExit."""
+
+  def add(self, name: str, **kwargs) -> None:
+    """Adds --name with both spellings (--num-queries, --num_queries)."""
+    dash, under = '--' + name.replace('_', '-'), '--' + name.replace('-', '_')
+    names = [dash] if dash == under else [dash, under]
+    kwargs.setdefault('dest', name.replace('-', '_'))
+    self.add_argument(*names, **kwargs)
+
+  def error(self, message: str):
+    raise UsageError(f'{self.prog}: {message}')
+
+
+class UsageError(ValueError):
+  """A bad command line."""
+
+
+def run_cli(main_fn, argv: Optional[Sequence[str]] = None) -> None:
+  """Runs a tool's main(argv) as a program: known errors become one 'error:' line and exit 1."""
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    main_fn(argv)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f'error: {e}')
+
+
+def replicate(variables: Any, mesh) -> Any:
+  """Puts the variables on every device of `mesh` once, instead of once per jitted call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
+  return jax.device_put(variables, parallel.replicated(mesh))
+
+
+# --------------------------------------------------------------------------------------------
+# Figures (PIL: the figures are grids of images with labels, which need no plotting library)
+
+GREEN = (20, 160, 60)
+RED = (210, 40, 40)
+BLUE = (40, 90, 220)
+GREY = (150, 150, 150)
+ORANGE = (235, 140, 0)
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+
+def font(size: int = 11):
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  return ImageFont.load_default(size=size)
+
+
+def text_width(text: str, size: int = 11) -> int:
+  box = font(size).getbbox(text)
+  return int(box[2] - box[0])
+
+
+def fit_height(image: np.ndarray, height: int) -> np.ndarray:
+  """uint8 [h, w, 3] resized to `height` rows, keeping the aspect ratio (nearest neighbour
+  when enlarging, so token-sized details stay crisp; bilinear when shrinking)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  if h == height:
+    return image
+  width = max(1, int(round(w * height / h)))
+  method = Image.Resampling.NEAREST if height > h else Image.Resampling.BILINEAR
+  return np.asarray(Image.fromarray(image).resize((width, height), method))
+
+
+def bordered(image: np.ndarray, colour: tuple[int, int, int], width: int = 3,
+             dashed: bool = False) -> np.ndarray:
+  """The image inside a frame of `colour`; a dashed frame marks items that are not ranked."""
+  h, w = image.shape[:2]
+  out = np.empty((h + 2 * width, w + 2 * width, 3), np.uint8)
+  out[:] = colour
+  if dashed:
+    period = 6
+    ys = (np.arange(h + 2 * width) // period) % 2 == 1
+    xs = (np.arange(w + 2 * width) // period) % 2 == 1
+    out[ys, :] = WHITE
+    out[:, xs] = WHITE
+  out[width:width + h, width:width + w] = image
+  return out
+
+
+def labelled(tile: np.ndarray, lines: Sequence[str], colours: Sequence[tuple] | None = None,
+             size: int = 11, width: int | None = None, fit: bool = False) -> np.ndarray:
+  """The tile above a white caption of one line per entry. The caption is as wide as the
+  tile, or `width`; with `fit`, wider still if a line needs it (otherwise lines are cut)."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  width = tile.shape[1] if width is None else max(width, tile.shape[1])
+  if fit:
+    width = max([width] + [text_width(line, size) + 4 for line in lines])
+  line_h = size + 3
+  canvas = Image.new('RGB', (width, tile.shape[0] + line_h * len(lines) + 2), WHITE)
+  canvas.paste(Image.fromarray(tile), ((width - tile.shape[1]) // 2, 0))
+  draw = ImageDraw.Draw(canvas)
+  f = font(size)
+  colours = list(colours or [BLACK] * len(lines))
+  for i, line in enumerate(lines):
+    while line and text_width(line, size) > width:
+      line = line[:-1]
+    x = max(0, (width - text_width(line, size)) // 2)
+    draw.text((x, tile.shape[0] + 1 + i * line_h), line, fill=colours[i], font=f)
+  return np.asarray(canvas)
+
+
+def hstack(tiles: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+  """Tiles side by side on white, top-aligned."""
+  height = max(t.shape[0] for t in tiles)
+  width = sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)
+  out = np.full((height, width, 3), 255, np.uint8)
+  x = 0
+  for t in tiles:
+    out[:t.shape[0], x:x + t.shape[1]] = t
+    x += t.shape[1] + gap
+  return out
+
+
+def vstack(rows: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
+  """Rows one below the other on white, left-aligned."""
+  width = max(r.shape[1] for r in rows)
+  height = sum(r.shape[0] for r in rows) + gap * (len(rows) - 1)
+  out = np.full((height, width, 3), 255, np.uint8)
+  y = 0
+  for r in rows:
+    out[y:y + r.shape[0], :r.shape[1]] = r
+    y += r.shape[0] + gap
+  return out
+
+
+def banner(text: str, width: int, size: int = 12, colour=BLACK) -> np.ndarray:
+  """A white strip with one line of text (titles and separators)."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  canvas = Image.new('RGB', (max(width, text_width(text, size) + 8), size + 8), WHITE)
+  ImageDraw.Draw(canvas).text((4, 3), text, fill=colour, font=font(size))
+  return np.asarray(canvas)
+
+
+def save_png(image: np.ndarray, path: str, colors: int = 0) -> str:
+  """Writes an RGB PNG; with `colors` (2..256) an adaptive palette of that many colours, which
+  makes figures of noisy photographs several times smaller (for documentation)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img = Image.fromarray(image)
+  if colors:
+    if not 2 <= colors <= 256:
+      raise ValueError(f'--colors must be 0 (full colour) or in [2, 256], got {colors}')
+    img = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                       dither=Image.Dither.NONE)
+  img.save(path, format='PNG', optimize=True)
+  return path

@@ -1,0 +1,339 @@
+r"""What the purification agent picks, what the student sees, and (synthetic) what was planted.
+
+  python -m ogfr_jax.tools.vispurify --workdir runs/synthetic [--num-images 8] [--step 0] \
+      [--num-batches 4] [--out runs/synthetic/vispurify] [--augment]
+
+For one training batch, as the train pipeline builds it (`pipeline.make_train_iterator`: the
+holistic view x = `image`, the synthesised occluded view occ(x) = `occluded` and its
+`pattern`), each image gets one row of panels:
+  x | x with the agent's sampled selection | x with its greedy selection | occ(x) and the
+  pattern type | x with the planted clutter (synthetic benchmark only)
+The agent runs on x as in the teacher (`OGFR.teacher_selection`: tokens after block L, the
+greedy action, and the agent's logits). The sampled selection is one draw of the training
+policy from those logits (Bernoulli per token, or Gumbel top-k), seeded by --seed. A selected
+token is shaded over its whole receptive window (patch x patch pixels at its stride, so
+windows overlap) and its own stride x stride cell at the window centre is outlined.
+
+Augmentation (flip, pad-crop, random erasing) is off unless --augment: the planted clutter
+masks are stored for the unaugmented image, so only then do they line up with the pixels the
+agent sees. Occlusion synthesis stays on.
+
+On the synthetic benchmark the tool prints the agent's precision and recall on clutter tokens
+over --num-batches batches (a token is clutter when at least half its window is covered,
+`synthetic.clutter_token_mask`): precision = selected clutter tokens / selected tokens,
+recall = selected clutter tokens / clutter tokens; chance precision is the clutter fraction of
+all tokens. The figures and the numbers go to OUT/vispurify_000.png and OUT/purification.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ogfr_jax.tools import common
+
+_SELECTED = (230, 30, 30)
+_CLUTTER = (255, 200, 0)
+
+
+def teacher_selection_fn(trained: common.TrainedModel):
+  """jit(image, camid) -> {'mask', 'scores'} of the teacher's agent (evaluation mode)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  if not ogfr_lib.has_fepm(trained.config):
+    raise ValueError(f'{trained.workdir} was trained without a purification agent '
+                     '(model.teacher or fepm.enabled is off): nothing to show')
+  variables = jax.device_put(trained.variables)
+  fn = jax.jit(lambda v, image, camid: trained.model.apply(
+      v, image, camid, method=ogfr_lib.OGFR.teacher_selection))
+  return lambda image, camid: jax.device_get(fn(variables, image, camid))
+
+
+def sample_selection(scores: np.ndarray, config: Any, rng: np.random.Generator,
+                     greedy: np.ndarray) -> np.ndarray:
+  """One draw of the training policy from the agent's logits [B, N] (see models/fepm.py)."""
+  from ogfr_jax.models import fepm  # pylint: disable=g-import-not-at-top
+  f = config.fepm
+  if f.selection == 'random':
+    return greedy  # random selection is already a draw
+  if f.action == 'bernoulli':
+    return rng.random(scores.shape) < 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
+  k = fepm.num_selected(f.topk_fraction, scores.shape[-1])
+  perturbed = scores + rng.gumbel(size=scores.shape)
+  top = np.argsort(-perturbed, axis=-1, kind='stable')[:, :k]
+  mask = np.zeros(scores.shape, bool)
+  np.put_along_axis(mask, top, True, axis=-1)
+  return mask
+
+
+def token_windows(grid: tuple[int, int], patch: int, stride: int) -> np.ndarray:
+  """int [gh * gw, 4] (y0, x0, y1, x1) pixel window of every token, row-major."""
+  gh, gw = grid
+  ys, xs = np.meshgrid(np.arange(gh) * stride, np.arange(gw) * stride, indexing='ij')
+  ys, xs = ys.reshape(-1), xs.reshape(-1)
+  return np.stack([ys, xs, ys + patch, xs + patch], axis=-1)
+
+
+def token_coverage(mask: np.ndarray, grid: tuple[int, int], patch: int, stride: int,
+                   size: tuple[int, int]) -> np.ndarray:
+  """int [H, W]: how many of the selected tokens' windows cover each pixel."""
+  out = np.zeros(size, np.int32)
+  for y0, x0, y1, x1 in token_windows(grid, patch, stride)[np.asarray(mask, bool)]:
+    out[y0:y1, x0:x1] += 1
+  return out
+
+
+def clutter_stats(selected: np.ndarray, clutter: np.ndarray) -> dict[str, Optional[float]]:
+  """Precision / recall of a token selection [B, N] against clutter tokens [B, N]."""
+  selected, clutter = np.asarray(selected, bool), np.asarray(clutter, bool)
+  hit = int(np.sum(selected & clutter))
+  n_sel, n_clutter = int(selected.sum()), int(clutter.sum())
+  return {
+      'selected_tokens': n_sel, 'clutter_tokens': n_clutter, 'selected_clutter_tokens': hit,
+      'tokens': int(clutter.size),
+      'select_rate': n_sel / clutter.size if clutter.size else None,
+      'precision': hit / n_sel if n_sel else None,
+      'recall': hit / n_clutter if n_clutter else None,
+      'chance_precision': n_clutter / clutter.size if clutter.size else None,
+  }
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def train_batches(config, split, *, start_step: int, num_batches: int, augment: bool):
+  """The train pipeline's batches for global steps start_step, start_step + 1, ... (in the
+  main process; augmentation off unless `augment`)."""
+  from ogfr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = copy.deepcopy(config)
+  cfg.input.num_workers, cfg.input.prefetch = 0, 0
+  if not augment:
+    cfg.input.flip_prob, cfg.input.pad, cfg.input.erase_prob = 0.0, 0, 0.0
+  it = pipeline.make_train_iterator(split, cfg)
+  it.set_state({'step': int(start_step)})
+  try:
+    return [next(it) for _ in range(num_batches)]
+  finally:
+    it.close()
+
+
+def clutter_tokens(paths: Sequence[str], indices: np.ndarray, side: dict[str, dict],
+                   config) -> tuple[np.ndarray, np.ndarray]:
+  """(token mask [B, N] bool, pixel mask [B, H, W] bool at the input size) of planted clutter."""
+  from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  h, w = int(config.input.height), int(config.input.width)
+  gh, gw = ogfr_lib.token_grid(config)
+  tokens = np.zeros((len(indices), gh * gw), bool)
+  pixels = np.zeros((len(indices), h, w), bool)
+  for row, index in enumerate(indices):
+    entry = side.get(os.path.basename(paths[int(index)]))
+    if entry is None or entry['clutter_mask'] is None:
+      continue
+    mask = entry['clutter_mask']
+    tokens[row] = synthetic.clutter_token_mask(
+        mask, gh, gw, int(config.model.patch_size), int(config.model.stride),
+        input_size=(h, w)).reshape(-1)
+    pixels[row] = synthetic.clutter_token_mask(mask, h, w, 1, 1, input_size=(h, w))
+  return tokens, pixels
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _tint(image: np.ndarray, where: np.ndarray, colour, alpha: float) -> np.ndarray:
+  out = image.astype(np.float32)
+  out[where] = (1 - alpha) * out[where] + alpha * np.asarray(colour, np.float32)
+  return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _outline_cells(image: np.ndarray, mask: np.ndarray, grid, patch: int, stride: int,
+                   colour) -> np.ndarray:
+  """Outlines each selected token's own stride x stride cell at the centre of its window."""
+  out = image.copy()
+  inset = (patch - stride) // 2
+  for y0, x0, _, _ in token_windows(grid, patch, stride)[np.asarray(mask, bool)]:
+    y0, x0 = y0 + inset, x0 + inset
+    y1, x1 = min(y0 + stride, out.shape[0]) - 1, min(x0 + stride, out.shape[1]) - 1
+    out[y0, x0:x1 + 1] = colour
+    out[y1, x0:x1 + 1] = colour
+    out[y0:y1 + 1, x0] = colour
+    out[y0:y1 + 1, x1] = colour
+  return out
+
+
+def selection_panel(image: np.ndarray, mask: np.ndarray, grid, patch: int,
+                    stride: int) -> np.ndarray:
+  covered = token_coverage(mask, grid, patch, stride, image.shape[:2]) > 0
+  return _outline_cells(_tint(image, covered, _SELECTED, 0.45), mask, grid, patch, stride,
+                        _SELECTED)
+
+
+def draw_image_row(x: np.ndarray, occ: np.ndarray, pattern_name: str, sampled: np.ndarray,
+                   greedy: np.ndarray, clutter_tok: Optional[np.ndarray],
+                   clutter_px: Optional[np.ndarray], grid, patch: int, stride: int,
+                   scale: int, caption: str) -> np.ndarray:
+  def up(img):
+    return np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+
+  def hit_line(mask):
+    if clutter_tok is None:
+      return f'{int(mask.sum())} tokens'
+    return f'{int(mask.sum())} tok, {int(np.sum(mask & clutter_tok))} clutter'
+
+  panels = [
+      common.labelled(up(x), ['x (teacher)', caption]),
+      common.labelled(up(selection_panel(x, sampled, grid, patch, stride)),
+                      ['agent: sampled', hit_line(sampled)], [_SELECTED, common.BLACK]),
+      common.labelled(up(selection_panel(x, greedy, grid, patch, stride)),
+                      ['agent: greedy', hit_line(greedy)], [_SELECTED, common.BLACK]),
+      common.labelled(up(occ), ['occ(x) (student)', pattern_name],
+                      [common.BLACK, common.ORANGE]),
+  ]
+  if clutter_px is not None:
+    img = _tint(x, clutter_px, _CLUTTER, 0.6)
+    img = _outline_cells(img, clutter_tok, grid, patch, stride, (0, 90, 255))
+    panels.append(common.labelled(up(img), ['planted clutter',
+                                            f'{int(clutter_tok.sum())} clutter tokens'
+                                            if clutter_px.any() else 'none'],
+                                  [(160, 110, 0), common.BLACK]))
+  return common.hstack(panels, gap=3)
+
+
+def _fmt(v: Optional[float]) -> str:
+  return 'n/a' if v is None else f'{v:.3f}'
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str]):
+  p = common.ArgumentParser(prog='python -m ogfr_jax.tools.vispurify',
+                            description=__doc__.split('\n\n')[0])
+  p.add('workdir', required=True, help='training workdir (config.json + checkpoints/)')
+  p.add('out', default='', help='output folder (default WORKDIR/vispurify)')
+  p.add('num-images', type=int, default=8, help='images of the first batch to draw (spread '
+        'over its identities)')
+  p.add('step', type=int, default=0, help='global train step whose batch is drawn')
+  p.add('num-batches', type=int, default=1,
+        help='batches (from --step on) over which the clutter statistics are computed')
+  p.add('augment', action='store_true',
+        help='keep flip / pad-crop / erasing (clutter masks then no longer line up)')
+  p.add('seed', type=int, default=0, help='seed of the sampled selection')
+  p.add('scale', type=int, default=0, help='pixel enlargement of the panels (default: '
+        'enough for 192-pixel-high panels)')
+  p.add('per-row', type=int, default=2, help='images side by side in the figure')
+  p.add('checkpoint-step', type=int, default=None, help='checkpoint (default: latest)')
+  p.add('dataset-root', default='', help='training dataset folder, if it moved')
+  p.add('colors', type=int, default=0, help='palette PNG of this many colours (0: full)')
+  args = p.parse_args(list(argv))
+  for name in ('num_images', 'num_batches', 'per_row'):
+    if getattr(args, name) < 1:
+      raise common.UsageError(f'--{name.replace("_", "-")} must be >= 1')
+  if args.step < 0:
+    raise common.UsageError('--step must be >= 0')
+  return args
+
+
+def run(args) -> dict[str, Any]:
+  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  trained = common.load_trained(args.workdir, args.checkpoint_step)
+  config = trained.config
+  data = common.read_split(config, 'train', args.dataset_root)
+  select = teacher_selection_fn(trained)
+  grid = ogfr_lib.token_grid(config)
+  patch, stride = int(config.model.patch_size), int(config.model.stride)
+  h = int(config.input.height)
+  side = None
+  if data.name == 'synthetic':
+    from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    side = synthetic.load_side_info(data.root, splits=('train',))
+  with_clutter = side is not None and not args.augment
+  rng = np.random.default_rng(args.seed)
+  batches = train_batches(config, data.train, start_step=args.step,
+                          num_batches=args.num_batches, augment=args.augment)
+  totals = {'sampled': [], 'greedy': [], 'clutter': []}
+  rows = []
+  patterns = tuple(config.occlusion.patterns)
+  mean, std = tuple(config.input.mean), tuple(config.input.std)
+  scale = args.scale or max(1, -(-192 // h))
+  for b, batch in enumerate(batches):
+    out = select(batch['image'], batch['camid'])
+    greedy = np.asarray(out['mask'], bool)
+    sampled = sample_selection(np.asarray(out['scores'], np.float32), config, rng, greedy)
+    totals['greedy'].append(greedy)
+    totals['sampled'].append(sampled)
+    tok = px = None
+    if with_clutter:
+      tok, px = clutter_tokens(data.train.paths, batch['index'], side, config)
+      totals['clutter'].append(tok)
+    if b:
+      continue
+    images, occluded = (common.to_uint8(batch[k], mean, std) for k in ('image', 'occluded'))
+    # Rows spread over the batch: consecutive rows are the K images of one identity.
+    shown = np.unique(np.linspace(0, len(images) - 1, min(args.num_images, len(images)))
+                      .round().astype(int))
+    for i in shown:
+      k = int(batch['pattern'][i])
+      name = 'not occluded' if k == 0 else f'pattern {k}: {patterns[k - 1]}'
+      index = int(batch['index'][i])
+      caption = f'pid {int(batch["pid"][i])} cam {int(batch["camid"][i])} #{index}'
+      rows.append(draw_image_row(images[i], occluded[i], name, sampled[i], greedy[i],
+                                 None if tok is None else tok[i],
+                                 None if px is None else px[i], grid, patch, stride, scale,
+                                 caption))
+  summary: dict[str, Any] = {
+      'workdir': trained.workdir, 'checkpoint_step': trained.step, 'dataset': data.name,
+      'train_steps': [args.step, args.step + args.num_batches - 1],
+      'images': int(sum(len(m) for m in totals['greedy'])), 'augment': bool(args.augment),
+      'token_grid': list(grid), 'selection': f'{config.fepm.selection}/{config.fepm.action}',
+  }
+  lines = [f'{trained.workdir} step {trained.step}: agent on {summary["images"]} training '
+           f'images (train steps {args.step}..{args.step + args.num_batches - 1}, '
+           f'{grid[0]}x{grid[1]} tokens)']
+  for kind in ('sampled', 'greedy'):
+    sel = np.concatenate(totals[kind])
+    if with_clutter:
+      stats = clutter_stats(sel, np.concatenate(totals['clutter']))
+      lines.append(f'  {kind:7s}: select rate {_fmt(stats["select_rate"])}, clutter precision '
+                   f'{_fmt(stats["precision"])} (chance {_fmt(stats["chance_precision"])}), '
+                   f'recall {_fmt(stats["recall"])}')
+    else:
+      stats = {'select_rate': float(sel.mean()), 'selected_tokens': int(sel.sum()),
+               'tokens': int(sel.size)}
+      lines.append(f'  {kind:7s}: select rate {_fmt(stats["select_rate"])}')
+    summary[kind] = stats
+  if side is not None and args.augment:
+    lines.append('  (clutter statistics need unaugmented images: run without --augment)')
+  elif side is None:
+    lines.append(f'  ({data.name} has no planted clutter: no precision/recall)')
+  title = lines[0].replace(trained.workdir, os.path.basename(trained.workdir.rstrip('/')))
+  grouped = [common.hstack(rows[i:i + args.per_row], gap=16)
+             for i in range(0, len(rows), args.per_row)]
+  width = max(g.shape[1] for g in grouped)
+  figure = common.vstack([common.banner(title, width, size=13)]
+                         + [common.banner(l.strip(), width, size=12) for l in lines[1:]]
+                         + grouped, gap=6)
+  out = args.out or os.path.join(args.workdir, 'vispurify')
+  summary['figure'] = common.save_png(figure, os.path.join(out, 'vispurify_000.png'),
+                                      args.colors)
+  with open(os.path.join(out, 'purification.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print('\n'.join(lines))
+  print(f'wrote {summary["figure"]} and {os.path.join(out, "purification.json")}')
+  return summary
+
+
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  return run(parse_args(argv))
+
+
+if __name__ == '__main__':
+  common.run_cli(main)

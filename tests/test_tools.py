@@ -1,0 +1,370 @@
+"""The command-line tools on one tiny trained run: ranked lists, purification figures,
+training plots, feature extraction and the deployable export."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ogfr_jax import evaluate
+from ogfr_jax import metrics
+from ogfr_jax import run_config
+from ogfr_jax import train
+from ogfr_jax.data import augment
+from ogfr_jax.data import image_io
+from ogfr_jax.tools import common
+from ogfr_jax.tools import export
+from ogfr_jax.tools import extract
+from ogfr_jax.tools import plot_training
+from ogfr_jax.tools import visrank
+from ogfr_jax.tools import vispurify
+from test_train_e2e import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """(workdir, config) of a 3-step run of the tiny synthetic config, evaluated."""
+  tmp = tmp_path_factory.mktemp('tools')
+  config = tiny_config(tmp)
+  wd = str(tmp / 'run')
+  run_config.prepare_workdir(wd, config)
+  train.train_and_evaluate(config, wd)
+  return wd, config
+
+
+@pytest.fixture(scope='module')
+def trained(run):
+  return common.load_trained(run[0])
+
+
+def _png(path):
+  with Image.open(path) as img:
+    img.load()
+    return img.mode, img.size, np.asarray(img.convert('RGB'))
+
+
+def _features_fn(trained):
+  return jax.jit(lambda v, image, camid: evaluate.student_features(
+      trained.model, v, image, camid, eval_cfg=trained.config.eval))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run back
+
+
+def test_load_trained_reproduces_the_evaluation(run, trained):
+  wd, config = run
+  assert trained.step == 3
+  assert trained.num_classes == 8  # the tiny config's training identities
+  assert trained.num_cameras == config.synthetic.num_cameras
+  data = common.read_split(trained.config, 'test')
+  result = evaluate.evaluate_dataset(trained.model, trained.variables, data, trained.config,
+                                     common.local_mesh())
+  saved = json.load(open(os.path.join(wd, 'results.json')))['synthetic']
+  for key in ('rank1', 'mAP', 'mINP'):
+    assert result[key] == pytest.approx(saved[key], abs=1e-6)
+
+
+def test_missing_workdir_pieces_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    common.workdir_config(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='checkpoints'):
+    common.restore_state(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Ranked lists
+
+
+def test_ranked_lists_follow_the_protocol_of_metrics():
+  rng = np.random.default_rng(3)
+  q_pids, q_cams = rng.integers(0, 5, 12), rng.integers(0, 3, 12)
+  g_pids, g_cams = rng.integers(0, 5, 40), rng.integers(0, 3, 40)
+  dist = rng.integers(0, 6, (12, 40)).astype(np.float32)  # many ties
+  ref = metrics.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=40)
+
+  class S:  # the part of a records.Split that ranking reads
+    def __init__(self, pids, camids):
+      self.pids, self.camids = pids, camids
+
+  lists = visrank.rank_all(dist, range(12), S(q_pids, q_cams), S(g_pids, g_cams))
+  firsts = [l.first_match for l in lists if l.first_match is not None]
+  assert len(firsts) == ref['num_valid_queries']
+  cmc = np.array([np.mean([f <= k for f in firsts]) for k in range(1, 41)])
+  np.testing.assert_allclose(cmc, ref['cmc'])
+  aps = [np.mean((np.arange(l.matches.sum()) + 1) / (np.flatnonzero(l.matches) + 1))
+         for l in lists if l.matches.any()]
+  assert np.mean(aps) == pytest.approx(ref['mAP'])
+  for q, l in enumerate(lists):
+    dropped = (g_pids == q_pids[q]) & (g_cams == q_cams[q])
+    assert sorted(l.dropped) == sorted(np.flatnonzero(dropped))
+    assert not set(l.ranked) & set(l.dropped)
+    assert len(l.ranked) + len(l.dropped) == 40
+    assert np.all(np.diff(l.distances) >= 0)
+
+
+def test_visrank_draws_the_evaluation_ranking(run, tmp_path):
+  wd, _ = run
+  out = str(tmp_path / 'vis')
+  res = visrank.main(['--workdir', wd, '--out', out, '--num-queries', '3', '--topk', '4',
+                      '--per-page', '2', '--num-workers', '0', '--tile-height', '96'])
+  saved = json.load(open(os.path.join(wd, 'results.json')))['synthetic']
+  assert res['summary']['mAP'] == pytest.approx(saved['mAP'], abs=1e-6)
+  assert res['summary']['rank1'] == pytest.approx(saved['rank1'], abs=1e-6)
+  assert [os.path.basename(p) for p in res['paths']] == ['visrank_000.png', 'visrank_001.png']
+  assert len(res['chosen']) == 3
+  for page, rows in zip(res['paths'], (2, 1)):
+    mode, (w, h), pixels = _png(page)
+    assert mode == 'RGB'
+    # query + 4 ranked tiles of at least 96 x 48 each, stacked `rows` high
+    assert w >= 5 * 96 // 2 and h >= rows * 96
+    shown = res['chosen'][:2] if rows == 2 else res['chosen'][2:]
+    hits = [bool(m) for l in shown for m in l.matches[:4]]
+    frames = {c: np.all(pixels == np.array(c, np.uint8), axis=-1).sum()
+              for c in (common.GREEN, common.RED, common.BLUE)}
+    # A 3-pixel frame around a 96 x 48 tile has 954 pixels; the frame colours are exact
+    # RGB values that the noisy benchmark images practically never hit that often.
+    assert frames[common.BLUE] >= 900 * rows  # the query frames
+    assert (frames[common.GREEN] >= 900) == any(hits)
+    assert (frames[common.RED] >= 900) == (not all(hits))
+
+
+def test_occlusion_tags_come_from_the_side_files_or_the_dataset(trained):
+  data = common.read_split(trained.config, 'test')
+  q_tags, g_tags = visrank.occlusion_tags(data)
+  # The tiny benchmark occludes every query (occluded_query_fraction = 1).
+  assert all(t and t.startswith('occluded: ') for t in q_tags)
+  assert any(t is None for t in g_tags)
+
+  class Fake:
+    name, query, gallery = 'occluded_duke', [0, 1], [0, 1, 2]
+  assert visrank.occlusion_tags(Fake) == (['occluded'] * 2, [None] * 3)
+  Fake.name = 'market1501'
+  assert visrank.occlusion_tags(Fake) == ([None] * 2, [None] * 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Purification figures
+
+
+def test_token_windows_and_clutter_statistics():
+  windows = vispurify.token_windows((2, 3), patch=4, stride=2)
+  np.testing.assert_array_equal(windows[4], [2, 2, 6, 6])  # row 1, column 1
+  cover = vispurify.token_coverage(np.array([1, 1, 0, 0, 0, 0], bool), (2, 3), 4, 2, (6, 8))
+  assert cover[0, 0] == 1 and cover[1, 2] == 2 and cover[0, 6] == 0 and cover[5, 0] == 0
+  stats = vispurify.clutter_stats(np.array([[1, 1, 1, 0], [0, 0, 0, 0]], bool),
+                                  np.array([[1, 1, 0, 0], [1, 0, 0, 0]], bool))
+  assert stats['precision'] == pytest.approx(2 / 3)
+  assert stats['recall'] == pytest.approx(2 / 3)
+  assert stats['chance_precision'] == pytest.approx(3 / 8)
+  none = vispurify.clutter_stats(np.zeros((1, 4), bool), np.zeros((1, 4), bool))
+  assert none['precision'] is None and none['recall'] is None
+
+
+def test_unaugmented_batches_line_up_with_the_stored_images(trained):
+  config = trained.config
+  data = common.read_split(config, 'train')
+  batch = vispurify.train_batches(config, data.train, start_step=2, num_batches=1,
+                                  augment=False)[0]
+  pixels = common.to_uint8(batch['image'], config.input.mean, config.input.std)
+  size = (config.input.height, config.input.width)
+  for row, index in enumerate(batch['index']):
+    stored = image_io.load_image(data.train.paths[index], size=size)
+    assert np.abs(pixels[row].astype(int) - stored).max() <= 1
+
+
+def test_vispurify_figure_and_statistics(run, trained, tmp_path):
+  wd, config = run
+  out = str(tmp_path / 'pur')
+  summary = vispurify.main(['--workdir', wd, '--out', out, '--num-images', '3',
+                            '--num-batches', '2', '--per-row', '2'])
+  batch = config.input.ids_per_batch * config.input.images_per_id
+  assert summary['images'] == 2 * batch
+  gh, gw = summary['token_grid']
+  for kind in ('sampled', 'greedy'):
+    s = summary[kind]
+    assert s['tokens'] == 2 * batch * gh * gw
+    assert 0 <= s['selected_clutter_tokens'] <= min(s['selected_tokens'], s['clutter_tokens'])
+    if s['selected_tokens']:
+      assert s['precision'] == pytest.approx(s['selected_clutter_tokens'] / s['selected_tokens'])
+  assert summary['sampled']['clutter_tokens'] > 0  # the benchmark plants clutter
+  assert json.load(open(os.path.join(out, 'purification.json')))['images'] == 2 * batch
+  mode, (w, h), _ = _png(summary['figure'])
+  # Panels of 192-pixel-high images: the tiny 64 x 32 input enlarged 3 times; five panels
+  # per image (x, sampled, greedy, occ(x), clutter), two images per row, two rows.
+  panel_w = config.input.width * 3
+  assert mode == 'RGB' and w == 2 * (5 * panel_w + 4 * 3) + 16
+  assert h > 2 * 192
+
+
+def test_sampled_selection_follows_the_policy():
+  config = tiny_config_like(action='topk', fraction=0.25)
+  scores = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+  rng = np.random.default_rng(1)
+  sampled = vispurify.sample_selection(scores, config, rng, np.zeros((50, 8), bool))
+  assert (sampled.sum(-1) == 2).all()
+  config = tiny_config_like(action='bernoulli', fraction=0.1)
+  high = vispurify.sample_selection(np.full((200, 8), 3.0, np.float32), config, rng, None)
+  low = vispurify.sample_selection(np.full((200, 8), -3.0, np.float32), config, rng, None)
+  assert high.mean() > 0.9 and low.mean() < 0.1
+
+
+def tiny_config_like(action, fraction):
+  from ogfr_jax import config_defaults
+  c = config_defaults.base_config()
+  c.fepm.action, c.fepm.topk_fraction = action, fraction
+  return c
+
+
+# --------------------------------------------------------------------------------------------
+# Training plots
+
+
+def test_plot_training_png(run, tmp_path):
+  wd, _ = run
+  out = str(tmp_path / 'training.png')
+  assert plot_training.main(['--workdir', wd, '--out', out]) == out
+  mode, size, _ = _png(out)
+  # 2 columns x 2 rows (agent rate, reward, losses, evaluation) of 6.0 x 3.4 in at 90 dpi
+  assert size == (1080, 612)
+
+
+def test_plot_series_keeps_the_last_value_of_a_repeated_step(tmp_path):
+  rows = [{'step': 1, 'a': 1.0}, {'step': 2, 'a': 2.0}, {'step': 2, 'a': 5.0},
+          {'step': 3, 'b': 0.0}]
+  steps, values = plot_training.series(rows, 'a')
+  np.testing.assert_array_equal(steps, [1, 2])
+  np.testing.assert_array_equal(values, [1.0, 5.0])
+  with pytest.raises(ValueError, match='none of the plotted scalars'):
+    plot_training.plot(rows, str(tmp_path / 'x.png'))
+  with pytest.raises(FileNotFoundError, match='metrics.jsonl'):
+    plot_training.main(['--workdir', str(tmp_path)])
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction
+
+
+@pytest.fixture(scope='module')
+def image_folder(trained, tmp_path_factory):
+  """Five query images of the benchmark, two of them in a sub-folder, and a broken file."""
+  folder = tmp_path_factory.mktemp('images')
+  data = common.read_split(trained.config, 'test')
+  paths = list(data.query.paths[:5])
+  (folder / 'sub').mkdir()
+  for i, p in enumerate(paths):
+    shutil.copy(p, folder / ('sub' if i >= 3 else '') / os.path.basename(p))
+  (folder / 'sub' / 'broken.jpg').write_bytes(b'not a jpeg')
+  (folder / '.hidden.jpg').write_bytes(b'ignored')
+  (folder / 'notes.txt').write_text('ignored')
+  names = sorted([os.path.basename(p) for p in paths[:3]]
+                 + [f'sub/{os.path.basename(p)}' for p in paths[3:]])
+  return str(folder), names
+
+
+def _reference_features(trained, folder, names, camid, variables=None):
+  c = trained.config
+  images = np.stack([augment.eval_transform(
+      image_io.load_image(os.path.join(folder, n)), augment.augment_spec(c)) for n in names])
+  return np.asarray(_features_fn(trained)(variables or trained.variables, images,
+                                          np.full(len(names), camid, np.int32)))
+
+
+def test_extract_names_the_unreadable_file(run, image_folder, tmp_path):
+  folder, _ = image_folder
+  with pytest.raises(ValueError, match='broken.jpg'):
+    extract.main(['--workdir', run[0], '--images', folder, '--out', str(tmp_path / 'f.npz'),
+                  '--no-progress'])
+
+
+def test_extract_features(run, trained, image_folder, tmp_path):
+  folder, names = image_folder
+  out = str(tmp_path / 'feats.npz')
+  extract.main(['--workdir', run[0], '--images', folder, '--out', out, '--batch-size', '3',
+                '--skip-bad', '--no-progress'])
+  with np.load(out) as z:
+    assert list(z['names']) == names
+    assert list(z['skipped']) == ['sub/broken.jpg']
+    np.testing.assert_array_equal(z['camids'], -1)
+    feats = z['features']
+    meta = json.loads(str(z['meta']))
+  assert feats.shape == (len(names), 64) and feats.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(feats, _reference_features(trained, folder, names, 0), atol=1e-5)
+  assert meta['camera_embedding'].startswith('camera 0') and meta['checkpoint_step'] == 3
+
+
+def test_extract_mean_camera(trained, image_folder):
+  folder, names = image_folder
+  variables, camid, note = extract.camera_variables(trained.variables, 'mean',
+                                                    trained.num_cameras)
+  assert 'mean' in note
+  extractor = extract.Extractor(trained.model, variables, trained.config, batch_size=8)
+  got = extract.extract_folder(extractor, folder, names=names, camid=camid, progress=False)
+  # Every camera id now gives the same features: those of the averaged embedding.
+  np.testing.assert_allclose(got.features,
+                             _reference_features(trained, folder, names, 3, variables),
+                             atol=1e-5)
+  assert not np.allclose(got.features, _reference_features(trained, folder, names, 0),
+                         atol=1e-4)
+  with pytest.raises(ValueError, match='outside'):
+    extract.camera_variables(trained.variables, '9', trained.num_cameras)
+
+
+def test_list_images_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='not a folder'):
+    extract.list_images(str(tmp_path / 'missing'))
+  with pytest.raises(ValueError, match='no image files'):
+    extract.list_images(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def test_exported_student_matches_the_in_process_model(trained):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(5, 64, 32, 3)).astype(np.float32)
+  camids = np.array([0, 1, 2, 3, 0], np.int32)
+  ref = np.asarray(_features_fn(trained)(trained.variables, images, camids))
+  baked, flat = export.export_student(trained)  # symbolic batch, weights baked in
+  assert flat is None and str(baked.in_avals[0].shape[0]) == 'b'
+  diffs = [float(np.abs(np.asarray(baked.call(images, camids)) - ref).max()),
+           float(np.abs(np.asarray(baked.call(images[:2], camids[:2])) - ref[:2]).max())]
+  as_arg, flat = export.export_student(trained, params='argument', batch_size=5)
+  assert not any(k.startswith(('params/teacher', 'params/agent')) for k in flat)
+  diffs.append(float(np.abs(np.asarray(as_arg.call(flat, images, camids)) - ref).max()))
+  print(f'max |exported - in-process| feature difference: {max(diffs):.3g}')
+  assert max(diffs) <= 1e-5
+
+
+def test_export_command_line(run, tmp_path):
+  wd, _ = run
+  out = str(tmp_path / 'student.jaxexport')
+  st = str(tmp_path / 'student.safetensors')
+  meta = export.main(['--workdir', wd, '--safetensors', st])
+  assert meta['safetensors']['ogfr.branch'] == 'student' and os.path.isfile(st)
+  args = ['--workdir', wd, '--out', out, '--params', 'argument']
+  if importlib.util.find_spec('flatbuffers') is None:
+    # jax writes programs with flatbuffers, which it does not install: a clear refusal
+    # before any work, and no half-written files.
+    with pytest.raises(ValueError, match='flatbuffers'):
+      export.main(args)
+    assert not os.path.exists(out) and not os.path.exists(out + '.json')
+    return
+  meta = export.main(args)
+  exp = jax.export.deserialize(open(out, 'rb').read())
+  params = dict(np.load(out + '.params.npz'))
+  images = np.zeros((2, 64, 32, 3), np.float32)
+  feats = np.asarray(exp.call(params, images, np.zeros(2, np.int32)))
+  assert feats.shape == (2, meta['feature_dim'])
+  assert json.load(open(out + '.json'))['input_size'] == [64, 32]
+  with pytest.raises(FileExistsError, match='overwrite'):
+    export.main(args)
