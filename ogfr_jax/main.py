@@ -7,6 +7,11 @@ r"""Entry point: train and evaluate, or evaluate the latest checkpoint.
 
 Any config field can be overridden with --config.FIELD=VALUE. The resolved config is written
 to WORKDIR/config.json; re-running on a workdir with checkpoints resumes the run.
+
+Several processes (hosts) run the same command. On Cloud TPU VMs and in SLURM steps with
+several tasks they find each other by themselves (--distributed=auto); anywhere else pass
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
+to each process. launch/ holds scripts for TPU pods, SLURM and a local multi-process test.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ogfr_jax import parallel
 from ogfr_jax import run_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:ARGS]).',
@@ -29,6 +35,21 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Start afresh in a --workdir that holds a run of a different config '
     '(its checkpoints are removed).')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', list(parallel.DISTRIBUTED_MODES),
+    'Multi-process start-up. auto: start when --coordinator_address/--num_processes/'
+    '--process_id are given, or on a Cloud TPU VM / pod, in a SLURM step with several tasks, '
+    'or with JAX_COORDINATOR_ADDRESS set; on: always call jax.distributed.initialize (other '
+    'clusters jax detects, e.g. Open MPI); off: single process.')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, reachable from every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    'local_device_ids', None, 'Accelerators this process drives (e.g. 0,1,2,3); default: all '
+    'visible ones (under SLURM: the one at SLURM_LOCALID).')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Seconds to wait for all processes to join.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -42,9 +63,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: bad --config override: {run_config.describe_config_error(e, argv)}')
 
 
+def start_processes() -> None:
+  """Joins the other processes of a multi-host run; before any other JAX call."""
+  try:
+    parallel.initialize_distributed(
+        _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        parallel.parse_device_ids(_LOCAL_DEVICE_IDS.value), mode=_DISTRIBUTED.value,
+        timeout_s=_INIT_TIMEOUT.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  start_processes()
   config = _CONFIG.value
   run_config.validate(config)
   run_config.prepare_workdir(_WORKDIR.value, config, overwrite=_OVERWRITE.value)
