@@ -152,6 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_epochs = 40
   c.train.checkpoint_every = 500  # steps
   c.train.keep_checkpoints = 2
+  c.train.nonfinite_policy = 'stop'  # NaN/inf loss or grads: 'stop' (keep last good ckpt), 'skip'
+  c.train.stop_check_every = 10  # steps between SIGTERM agreements of processes (no JAX service)
 
   # --- evaluation --------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

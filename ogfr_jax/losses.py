@@ -81,6 +81,15 @@ def part_triplet_loss(part_feats: jax.Array, labels: jax.Array, margin: float = 
 # --- distillation -----------------------------------------------------------------------------
 
 
+def _unit(x: jax.Array) -> jax.Array:
+  """x / max(|x|, 1e-12) along the last axis, with a finite gradient at x = 0.
+
+  The clamp sits on the squared norm: the gradient of sqrt at 0 is infinite, and 0 * inf is
+  NaN even where the clamp makes the value constant (an all-zero feature, e.g. in bfloat16).
+  """
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
 def kd_feature_loss(student_feat: jax.Array, teacher_feat: jax.Array,
                     kind: str = 'cos') -> jax.Array:
   """Feature distillation; the teacher side is a constant (stop_gradient).
@@ -96,9 +105,7 @@ def kd_feature_loss(student_feat: jax.Array, teacher_feat: jax.Array,
   if kind in ('mse', 'both'):
     total += jnp.mean(jnp.square(s - t))
   if kind in ('cos', 'both'):
-    s_n = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
-    t_n = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
-    total += jnp.mean(1.0 - jnp.sum(s_n * t_n, axis=-1))
+    total += jnp.mean(1.0 - jnp.sum(_unit(s) * _unit(t), axis=-1))
   return total
 
 

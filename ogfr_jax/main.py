@@ -79,13 +79,22 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   start_processes()
   config = _CONFIG.value
-  run_config.validate(config)
-  run_config.prepare_workdir(_WORKDIR.value, config, overwrite=_OVERWRITE.value)
+  try:
+    run_config.validate(config)
+    run_config.prepare_workdir(_WORKDIR.value, config, overwrite=_OVERWRITE.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
   from ogfr_jax import train  # pylint: disable=g-import-not-at-top  (after flags: jax init)
-  if _MODE.value == 'train':
-    results = train.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    results = train.evaluate_checkpoint(config, _WORKDIR.value)
+  from ogfr_jax.data import image_io  # pylint: disable=g-import-not-at-top
+  # Faults of the data or of the numbers end with their message, not a traceback; anything
+  # else is a bug and keeps its traceback.
+  try:
+    if _MODE.value == 'train':
+      results = train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      results = train.evaluate_checkpoint(config, _WORKDIR.value)
+  except (FloatingPointError, FileNotFoundError, image_io.CorruptImageError) as e:
+    sys.exit(f'error: {e}')
   logging.info('results: %s', results)
 
 

@@ -21,6 +21,10 @@ from ogfr_jax import config_defaults
 RESUMABLE_FIELDS = (
     'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
     'input.num_workers', 'input.prefetch', 'eval.query_chunk',
+    # Checkpoints restore into any mesh: results do not depend on the device layout.
+    'mesh.data', 'mesh.fsdp',
+    # Switching 'stop' to 'skip' is how a run stopped by a non-finite step goes on.
+    'train.nonfinite_policy', 'train.stop_check_every',
 )
 
 
@@ -61,9 +65,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.optim.name, {'sgd', 'adamw'}, 'optim.name')
   _choice(config.eval.feature, {'pre_bn', 'post_bn'}, 'eval.feature')
   _choice(config.input.corrupt_image_policy, {'fail', 'skip'}, 'input.corrupt_image_policy')
+  _choice(config.train.get('nonfinite_policy', 'stop'), {'stop', 'skip'}, 'train.nonfinite_policy')
   for field in ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch_size',
                 'input.height', 'input.width', 'model.patch_size', 'model.stride',
-                'train.log_every', 'train.checkpoint_every'):
+                'train.log_every', 'train.checkpoint_every', 'train.stop_check_every'):
     section, name = field.split('.')
     if int(config[section][name]) < 1:
       raise ValueError(f'config.{field}={config[section][name]} must be >= 1')
@@ -92,6 +97,14 @@ def config_diff(old: dict, new: dict) -> list[str]:
           if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS]
 
 
+def _saved_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps in WORKDIR/checkpoints (orbax's unfinished *-tmp folders aside)."""
+  folder = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
                     overwrite: bool = False) -> None:
   """Creates the workdir and writes config.json (process 0 only)."""
@@ -106,10 +119,12 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
         raise ValueError(f'{path} is not valid JSON ({e}); move it away or pass --overwrite') from e
     diff = config_diff(old, new)
     if diff and not overwrite:
+      saved = _saved_steps(workdir)
       raise ValueError(
           f'{workdir} holds a run of a different config; refusing to mix them. Differences:\n  '
           + '\n  '.join(diff) + '\nUse another --workdir, or pass --overwrite to start afresh '
-          '(removes its checkpoints).')
+          + (f'(removes its checkpoints of steps {saved}).' if saved else
+             '(it has no checkpoint yet, so nothing is lost).'))
     if diff and overwrite and jax.process_index() == 0:
       shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
   if jax.process_index() != 0:
@@ -119,3 +134,6 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
   with open(tmp, 'w') as f:
     json.dump(new, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+  from ogfr_jax import manifest  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'manifest.json'), 'w') as f:
+    json.dump(manifest.run_manifest(config), f, indent=2, sort_keys=True)

@@ -63,6 +63,10 @@ def test_train_stop_resume_and_eval(tmp_path):
   for key in ('rank1', 'rank5', 'rank10', 'mAP', 'mINP'):
     assert 0.0 <= split[key] <= 1.0
   assert json.load(open(os.path.join(wd, 'results.json'))) == results
+  run = results['manifest']
+  assert run['wall_time_s'] > 0 and run['seeds']['seed'] == config.seed
+  assert run['devices']['process_count'] == 1
+  assert os.path.exists(os.path.join(wd, 'manifest.json'))
   events = os.listdir(os.path.join(wd, 'tensorboard'))
   assert any(f.startswith('events.out.tfevents') for f in events)
   lines = _train_lines(wd)

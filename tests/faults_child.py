@@ -1,0 +1,183 @@
+"""A training run (or a stop-agreement loop) in a process of its own, with faults to inject.
+
+tests/test_faults.py kills, signals and breaks these processes from outside, so each runs in a
+fresh interpreter:
+
+  python tests/faults_child.py train --workdir WD --cache DATA --compile_cache CC \
+      [--step_sleep S] [--park_at N --release FILE] [--kill_in_save N] [--nan_at N,M] \
+      [--nonfinite_policy stop|skip] [--corrupt_policy fail|skip] [--log_every N]
+  python tests/faults_child.py agree --coordinator HOST:PORT --num_processes 2 \
+      --process_id I --signal_at N [--no_service]
+
+`train` runs `train.train_and_evaluate` on the tiny end-to-end config (8 steps, a checkpoint
+every 2, an evaluation after step 4) with these hooks:
+  --step_sleep S      sleep S seconds before each batch (gives an outside kill room to land)
+  --park_at N         before the batch of step N: print 'PARKED N' and wait until the file
+                      --release exists (an outside signal arrives while the run waits)
+  --kill_in_save N    SIGKILL this process inside the checkpoint write of step N, after every
+                      item is written and just before orbax renames the folder into place
+  --nan_at N[,M..]    fill the images of the batches of these steps with NaN
+Its exit status is the run's: 0, 143 after a SIGTERM checkpoint, 1 on an error.
+
+`agree` joins a jax.distributed run of several CPU processes and calls
+guards.StopRequest.should_stop at every step; process 1 sends itself SIGTERM at step
+--signal_at. Each process prints one JSON line: the step it stopped at and the mode used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 8, 4, 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  t = sub.add_parser('train')
+  t.add_argument('--workdir', required=True)
+  t.add_argument('--cache', required=True, help='synthetic dataset cache folder')
+  t.add_argument('--compile_cache', default='', help='persistent XLA cache shared by runs')
+  t.add_argument('--devices', type=int, default=2, help='fake CPU devices')
+  t.add_argument('--log_every', type=int, default=1)
+  t.add_argument('--step_sleep', type=float, default=0.0)
+  t.add_argument('--park_at', type=int, default=-1)
+  t.add_argument('--release', default='')
+  t.add_argument('--kill_in_save', type=int, default=-1)
+  t.add_argument('--nan_at', default='', help='comma-separated steps')
+  t.add_argument('--nonfinite_policy', default='stop')
+  t.add_argument('--corrupt_policy', default='fail')
+  a = sub.add_parser('agree')
+  a.add_argument('--coordinator', required=True)
+  a.add_argument('--num_processes', type=int, required=True)
+  a.add_argument('--process_id', type=int, required=True)
+  a.add_argument('--signal_at', type=int, required=True)
+  a.add_argument('--steps', type=int, default=400)
+  a.add_argument('--check_every', type=int, default=3)
+  a.add_argument('--no_service', action='store_true', help='JAX preemption service off')
+  return p.parse_args(argv)
+
+
+def fault_config(cache: str, args: argparse.Namespace):
+  """The tiny config of tests/test_train_e2e.py, 8 steps, deterministic on CPU."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from test_train_e2e import tiny_config  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config(pathlib.Path(cache).parent)
+  c.dataset.root = cache
+  c.train.epochs = STEPS // STEPS_PER_EPOCH
+  c.train.steps_per_epoch = STEPS_PER_EPOCH
+  c.train.checkpoint_every = CHECKPOINT_EVERY
+  c.train.keep_checkpoints = STEPS  # keep them all: tests compare intermediate states
+  c.train.log_every = args.log_every
+  c.train.eval_every_epochs = 1  # one evaluation mid-run (step 4) and the final one
+  c.train.nonfinite_policy = args.nonfinite_policy
+  c.input.corrupt_image_policy = args.corrupt_policy
+  c.input.num_workers = 0
+  run_config.validate(c)
+  return c
+
+
+def _install_hooks(args: argparse.Namespace) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+  original = train._batches  # pylint: disable=protected-access
+  nan_steps = {int(v) for v in args.nan_at.split(',') if v}
+
+  def batches(it):
+    inner = original(it)
+    while True:
+      step = it.step  # global step of the batch about to be read
+      if args.step_sleep:
+        time.sleep(args.step_sleep)
+      if step == args.park_at:
+        print(f'PARKED {step}', flush=True)
+        deadline = time.time() + 120
+        while not os.path.exists(args.release):
+          if time.time() > deadline:
+            sys.exit('faults_child: never released')
+          time.sleep(0.02)
+      batch = next(inner)
+      if step in nan_steps:
+        batch['image'] = np.full_like(batch['image'], np.nan)
+      yield batch
+
+  train._batches = batches  # pylint: disable=protected-access
+
+  if args.kill_in_save >= 0:
+    from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_or_die(self):
+      if self.get_final().name == str(args.kill_in_save):
+        print(f'KILLED IN SAVE {args.kill_in_save}', flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+
+
+def run_train(args: argparse.Namespace) -> None:
+  # The backend's optimisations cost more compile time than they save on 8 tiny steps; every
+  # run uses the same flags, so their results stay comparable bit for bit.
+  os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={args.devices} '
+                             '--xla_backend_optimization_level=0')
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.compile_cache:
+    # Every run here compiles the same programs; sharing them keeps the tests fast.
+    jax.config.update('jax_compilation_cache_dir', args.compile_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+  config = fault_config(args.cache, args)
+  run_config.prepare_workdir(args.workdir, config)
+  _install_hooks(args)
+  results = train.train_and_evaluate(config, args.workdir)
+  print('RESULTS ' + json.dumps(results, sort_keys=True), flush=True)
+
+
+def run_agree(args: argparse.Namespace) -> None:
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.no_service:
+    jax.config.update('jax_enable_preemption_service', False)
+  jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             initialization_timeout=60)
+  from ogfr_jax import guards  # pylint: disable=g-import-not-at-top
+  stopped = None
+  with guards.StopRequest(check_every=args.check_every) as stop:
+    for step in range(args.steps):
+      if args.process_id == 1 and step == args.signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      if stop.should_stop(step):
+        stopped = step
+        break
+      time.sleep(0.01)
+  print(json.dumps({'process': args.process_id, 'stopped_at': stopped, 'mode': stop.mode,
+                    'received': stop.received}), flush=True)
+  jax.distributed.shutdown()
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS(sys.argv[:1])  # grain reads absl flags
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  if args.command == 'train':
+    run_train(args)
+  else:
+    run_agree(args)
+
+
+if __name__ == '__main__':
+  main()

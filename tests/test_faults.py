@@ -1,0 +1,718 @@
+"""Fault injection: kills, preemption notices, bad input and non-finite steps.
+
+Each training fault happens to a real process (tests/faults_child.py) running the tiny
+end-to-end config for 8 steps with a checkpoint every 2. An uninterrupted run of the same
+command is the reference: a run that was killed or stopped and then resumed must end with
+bitwise the same train state, the same metrics.jsonl lines and the same results. All runs share
+one persistent XLA compilation cache (and pytest-xdist workers share it too), so only the first
+run compiles.
+
+Faults that need no training (bad folders, odd images, config and workdir mistakes, checkpoint
+shape mismatches, the stop-request agreement of several processes, bfloat16 losses) run here
+or in small subprocesses without a model.
+"""
+
+import contextlib
+import fcntl
+import json
+import logging as std_logging
+import os
+import pathlib
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+import dataset_fixtures as fx
+from ogfr_jax import checkpoints
+from ogfr_jax import guards
+from ogfr_jax import losses
+from ogfr_jax import optim
+from ogfr_jax import parallel
+from ogfr_jax import run_config
+from ogfr_jax import train
+from ogfr_jax.data import image_io
+from ogfr_jax.data import pipeline
+from ogfr_jax.data import sampler
+from test_train_e2e import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = os.path.join(ROOT, 'tests', 'faults_child.py')
+STEPS = 8  # faults_child.STEPS: checkpoints at 2, 4, 6, 8; evaluations at 4 and 8
+KILL_SEED = 1501  # picks the moment of the outside SIGKILL
+RUN_TIMEOUT = 300
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+# --------------------------------------------------------------------------------------------
+# Child runs and what they leave on disk
+
+
+def _shared_root(tmp_path_factory) -> pathlib.Path:
+  """A folder that every pytest-xdist worker of this session sees."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  root = base / 'faults-shared'
+  root.mkdir(exist_ok=True)
+  return root
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_args(shared: dict, workdir, *extra, cache=None) -> list[str]:
+  return [sys.executable, CHILD, 'train', '--workdir', str(workdir),
+          '--cache', str(cache or shared['cache']), '--compile_cache', shared['xla'],
+          *map(str, extra)]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+
+
+def _tail(proc) -> str:
+  return (proc.stderr or '')[-4000:]
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory) -> dict:
+  """Dataset cache, XLA cache and the uninterrupted reference run (made once per session)."""
+  root = _shared_root(tmp_path_factory)
+  paths = {'cache': str(root / 'data' / 'cache'), 'xla': str(root / 'xla'),
+           'reference': str(root / 'reference')}
+  with _locked(root / 'lock'):
+    if not (root / 'reference.done').exists():
+      shutil.rmtree(paths['reference'], ignore_errors=True)
+      proc = _run(_train_args(paths, paths['reference']))
+      assert proc.returncode == 0, _tail(proc)
+      (root / 'reference.done').write_text('done')
+  return paths
+
+
+def saved_steps(workdir) -> list[int]:
+  folder = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def unfinished(workdir) -> list[str]:
+  return sorted(n for n in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if n.endswith(TMP_SUFFIX))
+
+
+def _read_only_manager(workdir) -> ocp.CheckpointManager:
+  """Reads a workdir's checkpoints without creating or cleaning anything there."""
+  return ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'data': ocp.JsonCheckpointHandler()})
+
+
+def read_checkpoint(workdir, step=None) -> tuple[dict[str, np.ndarray], dict, int]:
+  """({'params/...': array, 'opt_state/...': ..., 'step': ...}, input state, step) on the host."""
+  manager = _read_only_manager(workdir)
+  try:
+    step = manager.latest_step() if step is None else step
+    meta = manager.item_metadata(step)['state']
+    tree = getattr(meta, 'tree', meta)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args),
+        data=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  flat = {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(out['state'])[0]}
+  return flat, dict(out['data']), int(step)
+
+
+def metrics_lines(workdir) -> dict[tuple[int, str], dict]:
+  """metrics.jsonl as {(step, 'train' | 'eval'): values}; wall-clock speed left out."""
+  out = {}
+  for line in open(os.path.join(workdir, 'metrics.jsonl')):
+    row = json.loads(line)
+    kind = 'train' if 'train/loss/total' in row else 'eval'
+    key = (row.pop('step'), kind)
+    assert key not in out, f'{key} logged twice'
+    row.pop('train/images_per_sec', None)
+    out[key] = row
+  return out
+
+
+def _max_diff(a: dict, b: dict) -> float:
+  assert a.keys() == b.keys()
+  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+             if a[k].size else 0.0 for k in a)
+
+
+def assert_same_as_reference(workdir, reference) -> str:
+  """The resumed run ended exactly where the uninterrupted one did; returns a summary line."""
+  state, data, step = read_checkpoint(workdir)
+  ref_state, ref_data, ref_step = read_checkpoint(reference)
+  assert step == ref_step == STEPS
+  assert data == ref_data
+  worst = _max_diff(state, ref_state)
+  assert worst == 0.0, f'max |difference| {worst}'
+  lines, ref_lines = metrics_lines(workdir), metrics_lines(reference)
+  assert lines == ref_lines
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  reference_results = json.load(open(os.path.join(reference, 'results.json')))
+  # The manifest records wall time and start time, which differ between the runs.
+  assert results.pop('manifest')['seeds'] == reference_results.pop('manifest')['seeds']
+  assert results == reference_results
+  assert unfinished(workdir) == []
+  final = results['synthetic']
+  return (f'step {step}: train loss {lines[(STEPS, "train")]["train/loss/total"]:.6f}, '
+          f'rank1 {final["rank1"]:.4f}, mAP {final["mAP"]:.6f}, mINP {final["mINP"]:.6f}; '
+          f'max |difference| over {len(state)} state arrays {worst}; '
+          f'{len(lines)} metrics.jsonl lines identical')
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+  deadline = time.time() + timeout
+  while not condition():
+    if time.time() > deadline:
+      raise AssertionError(f'timed out waiting for {what}')
+    time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# Kills and preemption (real processes)
+
+
+@pytest.mark.slow
+def test_reference_run_moves_the_parameters(shared):
+  # Equality after a resume says something only if the steps after a checkpoint change things.
+  early, _, _ = read_checkpoint(shared['reference'], 2)
+  final, data, step = read_checkpoint(shared['reference'])
+  assert step == STEPS and data['step'] == STEPS
+  params = {k: v for k, v in early.items() if k.startswith('params/')}
+  assert _max_diff(params, {k: final[k] for k in params}) > 1e-3
+  lines = metrics_lines(shared['reference'])
+  assert sorted(k for k in lines if k[1] == 'train') == [(s, 'train') for s in range(1, 9)]
+  assert sorted(k for k in lines if k[1] == 'eval') == [(4, 'eval'), (8, 'eval')]
+
+
+@pytest.mark.slow
+def test_killed_in_a_checkpoint_write_and_at_a_random_moment_then_resumed(shared, tmp_path):
+  """A run killed twice with SIGKILL ends exactly where the uninterrupted one does."""
+  wd = tmp_path / 'run'
+  # 1. Killed inside the write of step 4: every item is on disk, the folder not yet renamed.
+  proc = _run(_train_args(shared, wd, '--kill_in_save', 4))
+  assert proc.returncode == -signal.SIGKILL, _tail(proc)
+  assert 'KILLED IN SAVE 4' in proc.stdout
+  assert saved_steps(wd) == [2]
+  assert unfinished(wd) == ['4' + TMP_SUFFIX]
+  assert (wd / 'checkpoints' / ('4' + TMP_SUFFIX) / 'state').is_dir()
+  manager = _read_only_manager(wd)
+  assert manager.latest_step() == 2  # orbax's own listing agrees
+  manager.close()
+
+  # 2. The same command resumes from step 2 and is killed from outside at a seeded random
+  # moment after it wrote step 4 again. Steps are slowed to 0.15 s so that the kill lands
+  # inside the run (between steps, in a step, in the evaluation at step 4 or a checkpoint
+  # write), and the run waits before its last step so that it cannot finish first.
+  delay = random.Random(KILL_SEED).uniform(0.0, 0.8)
+  with open(tmp_path / 'killed.log', 'w') as log:
+    proc = subprocess.Popen(
+        _train_args(shared, wd, '--step_sleep', 0.15, '--park_at', STEPS - 1,
+                    '--release', tmp_path / 'never'),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+      _wait_for(lambda: (wd / 'checkpoints' / '4').is_dir() or proc.poll() is not None,
+                RUN_TIMEOUT, 'the checkpoint of step 4')
+      assert proc.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
+      time.sleep(delay)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  assert 'resumed from checkpoint at step 2' in (tmp_path / 'killed.log').read_text()
+  survived = saved_steps(wd)
+  assert survived[:2] == [2, 4] and survived[-1] < STEPS
+  assert not (wd / 'results.json').exists()
+
+  # 3. And once more, to the end.
+  proc = _run(_train_args(shared, wd))
+  assert proc.returncode == 0, _tail(proc)
+  assert f'resumed from checkpoint at step {survived[-1]}' in proc.stderr
+  assert saved_steps(wd) == [2, 4, 6, 8]
+  print('resumed run vs uninterrupted run:', assert_same_as_reference(wd, shared['reference']))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_and_exits_143(shared, tmp_path):
+  wd, release = tmp_path / 'run', tmp_path / 'release'
+  with open(tmp_path / 'stopped.log', 'w') as log:
+    proc = subprocess.Popen(
+        _train_args(shared, wd, '--park_at', 4, '--release', release),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+      line = proc.stdout.readline()
+      assert line.strip() == 'PARKED 4', (tmp_path / 'stopped.log').read_text()[-3000:]
+      proc.send_signal(signal.SIGTERM)  # while the run waits before the batch of step 4
+      release.touch()
+      proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  err = (tmp_path / 'stopped.log').read_text()
+  assert proc.returncode == guards.PREEMPTED_EXIT_CODE == 143, err[-3000:]
+  assert 'received SIGTERM' in err
+  assert f'stopped at step 5/{STEPS} on SIGTERM' in err
+  # Step 5 is not a regular checkpoint step: it was written because of the signal.
+  assert saved_steps(wd) == [2, 4, 5] and unfinished(wd) == []
+  _, data, _ = read_checkpoint(wd, 5)
+  assert data['step'] == 5
+  assert not (wd / 'results.json').exists()
+
+  proc = _run(_train_args(shared, wd))
+  assert proc.returncode == 0, _tail(proc)
+  assert 'resumed from checkpoint at step 5' in proc.stderr
+  print('resumed run vs uninterrupted run:', assert_same_as_reference(wd, shared['reference']))
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite steps and corrupt images during training (real processes)
+
+
+@pytest.mark.slow
+def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(shared, tmp_path):
+  wd = tmp_path / 'run'
+  # The batch of step 3 (the 4th update) is NaN. Metrics are fetched at steps 3 and 6, so the
+  # check that catches it is the one before the checkpoint of step 4.
+  proc = _run(_train_args(shared, wd, '--nan_at', 3, '--log_every', 3))
+  assert proc.returncode == 1
+  assert 'FloatingPointError: non-finite loss or gradients at step 4' in proc.stderr
+  assert 'The last good checkpoint, step 2, is kept in' in proc.stderr
+  assert 'nonfinite_policy=skip' in proc.stderr
+  assert saved_steps(wd) == [2] and unfinished(wd) == []
+  good, _, _ = read_checkpoint(wd, 2)
+  reference, _, _ = read_checkpoint(shared['reference'], 2)
+  assert _max_diff(good, reference) == 0.0
+  assert not (wd / 'results.json').exists()
+
+
+def _corrupt_copy(shared, tmp_path) -> tuple[str, list[str]]:
+  """A copy of the dataset with four training images broken (empty or cut short)."""
+  cache = tmp_path / 'data' / 'cache'
+  shutil.copytree(shared['cache'], cache)
+  (dataset,) = [d for d in cache.iterdir() if d.is_dir()]
+  files = sorted((dataset / 'bounding_box_train').glob('*.jpg'))[::12]
+  assert len(files) == 4
+  for i, path in enumerate(files):
+    data = path.read_bytes()
+    path.write_bytes(b'' if i % 2 else data[:len(data) // 3])
+  return str(cache), [str(f) for f in files]
+
+
+@pytest.mark.slow
+def test_nonfinite_and_corrupt_images_are_skipped_and_counted(shared, tmp_path):
+  cache, broken = _corrupt_copy(shared, tmp_path)
+  wd = tmp_path / 'run'
+  proc = _run(_train_args(shared, wd, '--nan_at', '2,3', '--nonfinite_policy', 'skip',
+                          '--corrupt_policy', 'skip', cache=cache))
+  assert proc.returncode == 0, _tail(proc)
+  assert 'skipped 1 update(s) with a non-finite loss or gradient in steps 3-3' in proc.stderr
+  assert 'skipping corrupt training image' in proc.stderr
+  assert any(path in proc.stderr for path in broken)
+
+  lines = metrics_lines(wd)
+  train_lines = [lines[(s, 'train')] for s in range(1, STEPS + 1)]
+  assert [l['train/guard/nonfinite_steps'] for l in train_lines] == [0, 0, 1, 1, 0, 0, 0, 0]
+  assert [l['train/guard/nonfinite_total'] for l in train_lines] == [0, 0, 1, 2, 2, 2, 2, 2]
+  corrupt = [l['train/input/corrupt_images_skipped'] for l in train_lines]
+  assert corrupt[-1] > 0 and corrupt == sorted(corrupt)
+
+  # Steps 3 and 4 were skipped: the state after them is the state after step 2.
+  before, _, _ = read_checkpoint(wd, 2)
+  after, _, _ = read_checkpoint(wd, 4)
+  for key in before:
+    if key not in ('step', 'nonfinite_steps'):
+      np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  assert int(after['step']) == 4 and int(after['nonfinite_steps']) == 2
+  final, data, _ = read_checkpoint(wd)
+  assert all(np.all(np.isfinite(v)) for k, v in final.items() if v.dtype.kind == 'f')
+  assert data['num_skipped'] == corrupt[-1]
+  assert json.load(open(wd / 'results.json'))['synthetic']['step'] == STEPS
+
+
+@pytest.mark.slow
+def test_corrupt_image_under_fail_policy_names_the_file(shared, tmp_path):
+  cache, broken = _corrupt_copy(shared, tmp_path)
+  wd = tmp_path / 'run'
+  proc = _run(_train_args(shared, wd, cache=cache))
+  assert proc.returncode == 1
+  assert 'CorruptImageError' in proc.stderr
+  assert 'corrupt_image_policy="skip"' in proc.stderr
+  error = [l for l in proc.stderr.splitlines() if l.startswith(
+      'ogfr_jax.data.image_io.CorruptImageError: ')][-1]  # the one that ended the run
+  assert 'corrupt_image_policy="skip"' in error
+  assert len([path for path in broken if path in error]) == 1
+  assert unfinished(wd) == []  # checkpoints in flight were completed before the error left
+  assert not (wd / 'results.json').exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Guards without training
+
+
+def test_stop_request_in_one_process_catches_sigterm_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  with guards.StopRequest() as stop:
+    assert stop.mode == 'local'
+    handler = signal.getsignal(signal.SIGTERM)
+    assert handler is not before and getattr(handler, '__self__', None) is stop
+    assert not stop.should_stop(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    _wait_for(lambda: stop.received is not None, 5, 'the handler')
+    assert stop.should_stop(1) and stop.received == 'SIGTERM'
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert guards.Preempted('x').code == 143
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('mode', ['service', 'allgather'])
+def test_processes_agree_on_the_step_to_stop(mode):
+  address = f'127.0.0.1:{_free_port()}'
+  extra = ['--no_service'] if mode == 'allgather' else []
+  procs = [subprocess.Popen(
+      [sys.executable, CHILD, 'agree', '--coordinator', address, '--num_processes', '2',
+       '--process_id', str(i), '--signal_at', '10', *extra],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  assert [o['mode'] for o in outs] == [mode, mode]
+  # Only process 1 got the signal; both stop, at the same step, after it.
+  stopped = {o['stopped_at'] for o in outs}
+  assert len(stopped) == 1 and stopped.pop() >= 10
+  if mode == 'allgather':
+    assert outs[1]['received'] == 'SIGTERM'
+    assert outs[0]['received'] == 'a stop request of another process'
+
+
+def _progress(tmp_path, policy: str):
+  config = tiny_config(tmp_path)
+  config.train.nonfinite_policy = policy
+
+  class Iterator:
+    num_skipped = 0
+
+    def get_state(self):
+      return {'step': 0}
+
+  s = {'manager': checkpoints.make_manager(str(tmp_path / 'wd')), 'total_steps': 10,
+       'steps_per_epoch': 5, 'global_batch': 8}
+  writer = train.Writer(str(tmp_path / 'wd'))
+  progress_cls = train._Progress  # pylint: disable=protected-access
+  return progress_cls(config, s, writer, Iterator(), 0, None), writer
+
+
+def _step_metrics(loss: float, total: int) -> dict:
+  bad = not np.isfinite(loss)
+  return {'loss/total': jnp.float32(loss), 'grad_norm': jnp.float32(1.0),
+          'guard/nonfinite': jnp.float32(bad), 'guard/nonfinite_total': jnp.float32(total)}
+
+
+def test_nonfinite_policy_at_log_time_and_before_a_save(tmp_path, caplog):
+  progress, writer = _progress(tmp_path, 'stop')
+  progress.history = [_step_metrics(1.0, 0), _step_metrics(np.nan, 1), _step_metrics(2.0, 1)]
+  with pytest.raises(FloatingPointError, match='at step 2 .*No checkpoint was written'):
+    progress.log_window(3)
+  # Before a checkpoint: the unchecked steps are checked and nothing is written.
+  progress.history = [_step_metrics(1.0, 1), _step_metrics(np.inf, 2)]
+  state = {'w': jnp.ones(3)}
+  with pytest.raises(FloatingPointError, match='at step 5'):
+    progress.save(5, state)
+  progress.manager.wait_until_finished()
+  assert progress.manager.all_steps() == []
+  writer.close()
+
+  progress, writer = _progress(tmp_path / 'skip', 'skip')
+  progress.history = [_step_metrics(1.0, 0), _step_metrics(np.nan, 1), _step_metrics(3.0, 1)]
+  with caplog.at_level(std_logging.WARNING):
+    progress.log_window(3)
+  assert 'skipped 1 update(s) with a non-finite loss or gradient in steps 1-3 (first at step 2' \
+      in caplog.text
+  line = json.loads(open(tmp_path / 'skip' / 'wd' / 'metrics.jsonl').readline())
+  assert line['train/loss/total'] == 2.0  # the mean of the applied steps only
+  assert line['train/guard/nonfinite_steps'] == 1 and line['train/guard/nonfinite_total'] == 1
+  writer.close()
+
+
+def test_finite_update_keeps_every_leaf_of_a_bad_step():
+  old = {'w': jnp.ones(3), 'count': jnp.int32(4), 'nested': (jnp.zeros(2),)}
+  new = jax.tree.map(lambda x: x + 1, old)
+  kept = guards.finite_update(guards.is_finite(jnp.float32(np.nan)), new, old)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), kept, old))
+  taken = guards.finite_update(guards.is_finite(jnp.float32(1.0), jnp.ones(2)), new, old)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), taken, new))
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  rows = [{'step': s, 'train/loss/total': float(s)} for s in range(1, 7)]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 7, "train/lo')
+  writer = train.Writer(str(tmp_path), resume_step=4)  # killed mid-line after step 6
+  writer.scalars(5, {'x': 1.0})
+  writer.close()
+  steps = [json.loads(l)['step'] for l in path.read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5]
+  # Killed during the final evaluation, after the last checkpoint (step 5): it runs again.
+  with open(path, 'a') as f:
+    f.write(json.dumps({'step': 5, 'eval/synthetic/mAP': 0.5}) + '\n')
+  train.Writer(str(tmp_path), resume_step=5, redo_eval=True).close()
+  rows = [json.loads(l) for l in path.read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5] and 'x' in rows[-1]
+
+
+def test_losses_stay_finite_in_bfloat16_with_identical_and_zero_features():
+  config = run_config.config_defaults.base_config()
+  config.model.dtype = 'bfloat16'
+  config.loss.kd_feature = 'both'
+  pid = jnp.array([0, 0, 1, 1, 2, 2, 3, 3])
+  key = jax.random.PRNGKey(0)
+
+  def outputs(feat):
+    logits = jnp.tile(jnp.arange(8, dtype=jnp.bfloat16), (8, 1))
+    branch = {'feat': feat, 'logits': logits}
+    return {'student': {**branch, 'pattern_logits': logits[:, :5]},
+            'teacher': {'feat': jnp.zeros_like(feat), 'logits': logits}}
+
+  batch = {'pid': pid, 'pattern': jnp.zeros(8, jnp.int32)}
+  cases = {
+      'identical': jnp.full((8, 64), 0.3, jnp.bfloat16),
+      'zero': jnp.zeros((8, 64), jnp.bfloat16),
+      'nearly identical': (0.5 + 1e-3 * jax.random.normal(key, (8, 64))).astype(jnp.bfloat16),
+      'large': jnp.full((8, 64), 3e4, jnp.bfloat16),
+  }
+  total = jax.jit(jax.value_and_grad(
+      lambda f: losses.ogfr_loss(outputs(f), batch, config, jnp.zeros(()))[0]))
+  hinge = jax.jit(jax.grad(lambda f: losses.triplet_loss(f, pid, 0.3)))
+  for name, feat in cases.items():
+    value, grad = total(feat)
+    assert np.isfinite(float(value)), name
+    assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
+    assert np.all(np.isfinite(np.asarray(hinge(feat), np.float32))), name
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints without training
+
+
+def test_unfinished_checkpoint_folder_is_ignored_and_removed(tmp_path):
+  wd = str(tmp_path / 'wd')
+  manager = checkpoints.make_manager(wd)
+  state = {'w': jnp.arange(4.0), 'step': jnp.int32(3)}
+  checkpoints.save(manager, 3, state, {'step': 3}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  # What a process killed while writing step 5 leaves behind.
+  leftover = tmp_path / 'wd' / 'checkpoints' / ('5' + TMP_SUFFIX) / 'state'
+  leftover.mkdir(parents=True)
+  (leftover / 'partial').write_bytes(b'\0' * 10)
+  manager = checkpoints.make_manager(wd)
+  assert manager.latest_step() == 3
+  # Orbax removes it in the background when the manager starts (and before any save).
+  _wait_for(lambda: unfinished(wd) == [], 10, 'the unfinished step to be removed')
+  restored, data = checkpoints.restore(manager, 3, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  assert data == {'step': 3}
+  manager.close()
+
+
+def _restore_into(workdir, num_classes: int):
+  """train.restore_latest with the model of the tiny config and `num_classes` identities."""
+  config = tiny_config(pathlib.Path('unused'))
+  model = train.build_model(config, num_classes, 4)
+  tx, _ = optim.make_optimizer(config, 8, 4, 8)
+  abstract = jax.eval_shape(lambda r: train.init_state(model, tx, config, r),
+                            jax.random.PRNGKey(0))
+  s = {'manager': checkpoints.make_manager(str(workdir)), 'abstract': abstract,
+       'shardings': parallel.state_shardings(abstract, parallel.make_mesh(config.mesh)),
+       'state': None}
+  try:
+    return train.restore_latest(s)
+  finally:
+    s['manager'].close()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_or_damaged_is_refused_with_a_clear_error(shared, tmp_path):
+  wd = tmp_path / 'run'
+  shutil.copytree(shared['reference'], wd)
+  # The same config with 10 training identities instead of 8: another classifier.
+  with pytest.raises(ValueError) as e:
+    _restore_into(wd, 10)
+  text = str(e.value)
+  assert f'the checkpoint in {wd} (step {STEPS})' in text
+  assert 'params/student_head/classifier/kernel: checkpoint (64, 8), this config (64, 10)' in text
+  assert e.value.__cause__ is None and e.value.__context__ is None  # no orbax traceback
+  assert saved_steps(wd) == [2, 4, 6, 8]
+  # A damaged latest checkpoint (its array data cut short) is named with the way out.
+  for chunk in (wd / 'checkpoints' / str(STEPS) / 'state' / 'd').iterdir():
+    chunk.write_bytes(chunk.read_bytes()[:64])
+  with pytest.raises(ValueError) as e:
+    _restore_into(wd, 8)
+  assert f'checkpoint {wd}/checkpoints/{STEPS} ' in str(e.value)
+  assert 'move it away to resume from the checkpoint before it' in str(e.value)
+  shutil.move(wd / 'checkpoints' / str(STEPS), tmp_path / 'damaged')
+  state, data, step = _restore_into(wd, 8)
+  assert step == 6 and data['step'] == 6
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: folders, names, images, batch sizes, configs, workdirs
+
+
+def _market_config(root, tmp_path):
+  config = tiny_config(tmp_path)
+  config.dataset.name = 'market1501'
+  config.dataset.root = str(root)
+  config.input.height, config.input.width = 32, 16
+  config.input.ids_per_batch, config.input.images_per_id = 4, 2
+  config.model.patch_size = config.model.stride = 8
+  config.train.steps_per_epoch = 0
+  return config
+
+
+def test_missing_or_misnamed_dataset_folder_fails_before_anything_is_written(tmp_path):
+  tree = fx.make_market1501(tmp_path)
+  wd = tmp_path / 'wd'
+  cases = [(tmp_path / 'no_such_folder', str(tmp_path / 'no_such_folder')),
+           (tmp_path, f'(it exists under {tree.root}')]  # the root one level too high
+  for root, named in cases:
+    with pytest.raises(FileNotFoundError) as e:
+      train.train_and_evaluate(_market_config(root, tmp_path), str(wd))
+    assert named in str(e.value)
+  (tree.root / 'bounding_box_train').rename(tree.root / 'bounding_box_training')
+  with pytest.raises(FileNotFoundError) as e:
+    train.train_and_evaluate(_market_config(tree.root, tmp_path), str(wd))
+  assert f'expected folder {tree.root / "bounding_box_train"} is missing' in str(e.value)
+  assert not wd.exists()
+
+
+def test_batch_not_divisible_by_the_devices_names_the_fields(tmp_path):
+  config = tiny_config(tmp_path)
+  config.input.ids_per_batch, config.input.images_per_id = 3, 2
+  with pytest.raises(ValueError, match=r'config\.input\.ids_per_batch x config\.input\.'
+                     r'images_per_id=6 is not divisible by the 8 devices'):
+    train.setup(config, str(tmp_path / 'wd'))
+  config = tiny_config(tmp_path)
+  config.input.eval_batch_size = 12
+  with pytest.raises(ValueError, match=r'config\.input\.eval_batch_size=12'):
+    train.setup(config, str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists() and not (tmp_path / 'cache').exists()
+  # More identities per batch than the dataset has: named before the model is built.
+  tree = fx.make_market1501(tmp_path)
+  config = _market_config(tree.root, tmp_path)
+  config.input.ids_per_batch, config.input.images_per_id = 8, 1
+  with pytest.raises(ValueError, match=r'4 identities .*P = 8 distinct identities '
+                     r'\(config\.input\.ids_per_batch\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_names_modes_and_small_identities_through_the_train_pipeline(tmp_path, monkeypatch,
+                                                                      caplog):
+  """Unparseable names are skipped with a warning; grayscale, RGBA, palette and 16-bit images
+  are converted with a note; an identity with fewer than K images is drawn with replacement."""
+  monkeypatch.setattr(image_io, '_noted_modes', set())
+  monkeypatch.setattr(sampler, '_REPORTED_UNDER_K', set())
+  tree = fx.make_market1501(tmp_path)
+  train_dir = tree.root / 'bounding_box_train'
+  originals = sorted(p for p in train_dir.glob('*.jpg') if not p.name.startswith('.'))
+  # Identities 2 and 15 have exactly K = 2 images, so the first batch reads all four.
+  modes = {originals[0]: 'L', originals[1]: 'P', originals[5]: 'RGBA', originals[6]: 'I;16'}
+  for path, mode in modes.items():
+    rgb = np.asarray(Image.open(path).convert('RGB'))
+    if mode == 'I;16':
+      img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    elif mode == 'RGBA':
+      img = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), 'RGBA')
+    else:
+      img = Image.fromarray(rgb).convert(mode)
+    path.unlink()
+    img.save(path.with_suffix('.png'))
+  config = _market_config(tree.root, tmp_path)
+  with caplog.at_level(std_logging.INFO):
+    train_data, _ = train.load_data(config)
+    it = pipeline.make_train_iterator(train_data.train, config)
+    batch = next(it)
+    it.close()
+  assert 'IMG_0001.jpg' in caplog.text  # the unparseable query file, named in a warning
+  for mode in ('L', 'RGBA', 'P', 'I;16'):
+    assert f'converting images of mode {mode} to RGB' in caplog.text
+  assert 'fewer than K=2 images' in caplog.text and 'with replacement' in caplog.text
+  assert batch['image'].shape == (8, 32, 16, 3) and np.all(np.isfinite(batch['image']))
+  single = train_data.train.pids[[i for i, p in enumerate(train_data.train.paths)
+                                  if '0100_' in os.path.basename(p)][0]]
+  rows = np.flatnonzero(batch['pid'] == single)
+  assert rows.size == 2 and batch['index'][rows[0]] == batch['index'][rows[1]]
+
+
+def _main(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'ogfr_jax.main', *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_unknown_dataset_and_policy_names_are_refused_before_the_workdir(tmp_path):
+  proc = _main('--config', 'configs/synthetic.py', '--workdir', tmp_path / 'wd',
+               '--config.dataset.name=market', '--config.train.nonfinite_policy=ignore')
+  assert proc.returncode != 0
+  assert "config.dataset.name='market'" in proc.stderr and 'market1501' in proc.stderr
+  assert not (tmp_path / 'wd').exists()
+  with pytest.raises(ValueError, match=r'config\.train\.nonfinite_policy'):
+    config = tiny_config(tmp_path)
+    config.train.nonfinite_policy = 'ignore'
+    run_config.validate(config)
+
+
+@pytest.mark.slow
+def test_workdir_of_another_config_is_refused_and_left_intact(shared, tmp_path):
+  wd = tmp_path / 'run'
+  shutil.copytree(shared['reference'], wd)
+  before = (wd / 'config.json').read_text()
+  proc = _main('--config', 'configs/synthetic.py:runlocal', '--workdir', wd)
+  assert proc.returncode != 0
+  assert f'{wd} holds a run of a different config' in proc.stderr
+  assert 'synthetic.num_train_ids: 8 -> 16' in proc.stderr
+  assert 'removes its checkpoints of steps [2, 4, 6, 8]' in proc.stderr
+  assert (wd / 'config.json').read_text() == before
+  assert saved_steps(wd) == [2, 4, 6, 8]
+  # Resumable fields (logging, the non-finite policy) may change between runs.
+  config = run_config.config_defaults.base_config()
+  run_config.prepare_workdir(str(tmp_path / 'other'), config)
+  config.train.nonfinite_policy = 'skip'
+  config.train.log_every = 3
+  run_config.prepare_workdir(str(tmp_path / 'other'), config)
