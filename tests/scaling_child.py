@@ -160,7 +160,7 @@ def main(argv=None) -> None:
   lines = [json.loads(l) for l in open(os.path.join(args.workdir, 'metrics.jsonl'))]
   lines = [l for l in lines if 'train/loss/total' in l]
   with open(os.path.join(args.workdir, 'results.json')) as f:
-    metrics = next(iter(json.load(f).values()))
+    metrics = json.load(f)[test_data.name]
   out = {
       'loss_steps': np.array([l['step'] for l in lines], np.int32),
       'losses': np.array([l['train/loss/total'] for l in lines], np.float64),
