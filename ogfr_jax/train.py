@@ -92,7 +92,7 @@ def _reader_options(config, name):
 
 def schedule_lengths(config: ml_collections.ConfigDict, train_split) -> tuple[int, int]:
   """(steps per epoch, total steps)."""
-  steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_epoch(train_split, config)
+  steps_per_epoch = pipeline.steps_per_epoch(train_split, config)  # honours train.steps_per_epoch
   if steps_per_epoch < 1:
     raise ValueError(
         f'the training split has too few identities/images for one batch of '
