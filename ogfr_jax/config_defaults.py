@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Chance per training image that the student gets E[0] instead of E[k] (it still predicts
   # k); trains the first pass of the 'soft' policy, which sees E[0].
   c.model.pattern_dropout = 0.0
+  # What the pattern classifier reads: 'bn_feat' (the BNNeck output) or 'feat' (the CLS
+  # feature). Pre-BN CLS features of a trained ReID ViT share a large constant component and
+  # differ by small offsets, which a linear head on 'feat' barely resolves.
+  c.model.pattern_head_input = 'bn_feat'
   c.model.attention_impl = 'xla'  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16 only)
 
   # --- Feature Erasing and Purification Module (teacher) -------------------------------------
@@ -123,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.triplet_margin = 0.0  # 0 -> soft margin
   c.loss.kd_weight = 1.0
   c.loss.kd_feature = 'cos'  # 'mse', 'cos' or 'both'
+  # Which features are distilled: 'bn_feat' (BNNeck output: centred and scaled per dimension,
+  # so the loss sees what separates identities) or 'feat' (pre-BN CLS feature, whose shared
+  # constant component makes 1 - cos nearly 0 for any pair).
+  c.loss.kd_feature_input = 'bn_feat'
   c.loss.kd_logit_weight = 1.0
   c.loss.kd_temperature = 4.0
   c.loss.pattern_weight = 0.1

@@ -228,9 +228,10 @@ def ogfr_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
     t_id, t_tri = branch_losses(teacher, pid, lc)
     total += lc.teacher_weight * (lc.id_weight * t_id + lc.triplet_weight * t_tri)
     parts = 'part_feats' in teacher and 'part_feats' in student
+    key = 'bn_feat' if lc.get('kd_feature_input', 'bn_feat') == 'bn_feat' else 'feat'
     kd_feat = _global_and_parts(
-        kd_feature_loss(student['feat'], teacher['feat'], lc.kd_feature),
-        kd_feature_loss(student['part_feats'], teacher['part_feats'], lc.kd_feature)
+        kd_feature_loss(student[key], teacher[key], lc.kd_feature),
+        kd_feature_loss(student[f'part_{key}s'], teacher[f'part_{key}s'], lc.kd_feature)
         if parts else None)
     kd_logit = _global_and_parts(
         kd_logit_loss(student['logits'], teacher['logits'], lc.kd_temperature),

@@ -106,7 +106,7 @@ def schedule_lengths(config: ml_collections.ConfigDict, train_split) -> tuple[in
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
                 num_cameras: int) -> ogfr_model.OGFR:
-  return ogfr_model.OGFR(config=ml_collections.FrozenConfigDict(config),
+  return ogfr_model.OGFR(config=ogfr_model.freeze_config(config),
                          num_classes=num_classes, num_cameras=max(num_cameras, 1))
 
 

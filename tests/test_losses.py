@@ -9,6 +9,7 @@ import pytest
 
 from ogfr_jax import config_defaults
 from ogfr_jax import losses
+from ogfr_jax.models import ogfr
 
 
 def _np_log_softmax(x):
@@ -169,7 +170,8 @@ def _outputs(rng, *, teacher=True, agent='learned', parts=False, pattern=True):
     o = {'feat': rng.normal(size=(B, D)), 'bn_feat': rng.normal(size=(B, D)),
          'logits': rng.normal(size=(B, C))}
     if parts:
-      o.update(part_feats=rng.normal(size=(B, 2, D)), part_logits=rng.normal(size=(B, 2, C)))
+      o.update(part_feats=rng.normal(size=(B, 2, D)), part_bn_feats=rng.normal(size=(B, 2, D)),
+               part_logits=rng.normal(size=(B, 2, C)))
     return o
 
   out = {'student': branch()}
@@ -191,7 +193,7 @@ def _outputs(rng, *, teacher=True, agent='learned', parts=False, pattern=True):
 
 def ogfr_loss(outputs, batch, config, ema):
   """ogfr_loss under jit (one compilation instead of hundreds of eager ones)."""
-  return _jit_ogfr_loss(outputs, batch, ml_collections.FrozenConfigDict(config), ema)
+  return _jit_ogfr_loss(outputs, batch, ogfr.freeze_config(config), ema)
 
 
 _jit_ogfr_loss = jax.jit(losses.ogfr_loss, static_argnums=2)
@@ -231,7 +233,13 @@ def test_ogfr_loss_is_the_weighted_sum_of_its_terms():
   np.testing.assert_allclose(m['loss/student_id'], losses.id_loss(s['logits'], pid, 0.1),
                              rtol=1e-6)
   np.testing.assert_allclose(m['loss/kd_feature'],
+                             losses.kd_feature_loss(s['bn_feat'], t['bn_feat'], 'cos'),
+                             rtol=1e-6)
+  c.loss.kd_feature_input = 'feat'
+  _, m_pre, _ = ogfr_loss(out, batch, c, jnp.float32(0.3))
+  np.testing.assert_allclose(m_pre['loss/kd_feature'],
                              losses.kd_feature_loss(s['feat'], t['feat'], 'cos'), rtol=1e-6)
+  assert abs(float(m_pre['loss/kd_feature']) - float(m['loss/kd_feature'])) > 1e-6
   reward = losses.agent_reward(a['lp_sampled'], a['lp_clean'], a['select_rate'], c.fepm.eta)
   greedy = losses.agent_reward(a['lp_greedy'], a['lp_clean'], a['greedy_select_rate'],
                                c.fepm.eta)
@@ -281,6 +289,9 @@ def test_ogfr_loss_parts_and_moving_average():
   expected_kd = 0.5 * losses.kd_logit_loss(s['logits'], t['logits'], 4.0) + 0.5 * (
       losses.kd_logit_loss(s['part_logits'], t['part_logits'], 4.0))
   np.testing.assert_allclose(m['loss/kd_logit'], expected_kd, rtol=1e-6)
+  expected_feat = 0.5 * losses.kd_feature_loss(s['bn_feat'], t['bn_feat'], 'cos') + 0.5 * (
+      losses.kd_feature_loss(s['part_bn_feats'], t['part_bn_feats'], 'cos'))
+  np.testing.assert_allclose(m['loss/kd_feature'], expected_feat, rtol=1e-6)
   assert float(m['agent/baseline']) == pytest.approx(0.2)
   assert float(ema) == pytest.approx(0.9 * 0.2 + 0.1 * float(m['agent/reward']), rel=1e-5)
   assert np.isfinite(float(total))

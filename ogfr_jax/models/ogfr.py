@@ -6,7 +6,7 @@ Parameter tree (top-level names under 'params'):
   teacher_head, student_head BNNeck + ID classifier of each branch (always separate)
   teacher_part_head, student_part_head   per-part BNNeck + classifiers (model.jpm)
   pattern_embed              [K+1, D] occlusion pattern embeddings (model.pattern_embed)
-  pattern_head               linear pattern classifier on the student's CLS feature
+  pattern_head               linear pattern classifier on the student's BNNeck (or CLS) feature
   fepm                       the replacement token ('replace_token'), trained by the teacher's
                              losses like any backbone parameter
   agent                      the token-scoring policy: the only module named 'agent', so the
@@ -22,6 +22,7 @@ training; evaluation needs none, except random selection, which falls back to a 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import jax
@@ -89,9 +90,12 @@ def backbone_names(config: Any) -> tuple[str, ...]:
 
 
 def freeze_config(config: Any) -> ml_collections.FrozenConfigDict:
+  """An immutable copy. FrozenConfigDict keeps a reference to the ConfigDict it was built
+  from and compares and hashes through it, so freezing a live ConfigDict that is edited later
+  would make two different configs equal (and share jit caches): copy first."""
   if isinstance(config, ml_collections.FrozenConfigDict):
     return config
-  return ml_collections.FrozenConfigDict(config)
+  return ml_collections.FrozenConfigDict(copy.deepcopy(config))
 
 
 def _true_class_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -184,7 +188,9 @@ class OGFR(nn.Module):
     parts = None if parts is None else parts.astype(jnp.float32)
     res, _ = self._heads('student', feat, parts, train=train)
     if self.config.model.pattern_embed:
-      res['pattern_logits'] = self.pattern_head(feat)
+      head_input = self.config.model.get('pattern_head_input', 'bn_feat')
+      res['pattern_logits'] = self.pattern_head(res['bn_feat'] if head_input == 'bn_feat'
+                                                else feat)
     return res
 
   def _pattern_extra(self, pattern: jax.Array, *, train: bool) -> Optional[jax.Array]:
