@@ -1,6 +1,6 @@
 """The ablation ladder over seeds on the embedded benchmark: one table of mean and spread.
 
-  python benchmarks/ablation_table.py --root runs/ablations --seeds 0 1 2 [--json]
+  python benchmarks/ablation_table.py --root runs/ablations --seeds 0 1 2 [--pretrain] [--json]
 
 Every step of configs/ablations.py runs through the normal entry point
 (`python -m ogfr_jax.main --config configs/ablations.py:step=S --config.seed=N`) with the same
@@ -8,6 +8,11 @@ budget, so each row differs from the one above it by one component. Row `random_
 evaluates the full model at initialisation (no training). Runs that already have a
 results.json are reused, so an interrupted table continues where it stopped. Extra
 `--config.FIELD=VALUE` arguments after `--` go to every run.
+
+--pretrain first trains configs/synthetic_source.py (a disjoint synthetic world; the stand-in
+for ImageNet pretraining), exports its student, and starts every trained row from it; the
+extra row `source_only` evaluates that initialisation without any training on the benchmark,
+while `random_init` stays a truly random initialisation.
 """
 
 from __future__ import annotations
@@ -42,9 +47,25 @@ def run_step(root: str, step: str, seed: int, extra: list[str]) -> dict:
     return json.load(f)['synthetic']
 
 
-def random_init(root: str, seed: int, extra: list[str]) -> dict:
+def pretrain(root: str) -> str:
+  """Trains the source model once (reused if present) and returns its exported student.
+  The table's extra overrides do not apply: the source schedule is part of the protocol."""
+  workdir, weights = os.path.join(root, 'source'), os.path.join(root, 'source.safetensors')
+  if not os.path.exists(os.path.join(workdir, 'results.json')):
+    cmd = [sys.executable, '-m', 'ogfr_jax.main', '--config', 'configs/synthetic_source.py',
+           '--workdir', workdir]
+    print('+', ' '.join(cmd), flush=True)
+    with open(os.path.join(root, 'source.log'), 'w') as log:
+      subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+  if not os.path.exists(weights):
+    subprocess.run([sys.executable, '-m', 'ogfr_jax.tools.convert', '--export_student', workdir,
+                    '--output', weights], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+  return weights
+
+
+def random_init(root: str, seed: int, extra: list[str], name: str = 'random_init') -> dict:
   """Evaluates the untrained full model (same data and evaluation as the trained rows)."""
-  path = os.path.join(root, f'random_init_seed{seed}.json')
+  path = os.path.join(root, f'{name}_seed{seed}.json')
   if not os.path.exists(path):
     subprocess.run([sys.executable, os.path.abspath(__file__), '--random-init-child', path,
                     '--seeds', str(seed), '--root', root, '--', *extra], cwd=REPO, check=True)
@@ -65,7 +86,7 @@ def _random_init_child(path: str, root: str, seed: int, extra: list[str]) -> Non
   flags.FLAGS(argv)
   config = config_flag.value
   run_config.validate(config)
-  s = train.setup(config, os.path.join(root, f'random_init_seed{seed}_workdir'))
+  s = train.setup(config, os.path.splitext(path)[0] + '_workdir')
   result = train.run_evaluation(s['model'], s['state'], s['test_data'], config, s['mesh'], 0,
                                 None)
   with open(path, 'w') as f:
@@ -80,6 +101,8 @@ def main(argv=None) -> dict:
   p.add_argument('--root', required=True, help='folder for the runs and the table')
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--steps', nargs='+', default=list(ablations.STEPS))
+  p.add_argument('--pretrain', action='store_true',
+                 help='start every trained row from a source-pretrained student')
   p.add_argument('--json', action='store_true')
   p.add_argument('--random-init-child', help=argparse.SUPPRESS)
   args = p.parse_args(own)
@@ -90,6 +113,9 @@ def main(argv=None) -> dict:
 
   rows: dict[str, list[dict]] = {'random_init': [random_init(args.root, s, extra)
                                                  for s in args.seeds]}
+  if args.pretrain:
+    extra = extra + [f'--config.init_from={pretrain(args.root)}']
+    rows['source_only'] = [random_init(args.root, s, extra, 'source_only') for s in args.seeds]
   for step in args.steps:
     rows[step] = [run_step(args.root, step, s, extra) for s in args.seeds]
 

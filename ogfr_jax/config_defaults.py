@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic.clutter_fraction = 0.5  # holistic train images that get planted clutter
   c.synthetic.occluded_query_fraction = 1.0
   c.synthetic.occluded_gallery_fraction = 0.1  # as in Occluded-Duke, a few occluded gallery images
+  c.synthetic.occluded_train_fraction = 0.0  # Occluded-Duke: ~14% of training images occluded
   c.synthetic.distractor_fraction = 0.1  # pid-0 gallery images, relative to test-id gallery images
 
   # --- input pipeline ----------------------------------------------------------------------
@@ -71,11 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.occlusion = ml_collections.ConfigDict()
   c.occlusion.enabled = True
   c.occlusion.prob = 0.75  # chance that the student's view of an image is occluded
-  # Pattern types; pattern id k = 1 + index here, 0 means "no occluder".
+  # Pattern types ('object', 'texture', 'person', 'crop', 'bank'); pattern id k = 1 + index
+  # here, 0 means "no occluder".
   c.occlusion.patterns = ('object', 'texture', 'person', 'crop')
   c.occlusion.holdout = ()  # pattern names never synthesised during training
   c.occlusion.placements = ('bottom', 'top', 'left', 'right', 'center')
   c.occlusion.area = (0.15, 0.5)  # occluded fraction of the image
+  # Occluder cut-outs (RGBA PNGs) for the 'bank' pattern; empty: <dataset root>/occluders.
+  c.occlusion.bank_dir = ''
 
   # --- model -------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

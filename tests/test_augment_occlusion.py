@@ -1,7 +1,11 @@
 """Train/eval transforms and the occlusion synthesiser on tiny images."""
 
+import json
+import os
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from ogfr_jax import config_defaults
 from ogfr_jax.data import augment
@@ -113,7 +117,7 @@ def test_augment_spec_reads_config_and_names_bad_fields():
 # Occlusion
 
 
-@pytest.mark.parametrize('pattern', occlusion.PATTERN_TYPES)
+@pytest.mark.parametrize('pattern', [p for p in occlusion.PATTERN_TYPES if p != 'bank'])
 def test_each_pattern_covers_the_configured_area_and_nothing_else(pattern):
   spec = occlusion.OcclusionSpec(prob=1.0, patterns=(pattern,), area=(0.2, 0.4))
   images = _images(40)
@@ -207,3 +211,76 @@ def test_config_errors_name_the_field():
     occlusion.OcclusionSpec(placements=('under',))
   with pytest.raises(ValueError, match=r"config\.occlusion\.area"):
     occlusion.OcclusionSpec(area=(0.0, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Occluder bank
+
+
+def _write_bank(folder, shapes, index=None):
+  """Solid-colour cut-outs: name -> (h, w, colour); opaque in an inner rectangle."""
+  os.makedirs(folder, exist_ok=True)
+  for name, (h, w, colour) in shapes.items():
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., :3] = colour
+    rgba[1:-1, 1:-1, 3] = 255
+    Image.fromarray(rgba, 'RGBA').save(os.path.join(folder, name))
+  if index is not None:
+    with open(os.path.join(folder, 'index.json'), 'w') as f:
+      json.dump(index, f)
+  occlusion.load_bank.cache_clear()
+  return str(folder)
+
+
+def test_bank_cutouts_go_back_to_their_box_and_paste_only_opaque_pixels(tmp_path):
+  bank = _write_bank(tmp_path / 'bank', {'car.png': (12, 16, (250, 0, 0))},
+                     {'car.png': {'type': 'vehicle', 'box': [0.5, 0.0, 1.0, 1.0]}})
+  spec = occlusion.OcclusionSpec(prob=1.0, patterns=('bank',), bank_dir=bank)
+  images = np.zeros((30, H, W, 3), np.uint8)
+  occ, ids, masks = occlusion.synthesise_batch(images, np.arange(30), spec,
+                                               np.random.default_rng(0))
+  assert (ids == 1).all()
+  for o, m in zip(occ, masks):
+    ys, xs = np.nonzero(m)
+    assert ys.size
+    # The box is the bottom half: centre at 0.75 H (+- 5% jitter), scale 0.85-1.15.
+    assert abs(ys.mean() - 0.75 * H) <= 0.05 * H + 1.5
+    assert 0.85 ** 2 * 0.5 * 0.7 <= m.mean() <= 1.15 * 0.5 + 1.0 / W
+    np.testing.assert_array_equal(o[m == 1], np.broadcast_to([250, 0, 0], (ys.size, 3)))
+    assert (o[m == 0] == 0).all()
+
+
+def test_bank_cutouts_without_a_box_follow_the_drawn_area(tmp_path):
+  bank = _write_bank(tmp_path / 'bank', {'a.png': (20, 10, (0, 200, 0)),
+                                         'b.png': (8, 30, (0, 0, 200))})
+  spec = occlusion.OcclusionSpec(prob=1.0, patterns=('bank',), bank_dir=bank, area=(0.2, 0.4))
+  occ, _, masks = occlusion.synthesise_batch(_images(40), np.arange(40), spec,
+                                             np.random.default_rng(1))
+  frac = masks.reshape(40, -1).mean(1)
+  # The cut-out's box covers the drawn area (clamped to the image); its opaque part is less.
+  assert frac.max() <= 0.4 + 2.0 / W and frac.min() > 0.05
+
+
+def test_bank_errors_name_the_folder_file_or_field(tmp_path):
+  with pytest.raises(ValueError, match=r'config\.occlusion\.bank_dir'):
+    occlusion.OcclusionSpec(patterns=('object', 'bank'))
+  occlusion.OcclusionSpec(patterns=('object', 'bank'), holdout=('bank',))  # never synthesised
+  occlusion.OcclusionSpec(enabled=False, patterns=('object', 'bank'))
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    occlusion.load_bank(str(tmp_path / 'nowhere'))
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(ValueError, match='no .png'):
+    occlusion.load_bank(str(tmp_path / 'empty'))
+  os.makedirs(tmp_path / 'rgb')
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'rgb' / 'flat.png')
+  with pytest.raises(ValueError, match=r'flat\.png.*no alpha'):
+    occlusion.load_bank(str(tmp_path / 'rgb'))
+  bad = _write_bank(tmp_path / 'bad', {'x.png': (5, 5, (1, 2, 3))},
+                    {'x.png': {'box': [0.6, 0.0, 0.2, 1.0]}})
+  with pytest.raises(ValueError, match=r"index\.json.*'x\.png'"):
+    occlusion.load_bank(bad)
+  config = config_defaults.base_config()
+  config.dataset.name, config.dataset.root = 'market1501', str(tmp_path / 'market')
+  config.occlusion.patterns = ('bank',)
+  with pytest.raises(FileNotFoundError, match=r'market/occluders'):
+    occlusion.occlusion_spec(config)

@@ -416,3 +416,19 @@ def test_extract_and_pattern_policies(default_state):
   with pytest.raises(ValueError, match='eval.feature'):
     models['none'].apply(variables, batch['occluded'], batch['camid'], feature='bn',
                          method=ogfr.OGFR.extract)
+
+
+@pytest.mark.parametrize('head_input', ['bn_feat', 'feat'])
+def test_pattern_head_reads_the_configured_feature(head_input):
+  config = tiny_config(**{'model.pattern_head_input': head_input})
+  model = build(config)
+  batch = make_batch()
+  variables = model.init(RNGS, batch, train=False)
+  # Training mode: the BNNeck normalises with batch statistics, so bn_feat differs from feat.
+  out, _ = model.apply(variables, batch, train=True, rngs=RNGS, mutable=['batch_stats'])
+  out = out['student']
+  head = variables['params']['pattern_head']
+  expected = out[head_input] @ head['kernel'] + head['bias']
+  np.testing.assert_allclose(out['pattern_logits'], expected, rtol=1e-5, atol=1e-5)
+  other = out['feat' if head_input == 'bn_feat' else 'bn_feat'] @ head['kernel'] + head['bias']
+  assert not np.allclose(out['pattern_logits'], other, atol=1e-3)

@@ -378,3 +378,37 @@ def test_clutter_token_mask_resizes_to_the_model_input():
       synthetic.clutter_token_mask(small, 3, 3, 8, 4))
   with pytest.raises(ValueError, match='needs'):
     synthetic.clutter_token_mask(small, 4, 3, 8, 4)
+
+
+def test_occluded_training_images_and_their_bank(tmp_path, dataset):
+  root = synthetic.generate(str(tmp_path / 'occ'), tiny(occluded_train_fraction=0.25))
+  info = synthetic.load_side_info(root, splits=('train',))
+  train = files(root, 'train')
+  occluded = sorted(n for n, e in info.items() if e['occluder_mask'] is not None)
+  assert len(occluded) == round(0.25 * len(train)) and set(occluded) <= set(train)
+  # The training occluders draw from their own stream: images without one are unchanged, and
+  # so are the query and gallery splits.
+  for split in SPLITS:
+    for name in files(dataset, split):
+      if name in occluded:
+        continue
+      a = os.path.join(dataset, synthetic.SPLIT_DIRS[split], name)
+      b = os.path.join(root, synthetic.SPLIT_DIRS[split], name)
+      assert open(a, 'rb').read() == open(b, 'rb').read(), name
+  # One cut-out per occluded training image, opaque exactly on the occluder (minus clutter on
+  # top of it), with its box in the source image.
+  bank = os.path.join(root, synthetic.OCCLUDER_BANK_DIR)
+  index = json.load(open(os.path.join(bank, 'index.json')))
+  assert sorted(index) == sorted(os.path.splitext(n)[0] + '.png' for n in occluded)
+  for name in occluded:
+    entry = index[os.path.splitext(name)[0] + '.png']
+    assert entry['type'] == info[name]['occluder_type']
+    rgba = np.asarray(Image.open(os.path.join(bank, os.path.splitext(name)[0] + '.png')))
+    y0, x0, y1, x1 = (round(v * s) for v, s in zip(entry['box'], (48, 24, 48, 24)))
+    assert rgba.shape == (y1 - y0, x1 - x0, 4)
+    visible = info[name]['occluder_mask']
+    if info[name]['clutter_mask'] is not None:
+      visible = visible & ~info[name]['clutter_mask']
+    np.testing.assert_array_equal(rgba[..., 3] > 0, visible[y0:y1, x0:x1])
+    assert not visible[:y0].any() and not visible[y1:].any()
+  assert json.load(open(os.path.join(dataset, synthetic.OCCLUDER_BANK_DIR, 'index.json'))) == {}

@@ -11,6 +11,12 @@ another image's pixels) are defined in pixel space, the donor images of the `per
 types are the other rows' augmented x in that same space, and both views then go through the
 single normalisation step.
 
+The 'bank' type pastes an occluder cut-out (an RGBA PNG whose alpha marks the occluder) from
+an occluder bank folder, the way occluded-ReID methods paste real occluders cropped from the
+training set. A bank's optional index.json gives each cut-out's box in its source image as
+fractions [y0, x0, y1, x1]; such cut-outs go back to that place and scale (jittered), others
+are scaled to the drawn area and put at the drawn placement.
+
 Work is split into a plan (pattern id and donor row, drawn first so that a caller can fetch the
 donor image) and a render that pastes the occluder. Both draw from one Generator in a fixed
 order, so the result is a pure function of the generator's seed.
@@ -19,12 +25,18 @@ order, so the result is a pure function of the generator's seed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
-PATTERN_TYPES = ('object', 'texture', 'person', 'crop')
+PATTERN_TYPES = ('object', 'texture', 'person', 'crop', 'bank')
+# Types that need nothing but the batch ('bank' needs a folder of cut-outs).
+DEFAULT_PATTERNS = ('object', 'texture', 'person', 'crop')
 PLACEMENTS = ('bottom', 'top', 'left', 'right', 'center')
 # Types whose occluder is taken from another image of the batch with a different identity.
 DONOR_TYPES = frozenset({'person', 'crop'})
@@ -35,10 +47,11 @@ class OcclusionSpec:
   """`config.occlusion` in validated form (a small picklable value for input workers)."""
   enabled: bool = True
   prob: float = 0.75
-  patterns: tuple[str, ...] = PATTERN_TYPES
+  patterns: tuple[str, ...] = DEFAULT_PATTERNS
   holdout: tuple[str, ...] = ()
   placements: tuple[str, ...] = PLACEMENTS
   area: tuple[float, float] = (0.15, 0.5)
+  bank_dir: str = ''  # folder of occluder cut-outs, for the 'bank' type
 
   def __post_init__(self):
     unknown = [p for p in self.patterns if p not in PATTERN_TYPES]
@@ -64,6 +77,12 @@ class OcclusionSpec:
     if not 0.0 <= self.prob <= 1.0:
       raise ValueError(f'config.occlusion.prob must lie in [0, 1], got {self.prob}')
 
+    if (self.enabled and 'bank' in self.patterns and 'bank' not in self.holdout
+        and not self.bank_dir):
+      raise ValueError("config.occlusion.patterns has 'bank' but no occluder bank folder is "
+                       'known: set config.occlusion.bank_dir (or put the cut-outs in '
+                       '<dataset root>/occluders)')
+
   @property
   def num_patterns(self) -> int:
     """Size of the pattern-embedding table minus one (ids run 0..num_patterns)."""
@@ -78,14 +97,83 @@ class OcclusionSpec:
     return tuple(self.pattern_id(p) for p in self.patterns if p not in self.holdout)
 
 
+def bank_folder(config) -> str:
+  """The occluder bank of a run: config.occlusion.bank_dir, else <dataset root>/occluders
+  (for the synthetic benchmark, the generated dataset's folder)."""
+  explicit = str(config.occlusion.get('bank_dir', '') or '')
+  if explicit:
+    return explicit
+  root = str(config.dataset.root or '')
+  if config.dataset.name == 'synthetic':
+    from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    root = synthetic.ensure(config.synthetic, root or None)
+  return os.path.join(root, 'occluders') if root else ''
+
+
 def occlusion_spec(config) -> OcclusionSpec:
   """Reads `config.occlusion` into an OcclusionSpec (raises naming the bad field)."""
   c = config.occlusion
-  return OcclusionSpec(
-      enabled=bool(c.enabled), prob=float(c.prob),
-      patterns=tuple(str(p) for p in c.patterns), holdout=tuple(str(p) for p in c.holdout),
+  patterns = tuple(str(p) for p in c.patterns)
+  holdout = tuple(str(p) for p in c.holdout)
+  uses_bank = bool(c.enabled) and 'bank' in patterns and 'bank' not in holdout
+  spec = OcclusionSpec(
+      enabled=bool(c.enabled), prob=float(c.prob), patterns=patterns, holdout=holdout,
       placements=tuple(str(p) for p in c.placements),
-      area=tuple(float(v) for v in c.area))
+      area=tuple(float(v) for v in c.area),
+      bank_dir=bank_folder(config) if uses_bank else '')
+  if uses_bank:
+    load_bank(spec.bank_dir)  # fail now, naming the folder, rather than in an input worker
+  return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class BankItem:
+  rgb: np.ndarray  # uint8 [h, w, 3]
+  alpha: np.ndarray  # bool [h, w]: the occluder's pixels
+  box: tuple[float, float, float, float] | None  # (y0, x0, y1, x1) in its source image
+  name: str
+
+
+@functools.lru_cache(maxsize=4)
+def load_bank(folder: str) -> tuple[BankItem, ...]:
+  """The cut-outs of an occluder bank folder (*.png with alpha, optional index.json)."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'occluder bank folder {folder!r} does not exist '
+                            '(config.occlusion.bank_dir)')
+  names = sorted(n for n in os.listdir(folder) if n.lower().endswith('.png'))
+  if not names:
+    raise ValueError(f'occluder bank folder {folder!r} holds no .png cut-outs '
+                     '(config.occlusion.bank_dir)')
+  index = {}
+  index_path = os.path.join(folder, 'index.json')
+  if os.path.exists(index_path):
+    try:
+      with open(index_path) as f:
+        index = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'occluder bank index {index_path!r} is not valid JSON: {e}') from e
+  items = []
+  for name in names:
+    path = os.path.join(folder, name)
+    try:
+      with Image.open(path) as im:
+        if 'A' not in im.getbands() and 'transparency' not in im.info:
+          raise ValueError(f'occluder cut-out {path!r} has no alpha channel: save occluders '
+                           'as RGBA PNGs, opaque on the occluder and transparent elsewhere')
+        rgba = np.asarray(im.convert('RGBA'))
+    except OSError as e:
+      raise ValueError(f'occluder cut-out {path!r} cannot be read: {e}') from e
+    alpha = rgba[..., 3] > 127
+    if not alpha.any():
+      raise ValueError(f'occluder cut-out {path!r} is fully transparent')
+    box = index.get(name, {}).get('box')
+    if box is not None:
+      if len(box) != 4 or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1:
+        raise ValueError(f'occluder bank index {index_path!r}: box of {name!r} must be '
+                         f'[y0, x0, y1, x1] fractions with y0 < y1 and x0 < x1, got {box}')
+      box = tuple(float(v) for v in box)
+    items.append(BankItem(np.ascontiguousarray(rgba[..., :3]), alpha, box, name))
+  return tuple(items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +300,51 @@ def _texture_patch(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
   return np.clip(patch + grain_noise, 0, 255).astype(np.uint8)
 
 
+def _resized(array: np.ndarray, h: int, w: int) -> np.ndarray:
+  if array.dtype == bool:
+    im = Image.fromarray(array.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR)
+    return np.asarray(im) > 127
+  return np.asarray(Image.fromarray(array).resize((w, h), Image.BILINEAR))
+
+
+def _bank(image: np.ndarray, spec: OcclusionSpec, placement: str, frac: float,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Pastes a random cut-out of the bank (mirrored half the time)."""
+  H, W = image.shape[:2]
+  bank = load_bank(spec.bank_dir)
+  item = bank[int(rng.integers(len(bank)))]
+  rgb, alpha, box = item.rgb, item.alpha, item.box
+  if rng.random() < 0.5:
+    rgb, alpha = rgb[:, ::-1], alpha[:, ::-1]
+    box = None if box is None else (box[0], 1.0 - box[3], box[2], 1.0 - box[1])
+  if box is not None:
+    scale = math.exp(rng.uniform(math.log(0.85), math.log(1.15)))
+    h, w = (box[2] - box[0]) * H * scale, (box[3] - box[1]) * W * scale
+    cy = (box[0] + box[2]) / 2 * H + rng.uniform(-0.05, 0.05) * H
+    cx = (box[1] + box[3]) / 2 * W + rng.uniform(-0.1, 0.1) * W
+  else:
+    aspect = alpha.shape[0] / alpha.shape[1]
+    h = min(float(H), math.sqrt(frac * H * W * aspect))
+    w = min(float(W), h / aspect)
+    cy = {'bottom': H - h / 2, 'top': h / 2}.get(placement, rng.uniform(h / 2, H - h / 2))
+    cx = {'left': w / 2, 'right': W - w / 2}.get(placement, rng.uniform(w / 2, W - w / 2))
+    if placement == 'center':
+      cy, cx = H / 2 + rng.uniform(-0.25, 0.25) * H, W / 2 + rng.uniform(-0.25, 0.25) * W
+  h, w = max(1, int(round(h))), max(1, int(round(w)))
+  rgb, alpha = _resized(np.ascontiguousarray(rgb), h, w), _resized(np.ascontiguousarray(alpha),
+                                                                   h, w)
+  y0, x0 = int(round(cy - h / 2)), int(round(cx - w / 2))
+  # Clip the pasted box to the image; the cut-out's part outside is dropped.
+  ty0, tx0, ty1, tx1 = max(y0, 0), max(x0, 0), min(y0 + h, H), min(x0 + w, W)
+  mask = np.zeros((H, W), bool)
+  occ = image.copy()
+  if ty0 < ty1 and tx0 < tx1:
+    a = alpha[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
+    mask[ty0:ty1, tx0:tx1] = a
+    occ[ty0:ty1, tx0:tx1][a] = rgb[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0][a]
+  return occ, mask
+
+
 def render_occlusion(image: np.ndarray, plan: OcclusionPlan, spec: OcclusionSpec,
                      rng: np.random.Generator,
                      donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +362,9 @@ def render_occlusion(image: np.ndarray, plan: OcclusionPlan, spec: OcclusionSpec
   frac = float(rng.uniform(spec.area[0], spec.area[1]))
   if name == 'object':
     occ, mask = _object(image, placement, frac, rng)
+    return occ, mask.astype(np.uint8)
+  if name == 'bank':
+    occ, mask = _bank(image, spec, placement, frac, rng)
     return occ, mask.astype(np.uint8)
   if name in DONOR_TYPES:
     if donor is None or donor.shape != image.shape:

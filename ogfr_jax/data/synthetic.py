@@ -11,6 +11,10 @@ loads it:
   <root>/masks.npz     occluder masks and types of every occluded query / gallery image
   <root>/clutter.npz   masks of the identity-free clutter planted in holistic train images
   <root>/meta.json     generator version, resolved config, type names, per-split counts
+  <root>/occluders/    the occluders of the occluded training images, cut out as RGBA PNGs,
+                       and index.json with each one's type and box in its source image: the
+                       occluder bank that occlusion synthesis (type 'bank') pastes from, as
+                       methods on real data crop occluders from the training set by hand
 
 Both npz files hold parallel arrays: `names` (file names), `types`, `masks` ([N, H, ceil(W/8)]
 uint8, bit-packed along the width: np.unpackbits(masks, axis=-1, count=width)), and `height`,
@@ -45,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 # Bump when the drawing changes so that cached folders of older versions are not reused.
-GENERATOR_VERSION = '1'
+GENERATOR_VERSION = '2'
 
 OCCLUDER_TYPES = ('vehicle', 'pole', 'pedestrian', 'foliage', 'board')
 CLOTHING_PATTERNS = ('plain', 'hstripes', 'vstripes', 'checks', 'logo')
@@ -58,6 +62,8 @@ _REQUIRED_FIELDS = ('seed', 'num_train_ids', 'num_test_ids', 'images_per_id', 'n
 # Fields a config may leave out; the values here are what the generator then uses.
 OPTIONAL_FIELDS = {
     'occluded_gallery_fraction': 0.1,  # Occluded-Duke's gallery holds some occluded images too
+    # Occluded-Duke's training set is about 14% occluded. 0 keeps the training split holistic.
+    'occluded_train_fraction': 0.0,
     'distractor_fraction': 0.1,  # pid-0 gallery images, as a fraction of test-id gallery images
 }
 _OCCLUDED_AREA = (0.2, 0.5)  # target fraction of the image an occluder covers
@@ -759,9 +765,17 @@ def plan(cfg: Any) -> list[Item]:
 
   items = []
   clut = chosen(len(train), p['clutter_fraction'])
+  # Training occluders draw from their own stream, so that the rest of the plan (and every
+  # image) is the same whatever occluded_train_fraction is.
+  train_rng = np.random.default_rng([p['seed'], 301])
+  train_occ = np.zeros(len(train), bool)
+  train_occ[train_rng.permutation(len(train))[:int(round(p['occluded_train_fraction']
+                                                          * len(train)))]] = True
   for i, (pid, cam) in enumerate(train):
     kind = CLUTTER_TYPES[rng.integers(len(CLUTTER_TYPES))] if clut[i] else None
-    items.append(Item('train', i, pid, cam, None, kind))
+    occluder = (OCCLUDER_TYPES[train_rng.integers(len(OCCLUDER_TYPES))] if train_occ[i]
+                else None)
+    items.append(Item('train', i, pid, cam, occluder, kind))
   occ = chosen(len(query), p['occluded_query_fraction'])
   for i, (pid, cam) in enumerate(query):
     kind = OCCLUDER_TYPES[rng.integers(len(OCCLUDER_TYPES))] if occ[i] else None
@@ -820,6 +834,22 @@ class _Written:
   occluder_bits: np.ndarray | None  # packed along the width
   clutter: str | None
   clutter_bits: np.ndarray | None
+  cutout_box: tuple[int, int, int, int] | None = None  # (y0, x0, y1, x1) of a bank cut-out
+
+
+OCCLUDER_BANK_DIR = 'occluders'
+
+
+def _save_cutout(image: np.ndarray, mask: np.ndarray, path: str
+                 ) -> tuple[int, int, int, int] | None:
+  """Writes the masked pixels of image, cropped to the mask's box, as an RGBA PNG."""
+  rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+  if not rows.size:
+    return None
+  y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+  alpha = (mask[y0:y1, x0:x1] > 0).astype(np.uint8) * 255
+  Image.fromarray(np.dstack([image[y0:y1, x0:x1], alpha]), 'RGBA').save(path)
+  return y0, x0, y1, x1
 
 
 def _write_items(p: dict[str, Any], root: str, items: Sequence[Item]) -> list[_Written]:
@@ -827,10 +857,17 @@ def _write_items(p: dict[str, Any], root: str, items: Sequence[Item]) -> list[_W
   for item, r in iter_images(p, items):
     Image.fromarray(r.image).save(os.path.join(root, SPLIT_DIRS[item.split], item.name),
                                   quality=_JPEG_QUALITY)
+    box = None
+    if item.split == 'train' and r.occluder_mask is not None:
+      visible = r.occluder_mask if r.clutter_mask is None else (r.occluder_mask
+                                                               & ~r.clutter_mask.astype(bool))
+      box = _save_cutout(r.image, visible, os.path.join(
+          root, OCCLUDER_BANK_DIR, os.path.splitext(item.name)[0] + '.png'))
     out.append(_Written(
         item, r.occluder, r.placement,
         None if r.occluder_mask is None else np.packbits(r.occluder_mask, axis=-1),
-        r.clutter, None if r.clutter_mask is None else np.packbits(r.clutter_mask, axis=-1)))
+        r.clutter, None if r.clutter_mask is None else np.packbits(r.clutter_mask, axis=-1),
+        box))
   return out
 
 
@@ -853,7 +890,7 @@ def generate(root: str, cfg: Any, workers: int | None = None) -> str:
   p = resolve_config(cfg)
   if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
     raise FileExistsError(f'synthetic dataset target {root!r} exists and is not an empty folder')
-  for d in SPLIT_DIRS.values():
+  for d in list(SPLIT_DIRS.values()) + [OCCLUDER_BANK_DIR]:
     os.makedirs(os.path.join(root, d), exist_ok=True)
   items = plan(p)
   workers = _default_workers(len(items)) if workers is None else int(workers)
@@ -896,6 +933,12 @@ def generate(root: str, cfg: Any, workers: int | None = None) -> str:
       clut['names'].append(item.name)
       clut['types'].append(r.clutter)
       clut['masks'].append(r.clutter_bits)
+  bank = {os.path.splitext(r.item.name)[0] + '.png': {
+      'type': r.occluder, 'box': [round(v, 4) for v in (r.cutout_box[0] / h, r.cutout_box[1] / w,
+                                                       r.cutout_box[2] / h, r.cutout_box[3] / w)]}
+          for r in written if r.cutout_box is not None}
+  with open(os.path.join(root, OCCLUDER_BANK_DIR, 'index.json'), 'w') as f:
+    json.dump(bank, f, indent=0, sort_keys=True)
   np.savez_compressed(os.path.join(root, 'masks.npz'), names=np.array(occ['names'], str),
                       splits=np.array(occ['splits'], str), types=np.array(occ['types'], str),
                       placements=np.array(occ['placements'], str),
