@@ -1,12 +1,18 @@
-"""Throughput of the train input pipeline (decode, augment, occlusion synthesis, normalise).
+"""Throughput of the train input pipeline (decode, augment, occlusion synthesis).
 
 Generates a folder of JPEGs (identities of noisy colour blocks and shapes, Market-1501 file
 names and size by default), then times `make_train_iterator` at the recipe's 256x128 with
 P x K = 16 x 4 for each requested worker count. Warm-up batches (worker start-up included) are
-not timed. Each train image counts once although it yields both x and occ(x).
+not timed. Each train image counts once although it yields both x and occ(x). Batches hold
+uint8 pixels (normalised later, on the device); the bytes of one batch's image + occluded
+arrays, what crosses to the devices, are printed too.
+
+With --device, each worker count is also timed through what the train loop runs: the
+iterator behind `prefetch.DevicePrefetcher` (config.input.device_prefetch batches ahead) that
+puts the step's keys on all local devices as global arrays, each batch waited for.
 
   python benchmarks/input_speed.py                       # workers 0 and 2
-  python benchmarks/input_speed.py --workers=0,2,4 --batches=40
+  python benchmarks/input_speed.py --workers=0,2,4 --batches=40 --device
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ _IDS = flags.DEFINE_integer('ids', 64, 'identities in the generated folder.')
 _PER_ID = flags.DEFINE_integer('per_id', 8, 'images per identity.')
 _SOURCE = flags.DEFINE_string('source_size', '128x64', 'HxW of the generated JPEGs.')
 _TARGET = flags.DEFINE_string('size', '256x128', 'HxW the pipeline produces.')
+_DEVICE = flags.DEFINE_bool('device', False, 'also time batches prefetched onto the devices.')
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -61,16 +68,30 @@ def write_folder(folder: str, ids: int, per_id: int, size: tuple[int, int]) -> r
   return records.Split.from_lists(paths, pids, camids)
 
 
-def time_pipeline(split: records.Split, config, batches: int, warmup: int) -> float:
-  """Images per second over `batches` batches after `warmup` untimed ones."""
+def time_pipeline(split: records.Split, config, batches: int, warmup: int,
+                  device: bool = False) -> float:
+  """Images per second over `batches` batches after `warmup` untimed ones; with `device`,
+  through the train loop's device prefetcher, waiting for each batch to be on the devices."""
   it = pipeline.make_train_iterator(split, config)
+  if device:
+    import functools  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
+    from ogfr_jax import prefetch  # pylint: disable=g-import-not-at-top
+    from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+    mesh = parallel.make_mesh(config.mesh)
+    it = prefetch.DevicePrefetcher(it, functools.partial(train._to_devices, mesh=mesh),  # pylint: disable=protected-access
+                                   size=int(config.input.device_prefetch))
+    take = lambda: jax.block_until_ready(next(it))
+  else:
+    take = lambda: next(it)
   try:
     for _ in range(warmup):
-      next(it)
+      take()
     start = time.perf_counter()
     n = 0
     for _ in range(batches):
-      n += next(it)['image'].shape[0]
+      n += take()['image'].shape[0]
     return n / (time.perf_counter() - start)
   finally:
     it.close()
@@ -84,14 +105,21 @@ def main(argv):
   with tempfile.TemporaryDirectory() as folder:
     split = write_folder(folder, _IDS.value, _PER_ID.value, _hw(_SOURCE.value))
     batch = config.input.ids_per_batch * config.input.images_per_id
+    h, w = _hw(_TARGET.value)
+    pixels = 2 * batch * h * w * 3  # image + occluded
     print(f'{len(split)} JPEGs of {_SOURCE.value} -> {_TARGET.value}, batch {batch} '
           f'({config.input.ids_per_batch} x {config.input.images_per_id}), occlusion prob '
-          f'{config.occlusion.prob}, {os.cpu_count()} CPUs')
-    print(f'{"workers":>8} {"images/s":>10} {"ms/batch":>10}')
+          f'{config.occlusion.prob}, {os.cpu_count()} CPUs, load average '
+          f'{os.getloadavg()[0]:.2f}')
+    print(f'image + occluded per batch: {pixels / 2**20:.1f} MiB as uint8 '
+          f'({4 * pixels / 2**20:.1f} MiB as float32)')
+    print(f'{"workers":>8} {"path":>7} {"images/s":>10} {"ms/batch":>10}')
     for workers in (int(w) for w in _WORKERS.value):
       config.input.num_workers = workers
-      ips = time_pipeline(split, config, _BATCHES.value, _WARMUP.value)
-      print(f'{workers:>8} {ips:>10.1f} {1000 * batch / ips:>10.1f}', flush=True)
+      for device in (False, True) if _DEVICE.value else (False,):
+        ips = time_pipeline(split, config, _BATCHES.value, _WARMUP.value, device)
+        print(f'{workers:>8} {"device" if device else "host":>7} {ips:>10.1f} '
+              f'{1000 * batch / ips:>10.1f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -44,8 +44,8 @@ def random_batch(config, batch: int, num_classes: int, rng: np.random.Generator)
   k = len(config.occlusion.patterns)
   pids = np.repeat(np.arange(batch // 4), 4).astype(np.int32)
   return {
-      'image': rng.standard_normal((batch, h, w, 3), np.float32),
-      'occluded': rng.standard_normal((batch, h, w, 3), np.float32),
+      'image': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
+      'occluded': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
       'pattern': rng.integers(0, k + 1, batch).astype(np.int32),
       'pid': (pids % num_classes).astype(np.int32),
       'camid': rng.integers(0, 6, batch).astype(np.int32),

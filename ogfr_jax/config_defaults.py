@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.eval_batch_size = 128  # global
   c.input.num_workers = 2  # grain worker processes (0 = in the main process)
   c.input.prefetch = 2
+  # Batches transferred to the devices ahead of the train step (and of feature extraction)
+  # by a background thread; 0 = transfer in the loop. Checkpoints keep the input state of the
+  # batches consumed, so resuming does not depend on it.
+  c.input.device_prefetch = 2
   c.input.flip_prob = 0.5
   c.input.pad = 10
   c.input.erase_prob = 0.5
@@ -176,7 +180,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rerank_k1 = 20
   c.eval.rerank_k2 = 6
   c.eval.rerank_lambda = 0.3
+  # 'exact': k-reciprocal re-ranking on the dense (q+g)^2 distance matrix on the host (refused
+  # above rerank_max_bytes); 'approx': built from each image's rerank_topn nearest
+  # neighbours, found on the devices in chunks, memory O((q+g) * topn) -- equal to 'exact'
+  # when rerank_topn >= q+g; 'auto': 'exact' when its matrix fits in rerank_max_bytes, else
+  # 'approx'. The mode used is logged and written to the results as `rerank_mode`.
+  c.eval.rerank_mode = 'auto'
+  c.eval.rerank_topn = 100
+  c.eval.rerank_max_bytes = 4 * 1024**3
   c.eval.max_rank = 50
+  # Query rows per step of the on-device distance and ranking computation (rounded up to a
+  # multiple of the device count); device memory about query_chunk x gallery x 12 bytes.
   c.eval.query_chunk = 256
 
   # --- devices -----------------------------------------------------------------------------

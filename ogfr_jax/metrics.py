@@ -1,19 +1,31 @@
 """Ranking metrics for person re-identification: CMC, mAP, mINP and k-reciprocal re-ranking.
 
-Everything here runs on the host in numpy. Distance matrices at benchmark scale are large
-(MSMT17: 11,659 x 82,161 float32 is 3.8 GB on its own), so every function walks over query rows
-in chunks and never makes a full-size copy or a float64 version of its input.
+The reference implementations run on the host in numpy. Distance matrices at benchmark scale
+are large (MSMT17: 11,659 x 82,161 float32 is 3.8 GB on its own), so every function walks over
+query rows in chunks and never makes a full-size copy or a float64 version of its input.
+
+For evaluation without any full matrix, the same figures come from pieces that work chunk by
+chunk: `match_lists` (each query's true matches, from the labels alone), `match_ranks_device`
+(a jnp function: the ranks of those matches in one chunk of distance rows, on the device), and
+`RankAccumulator` (the CMC / AP / INP sums, shared with `evaluate_rank`, so that both paths do
+the same float64 arithmetic on the same integer ranks). Likewise `re_ranking` has a variant
+that needs only each image's nearest neighbours (`nearest_neighbours`,
+`re_ranking_from_neighbours`). `ogfr_jax.evaluate` drives them on the devices.
 
 Tie rule. Gallery items at exactly the same distance from a query are ranked by gallery index,
 lowest first: the order `np.argsort(row, kind='stable')` gives. The results are therefore
-deterministic and do not depend on the sorting algorithm or the chunk size.
+deterministic and do not depend on the sorting algorithm, the chunk size or the device.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+  import jax
 
 # Past this many pair terms per step the Jaccard accumulation in `re_ranking` is split further,
 # which bounds its temporary index arrays to a few hundred MB.
@@ -176,45 +188,217 @@ def evaluate_rank(
   if num_g == 0:
     raise ValueError('distmat has an empty gallery (shape[1] == 0)')
 
-  first_hit_hist = np.zeros(max_rank + 1, dtype=np.int64)  # last bin: first hit beyond max_rank
-  ap_sum = 0.0
-  inp_sum = 0.0
-  num_valid = 0
+  totals = RankAccumulator(max_rank)
   for start in range(0, num_q, query_chunk):
     stop = min(start + query_chunk, num_q)
-    rows = _work_rows(distmat[start:stop], 'distmat', start)
-    same_pid = q_pids[start:stop, None] == g_pids[None, :]
-    junk = same_pid & (q_camids[start:stop, None] == g_camids[None, :])
-    pos_rows, order_in_row, ranks = _positive_ranks_in_chunk(rows, same_pid, junk)
+    totals.add_distances(distmat[start:stop], q_pids[start:stop], g_pids,
+                         q_camids[start:stop], g_camids, row_offset=start)
+  return totals.result()
+
+
+_NO_MATCH_MESSAGE = (
+    'no query has a true match in the gallery after removing same-pid same-camera items; '
+    'check q_pids/g_pids and q_camids/g_camids')
+
+
+class RankAccumulator:
+  """Running CMC / AP / INP sums over chunks of queries, in the order they are added.
+
+  `evaluate_rank` feeds it distance rows (`add_distances`); the on-device evaluation feeds it
+  the ranks of each query's true matches (`add_match_ranks`). Both end in `add_positive_ranks`,
+  so the same ranks give bitwise the same figures for the same chunking.
+  """
+
+  def __init__(self, max_rank: int = 50):
+    self.max_rank = _check_positive_int('max_rank', max_rank)
+    self._first_hit_hist = np.zeros(self.max_rank + 1, np.int64)  # last bin: beyond max_rank
+    self._ap_sum = 0.0
+    self._inp_sum = 0.0
+    self._num_valid = 0
+    self._num_query = 0
+
+  def add_positive_ranks(self, pos_rows: np.ndarray, order_in_row: np.ndarray,
+                         ranks: np.ndarray, num_rows: int) -> None:
+    """One chunk of `num_rows` queries: for every true match, its row in the chunk, its
+    0-based order among its row's matches and its 1-based rank among the non-junk gallery,
+    grouped by row in increasing order (what `_positive_ranks_in_chunk` returns)."""
+    self._num_query += int(num_rows)
     if pos_rows.size == 0:
-      continue
-    counts = np.bincount(pos_rows, minlength=stop - start)
+      return
+    max_rank = self.max_rank
+    counts = np.bincount(pos_rows, minlength=num_rows)
     valid = counts > 0
     ends = np.cumsum(counts)
     first_rank = ranks[ends[valid] - counts[valid]]
     last_rank = ranks[ends[valid] - 1]
     precision_sum = np.bincount(
-        pos_rows, weights=(order_in_row + 1) / ranks, minlength=stop - start
+        pos_rows, weights=(order_in_row + 1) / ranks, minlength=num_rows
     )[valid]
-    ap_sum += float(np.sum(precision_sum / counts[valid]))
-    inp_sum += float(np.sum(counts[valid] / last_rank))
-    first_hit_hist += np.bincount(np.minimum(first_rank - 1, max_rank), minlength=max_rank + 1)
-    num_valid += int(valid.sum())
+    self._ap_sum += float(np.sum(precision_sum / counts[valid]))
+    self._inp_sum += float(np.sum(counts[valid] / last_rank))
+    self._first_hit_hist += np.bincount(np.minimum(first_rank - 1, max_rank),
+                                        minlength=max_rank + 1)
+    self._num_valid += int(valid.sum())
 
-  if num_valid == 0:
-    raise ValueError(
-        'no query has a true match in the gallery after removing same-pid same-camera items; '
-        'check q_pids/g_pids and q_camids/g_camids'
-    )
-  cmc = np.cumsum(first_hit_hist[:max_rank]) / num_valid
-  # The padding described above needs no special case: first hits never lie past the gallery.
-  return {
-      'cmc': cmc.astype(np.float64),
-      'mAP': ap_sum / num_valid,
-      'mINP': inp_sum / num_valid,
-      'num_valid_queries': num_valid,
-      'num_skipped_queries': num_q - num_valid,
-  }
+  def add_distances(self, rows: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
+                    q_camids: np.ndarray, g_camids: np.ndarray, row_offset: int = 0) -> None:
+    """Ranks a chunk of distance rows (queries x whole gallery) on the host."""
+    rows = _work_rows(np.asarray(rows), 'distmat', row_offset)
+    q_pids, q_camids = np.asarray(q_pids), np.asarray(q_camids)
+    same_pid = q_pids[:, None] == np.asarray(g_pids)[None, :]
+    junk = same_pid & (q_camids[:, None] == np.asarray(g_camids)[None, :])
+    self.add_positive_ranks(*_positive_ranks_in_chunk(rows, same_pid, junk), rows.shape[0])
+
+  def add_match_ranks(self, ranks: np.ndarray, counts: np.ndarray) -> None:
+    """A chunk from `match_ranks_device`: ranks [c, P], of which the first counts[i] of row i
+    are real."""
+    ranks, counts = np.asarray(ranks), np.asarray(counts, np.int64)
+    keep = np.arange(ranks.shape[1])[None, :] < counts[:, None]
+    pos_rows = np.repeat(np.arange(ranks.shape[0]), counts)
+    order_in_row = np.nonzero(keep)[1]
+    self.add_positive_ranks(pos_rows, order_in_row, ranks[keep].astype(np.int64),
+                            ranks.shape[0])
+
+  def result(self) -> dict[str, Any]:
+    """evaluate_rank's dict; raises ValueError when no query had a true match."""
+    if self._num_valid == 0:
+      raise ValueError(_NO_MATCH_MESSAGE)
+    num_valid = self._num_valid
+    cmc = np.cumsum(self._first_hit_hist[:self.max_rank]) / num_valid
+    # CMC padding past the gallery needs no special case: first hits never lie beyond it.
+    return {
+        'cmc': cmc.astype(np.float64),
+        'mAP': self._ap_sum / num_valid,
+        'mINP': self._inp_sum / num_valid,
+        'num_valid_queries': num_valid,
+        'num_skipped_queries': self._num_query - num_valid,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking on the device, chunk by chunk
+# ---------------------------------------------------------------------------------------------
+
+# Up to this many matches per query, `match_ranks_device` counts the matches ahead of each
+# gallery item with one fused pass of comparisons; above it, by binary search (log2 passes).
+_LINEAR_COUNT_MAX = 64
+
+
+def match_lists(q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                g_camids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Each query's true matches under the Market-1501 protocol, from the labels alone.
+
+  A true match has the query's pid and another camera (same pid and camera is junk). Returns
+  (indices int32 [num_query, P], counts int32 [num_query]): row i holds the gallery indices of
+  query i's matches in increasing order, padded with num_gallery; P is the largest count.
+  Host memory O(num_query x P).
+
+  Raises ValueError on label arrays of different lengths (naming them), an empty gallery, or
+  when no query has a match (as evaluate_rank does).
+  """
+  q_pids = np.asarray(q_pids)
+  g_pids = np.asarray(g_pids)
+  q_camids = _as_1d('q_camids', q_camids, q_pids.size, 'q_pids length')
+  g_camids = _as_1d('g_camids', g_camids, g_pids.size, 'g_pids length')
+  _as_1d('q_pids', q_pids, q_camids.size, 'q_camids length')
+  _as_1d('g_pids', g_pids, g_camids.size, 'g_camids length')
+  num_g = g_pids.size
+  if num_g == 0:
+    raise ValueError('the gallery is empty (g_pids has no entries)')
+  order = np.argsort(g_pids, kind='stable')  # within a pid, gallery indices ascend
+  sorted_pids = g_pids[order]
+  lo = np.searchsorted(sorted_pids, q_pids, side='left')
+  same = np.searchsorted(sorted_pids, q_pids, side='right') - lo
+  width = max(int(same.max(initial=0)), 1)
+  slot = np.arange(width)[None, :]
+  cand = order[np.minimum(lo[:, None] + slot, num_g - 1)]
+  real = (slot < same[:, None]) & (g_camids[cand] != q_camids[:, None])
+  counts = real.sum(axis=1)
+  if not counts.any():
+    raise ValueError(_NO_MATCH_MESSAGE)
+  width = int(counts.max())
+  # Matches to the front of each row, keeping their increasing order.
+  front = np.argsort(~real, axis=1, kind='stable')[:, :width]
+  idx = np.take_along_axis(cand, front, axis=1)
+  idx[np.arange(width)[None, :] >= counts[:, None]] = num_g
+  return idx.astype(np.int32), counts.astype(np.int32)
+
+
+def match_ranks_device(dist: jax.Array, match_idx: jax.Array, q_pids: jax.Array,
+                       g_pids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Ranks of each query's true matches in one chunk of distance rows; pure jnp, jit it.
+
+  The device's half of the chunked evaluation: no sort of the gallery, which XLA runs slowly
+  on CPU and which would need the whole row order. The P matches of each query are sorted by
+  (distance, gallery index) -- the module's tie rule -- and for every gallery item k the
+  number t_k of matches ahead of it is counted. A negative (other pid) item precedes match m
+  exactly when t_k <= m, so a histogram of t over the negatives, summed, gives the negatives
+  ahead of each match; its rank is that plus the matches ahead of it, plus 1. Junk items
+  (same pid and camera) are neither matches nor negatives, as in `evaluate_rank`.
+
+  Args:
+    dist: [c, G] distances of c queries to the whole gallery (float; NaN is reported).
+    match_idx: [c, P] int, from `match_lists` (padding = G).
+    q_pids: [c] int; g_pids: [G] int.
+
+  Returns:
+    (ranks int32 [c, P]: 1-based ranks of the matches in increasing order, entries past a
+    row's match count meaningless; has_nan bool [c]: rows holding a NaN distance).
+  """
+  # Imported here, as scipy in _csr: the host reference functions need neither.
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  c, g = dist.shape
+  p = match_idx.shape[1]
+  real = match_idx < g
+  vals = jnp.take_along_axis(dist, jnp.minimum(match_idx, g - 1), axis=1)
+  # Padding sorts last and is never ahead of anything: (inf, G) beats no (d, k) with k < G.
+  # -0.0 becomes 0.0, which the total order of lax.sort would otherwise put first.
+  vals = jnp.where(real, jnp.where(vals == 0, jnp.zeros_like(vals), vals), jnp.inf)
+  idx = jnp.where(real, match_idx, g).astype(jnp.int32)
+  vals, idx = lax.sort((vals, idx), dimension=1, num_keys=2)
+  cols = lax.broadcasted_iota(jnp.int32, (1, g), 1)
+
+  def ahead(v, i):  # match (v, i) precedes gallery item (dist, cols)
+    return (v < dist) | ((v == dist) & (i < cols))
+
+  if p <= _LINEAR_COUNT_MAX:
+    ahead_count = sum(ahead(vals[:, m:m + 1], idx[:, m:m + 1]).astype(jnp.int32)
+                      for m in range(p))
+  else:
+    lo = jnp.zeros((c, g), jnp.int32)
+    hi = jnp.full((c, g), p, jnp.int32)
+    for _ in range(math.ceil(math.log2(p + 1))):
+      mid = (lo + hi) // 2
+      at = jnp.minimum(mid, p - 1)
+      yes = ahead(jnp.take_along_axis(vals, at, axis=1), jnp.take_along_axis(idx, at, axis=1))
+      active = lo < hi
+      lo = jnp.where(active & yes, mid + 1, lo)
+      hi = jnp.where(active & ~yes, mid, hi)
+    ahead_count = lo
+  negative = (q_pids[:, None] != g_pids[None, :]).astype(jnp.int32)
+  # A per-row scatter (vmap gives it batch dimensions), so a chunk split by rows over devices
+  # stays split.
+  hist = jax.vmap(lambda t, w: jnp.zeros(p + 1, jnp.int32).at[t].add(w))(ahead_count, negative)
+  negatives_ahead = jnp.cumsum(hist, axis=1)[:, :p]
+  ranks = negatives_ahead + jnp.arange(1, p + 1, dtype=jnp.int32)[None, :]
+  return ranks, jnp.isnan(dist).any(axis=1)
+
+
+def pairwise_distance_device(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Euclidean distances [len(a), len(b)] in float32 on the device, as `pairwise_distance`.
+
+  Full float32 precision in the product: the default on some accelerators (TF32) would
+  change the ranking of near neighbours.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  dot = jnp.matmul(a, b.T, precision=lax.Precision.HIGHEST)
+  sq = (jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :]) - 2.0 * dot
+  return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 def cmc_summary(result: dict[str, Any]) -> dict[str, float]:
@@ -514,12 +698,35 @@ def re_ranking(
     stop = min(start + _RERANK_ROW_CHUNK, n)
     top[start:stop] = _top_k_stable(full.rows(start, stop), k)
 
+  v = _k_reciprocal_encoding(top, k1, k2, full.at)
+  out = np.empty((nq, ng), dtype=np.float32)
+  lam = float(lambda_value)
+  for start, stop, jaccard in _jaccard_blocks(v, nq, ng):
+    original = full.rows(start, stop)[:, nq:]
+    out[start:stop] = jaccard * (1.0 - lam) + original * lam
+  return out
+
+
+def _k_reciprocal_encoding(top: np.ndarray, k1: int, k2: int,
+                           value_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                           keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
+  """Steps 2-4 of `re_ranking`: the sparse (N x N) encoding V, query expansion included.
+
+  `top` holds each item's nearest items (stable order), at least max(k1 + 1, k2) of them or
+  all N; `value_at(i, j)` gives the normalised distances at scattered positions. `keep(i, j)`,
+  if given, selects which members of the expanded neighbour sets stay (the top-N variant
+  keeps those in the item's own list, where their distance is known).
+  """
+  n = top.shape[0]
   # Gaussian-kernel encoding of each expanded neighbour set, rows summing to 1.
   sets = _expanded_reciprocal_sets(top, k1)
   sizes = np.array([s.size for s in sets], dtype=np.int64)
   v_rows = np.repeat(np.arange(n), sizes)
   v_cols = np.concatenate(sets)
-  weights = np.exp(-full.at(v_rows, v_cols).astype(np.float64))
+  if keep is not None:
+    kept = keep(v_rows, v_cols)
+    v_rows, v_cols = v_rows[kept], v_cols[kept]
+  weights = np.exp(-value_at(v_rows, v_cols).astype(np.float64))
   row_sums = np.bincount(v_rows, weights=weights, minlength=n)
   weights /= row_sums[v_rows]
   v = _csr(n, n, v_rows, v_cols, weights)
@@ -530,7 +737,12 @@ def re_ranking(
     qe = _csr(n, n, qe_rows, top[:, :k2_eff].ravel(), np.full(qe_rows.size, 1.0 / k2_eff))
     v = (qe @ v).tocsr()
   v.sum_duplicates()
+  return v
 
+
+def _jaccard_blocks(v, nq: int, ng: int) -> Iterator[tuple[int, int, np.ndarray]]:
+  """Step 5 of `re_ranking`: (start, stop, Jaccard distances float64 [stop - start, ng]) for
+  consecutive blocks of query rows, sized so that each block's work stays in budget."""
   row_sums_v = np.asarray(v.sum(axis=1)).ravel()
   v_query = v[:nq]
   v_gallery_csc = v[nq:].tocsc()
@@ -542,8 +754,6 @@ def re_ranking(
       weights=col_nnz[v_query.indices],
       minlength=nq,
   )
-  out = np.empty((nq, ng), dtype=np.float32)
-  lam = float(lambda_value)
   row_cap = max(1, 16_000_000 // (8 * ng))  # bounds the dense (rows, g) float64 min-sums
   start = 0
   while start < nq:
@@ -556,8 +766,122 @@ def re_ranking(
     # sum max(a, b) = sum a + sum b - sum min(a, b). Row sums are 1 unless a neighbour set came
     # out empty (possible with many exact duplicates); two empty rows share nothing: d_J = 1.
     max_sum = row_sums_v[start:stop, None] + row_sums_v[None, nq:] - min_sum
-    jaccard = 1.0 - np.divide(min_sum, max_sum, out=np.zeros_like(min_sum), where=max_sum > 0)
-    original = full.rows(start, stop)[:, nq:]
-    out[start:stop] = jaccard * (1.0 - lam) + original * lam
+    yield start, stop, 1.0 - np.divide(min_sum, max_sum, out=np.zeros_like(min_sum),
+                                       where=max_sum > 0)
     start = stop
-  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-ranking from each item's nearest neighbours (no (q+g)^2 matrix)
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_rerank_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(normalised rows float32, per-row scale float32) of raw distance rows over all q+g
+  items: squared and divided by the squared row maximum, as `re_ranking` does (_FullDistance)."""
+  block = np.array(raw, dtype=np.float32, copy=True)
+  row_max = block.max(axis=1)
+  row_max_sq = row_max * row_max
+  scale = np.where(row_max_sq > 0, row_max_sq, np.float32(1.0)).astype(np.float32)
+  block *= block
+  block /= scale[:, None]
+  return block, scale
+
+
+def nearest_neighbours(rows_fn: Callable[[int, int], np.ndarray], num_items: int, top_n: int,
+                       row_chunk: int = _RERANK_ROW_CHUNK
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Each item's top_n nearest items by normalised distance, on the host, in row chunks.
+
+  `rows_fn(start, stop)` returns raw (non-negative) distances of items start..stop-1 to all
+  `num_items` items (queries first, then gallery). Returns (indices int64 [N, n], normalised
+  distances float32 [N, n], row scales float32 [N]) with n = min(top_n, N), each row in
+  increasing order with ties by index. `ogfr_jax.evaluate` computes the same lists from
+  features on the devices.
+  """
+  top_n = _check_positive_int('top_n', top_n)
+  n = min(top_n, num_items)
+  idx = np.empty((num_items, n), np.int64)
+  val = np.empty((num_items, n), np.float32)
+  scales = np.empty(num_items, np.float32)
+  for start in range(0, num_items, row_chunk):
+    stop = min(start + row_chunk, num_items)
+    raw = np.asarray(rows_fn(start, stop))
+    if raw.shape != (stop - start, num_items):
+      raise ValueError(f'rows_fn({start}, {stop}) returned shape {raw.shape}, expected '
+                       f'{(stop - start, num_items)}')
+    block, scales[start:stop] = normalize_rerank_rows(raw)
+    idx[start:stop] = _top_k_stable(block, n)
+    val[start:stop] = np.take_along_axis(block, idx[start:stop], axis=1)
+  return idx, val, scales
+
+
+def re_ranking_from_neighbours(
+    top_idx: np.ndarray,
+    top_val: np.ndarray,
+    original_rows: Callable[[int, int], np.ndarray],
+    num_query: int,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+  """k-reciprocal re-ranking from each item's nearest-neighbour list; yields re-ranked rows.
+
+  The same steps as `re_ranking`, with one restriction: the expanded neighbour set R*(i) keeps
+  only members found in i's own list (an expansion may bring in neighbours of neighbours that
+  lie further away). With lists of all q+g items nothing is dropped and the result equals
+  `re_ranking` on the same distances; with lists of n >= k1 + 1 items every other step is
+  unchanged, so only far expansions are lost. Memory is O((q+g) x n) plus one block of rows,
+  instead of the (q+g)^2 matrix.
+
+  Args:
+    top_idx, top_val: [q+g, n] from `nearest_neighbours` (or its device counterpart): indices
+      and normalised distances, each row sorted (ties by index); queries first.
+    original_rows: (start, stop) -> normalised distances float32 [stop - start, g] of those
+      query rows to the gallery (same normalisation as top_val), for the lambda term.
+    num_query: q.
+    k1, k2, lambda_value: as in `re_ranking`.
+
+  Yields:
+    (start, stop, re-ranked distances float32 [stop - start, g]) for consecutive query blocks.
+  """
+  top_idx = np.asarray(top_idx)
+  top_val = np.asarray(top_val)
+  if top_idx.ndim != 2 or top_idx.shape != top_val.shape:
+    raise ValueError(f'top_idx {top_idx.shape} and top_val {top_val.shape} must be the same 2-D '
+                     'shape')
+  n_items, width = top_idx.shape
+  nq = int(num_query)
+  ng = n_items - nq
+  if not 0 < nq < n_items:
+    raise ValueError(f'num_query={num_query} must lie in [1, {n_items - 1}] for lists of '
+                     f'{n_items} items')
+  k1 = _check_positive_int('k1', k1)
+  k2 = _check_positive_int('k2', k2)
+  if not 0.0 <= float(lambda_value) <= 1.0:
+    raise ValueError(f'lambda_value must be in [0, 1], got {lambda_value!r}')
+  k = min(max(k1 + 1, k2), n_items)
+  if width < k:
+    raise ValueError(f'neighbour lists of {width} items are too short for k1={k1}, k2={k2}: '
+                     f'need {k} (config.eval.rerank_topn >= k1 + 1)')
+  # (row, column) -> position in the lists, for the weights of the kept set members.
+  keys = (np.arange(n_items, dtype=np.int64)[:, None] * n_items + top_idx).ravel()
+  order = np.argsort(keys, kind='stable')
+  sorted_keys = keys[order]
+  flat_val = top_val.ravel()
+
+  def locate(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    wanted = i.astype(np.int64) * n_items + j
+    at = np.minimum(np.searchsorted(sorted_keys, wanted), sorted_keys.size - 1)
+    return sorted_keys[at] == wanted, order[at]
+
+  v = _k_reciprocal_encoding(top_idx[:, :k], k1, k2,
+                             value_at=lambda i, j: flat_val[locate(i, j)[1]],
+                             keep=lambda i, j: locate(i, j)[0])
+  lam = float(lambda_value)
+  for start, stop, jaccard in _jaccard_blocks(v, nq, ng):
+    original = np.asarray(original_rows(start, stop), np.float32)
+    if original.shape != (stop - start, ng):
+      raise ValueError(f'original_rows({start}, {stop}) returned shape {original.shape}, '
+                       f'expected {(stop - start, ng)}')
+    yield start, stop, (jaccard * (1.0 - lam) + original * lam).astype(np.float32)

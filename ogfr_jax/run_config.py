@@ -20,7 +20,7 @@ from ogfr_jax import config_defaults
 # Fields that may differ when a run is resumed: they change logging or speed, not results.
 RESUMABLE_FIELDS = (
     'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-    'input.num_workers', 'input.prefetch', 'eval.query_chunk',
+    'input.num_workers', 'input.prefetch', 'input.device_prefetch', 'eval.query_chunk',
     # Checkpoints restore into any mesh: results do not depend on the device layout.
     'mesh.data', 'mesh.fsdp',
     # Switching 'stop' to 'skip' is how a run stopped by a non-finite step goes on.
@@ -79,6 +79,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'input {config.input.height}x{config.input.width}')
   if config.train.epochs <= 0:
     raise ValueError(f'config.train.epochs={config.train.epochs} must be > 0')
+  _validate_input_and_eval(config)
+
+
+def _validate_input_and_eval(config: ml_collections.ConfigDict) -> None:
+  """Device prefetch, ranking chunk and re-ranking fields."""
+  if int(config.input.get('device_prefetch', 2)) < 0:
+    raise ValueError(f'config.input.device_prefetch={config.input.device_prefetch} must be >= 0')
+  if int(config.eval.query_chunk) < 1:
+    raise ValueError(f'config.eval.query_chunk={config.eval.query_chunk} must be >= 1')
+  e = config.eval
+  _choice(e.get('rerank_mode', 'auto'), {'exact', 'approx', 'auto'}, 'eval.rerank_mode')
+  for field in ('rerank_k1', 'rerank_k2', 'rerank_max_bytes'):
+    if int(e.get(field, 1)) < 1:
+      raise ValueError(f'config.eval.{field}={e[field]} must be >= 1')
+  topn = int(e.get('rerank_topn', 100))
+  if topn < max(int(e.rerank_k1) + 1, int(e.rerank_k2)):
+    raise ValueError(f'config.eval.rerank_topn={topn} must be >= max(config.eval.rerank_k1 + 1, '
+                     f'config.eval.rerank_k2) = {max(int(e.rerank_k1) + 1, int(e.rerank_k2))}')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:

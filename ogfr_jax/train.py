@@ -42,7 +42,9 @@ from ogfr_jax import losses
 from ogfr_jax import manifest
 from ogfr_jax import optim
 from ogfr_jax import parallel
+from ogfr_jax import prefetch
 from ogfr_jax import pretrained
+from ogfr_jax.data import augment
 from ogfr_jax.data import datasets as datasets_lib
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import synthetic
@@ -50,6 +52,8 @@ from ogfr_jax.models import ogfr as ogfr_model
 
 # The keys of an input batch that the train step consumes (occ_mask stays on the host).
 STEP_KEYS = ('image', 'occluded', 'pattern', 'pid', 'camid')
+# Pixel batches (uint8 from the pipeline) that the step normalises on the device.
+IMAGE_KEYS = ('image', 'occluded')
 
 
 @flax.struct.dataclass
@@ -174,6 +178,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   drop_rng, agent_rng = jax.random.split(step_rng)
+  batch = {**batch, **{k: augment.normalize_on_device(batch[k], config.input.mean,
+                                                      config.input.std) for k in IMAGE_KEYS}}
 
   def loss_fn(params):
     outputs, updates = model.apply(
@@ -418,6 +424,11 @@ def _batches(it: Iterator[dict]) -> Iterator[dict]:
     yield {k: batch[k] for k in STEP_KEYS}
 
 
+def _to_devices(batch: dict, mesh) -> dict[str, jax.Array]:
+  """The step's keys of a host batch as global arrays (the prefetch thread calls this)."""
+  return parallel.global_batch({k: batch[k] for k in STEP_KEYS}, mesh)
+
+
 class _Progress:
   """Bookkeeping of one train loop: the pending metrics window, what was saved, the policy.
 
@@ -563,6 +574,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       process_count=jax.process_count())
   if data_state is not None:
     train_iter.set_state(data_state)
+  # Batches reach the step already on the devices; checkpoints take the input state of the
+  # last batch consumed, not of those read ahead (prefetch.py).
+  train_iter = prefetch.DevicePrefetcher(
+      train_iter, functools.partial(_to_devices, mesh=mesh),
+      size=int(config.input.get('device_prefetch', 2)))
   # Periodic evaluations come before the checkpoint of their step and are kept; the final one
   # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
   writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
@@ -581,7 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if stop.should_stop(step):
           progress.stop(step, state, stop.received)
         try:
-          local = next(batches)
+          batch = next(batches)
         except Exception:
           if stop.received is None or stop.mode != 'local':
             raise
@@ -590,7 +606,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           # single process: elsewhere the others would wait for this one in the save.)
           logging.exception('the input pipeline failed after %s', stop.received)
           progress.stop(step, state, stop.received)
-        batch = parallel.global_batch(local, mesh)
         state, metrics = step_fn(state, batch)
         progress.history.append(metrics)  # device arrays: fetched every log_every steps
         done = step + 1

@@ -105,7 +105,7 @@ def _install_hooks(args: argparse.Namespace) -> None:
           time.sleep(0.02)
       batch = next(inner)
       if step in nan_steps:
-        batch['image'] = np.full_like(batch['image'], np.nan)
+        batch['image'] = np.full(batch['image'].shape, np.nan, np.float32)  # pixels are uint8
       yield batch
 
   train._batches = batches  # pylint: disable=protected-access

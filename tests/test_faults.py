@@ -503,9 +503,10 @@ def test_losses_stay_finite_in_bfloat16_with_identical_and_zero_features():
 
   def outputs(feat):
     logits = jnp.tile(jnp.arange(8, dtype=jnp.bfloat16), (8, 1))
-    branch = {'feat': feat, 'logits': logits}
+    branch = {'feat': feat, 'bn_feat': feat, 'logits': logits}
     return {'student': {**branch, 'pattern_logits': logits[:, :5]},
-            'teacher': {'feat': jnp.zeros_like(feat), 'logits': logits}}
+            'teacher': {'feat': jnp.zeros_like(feat), 'bn_feat': jnp.zeros_like(feat),
+                        'logits': logits}}
 
   batch = {'pid': pid, 'pattern': jnp.zeros(8, jnp.int32)}
   cases = {
@@ -602,6 +603,7 @@ def _market_config(root, tmp_path):
   config.input.ids_per_batch, config.input.images_per_id = 4, 2
   config.model.patch_size = config.model.stride = 8
   config.train.steps_per_epoch = 0
+  config.occlusion.patterns = ('object', 'texture', 'person', 'crop')  # no occluder bank here
   return config
 
 

@@ -1,5 +1,7 @@
 """Ranking metrics against slow, obviously-correct references written out per query."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -322,3 +324,133 @@ def test_re_ranking_keeps_rank1_on_clustered_identities():
   # Gallery images of one identity are each other's reciprocal neighbours, which is what the
   # Jaccard term rewards, so the whole ranking should get better (0.68 -> 0.80 here).
   assert reranked['mAP'] > base['mAP'] + 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked pieces: match lists, the device ranking kernel, the accumulator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_match_lists_follow_the_protocol():
+  q_pids, q_cams = np.array([1, 2, 3, 1]), np.array([0, 0, 1, 2])
+  g_pids = np.array([1, 2, 1, 0, 1, 2, 5])
+  g_cams = np.array([0, 1, 1, 0, 2, 0, 0])
+  idx, counts = metrics.match_lists(q_pids, g_pids, q_cams, g_cams)
+  # Query 0 (pid 1, cam 0): gallery 2 and 4 (gallery 0 is junk). Query 2 (pid 3): none.
+  assert counts.tolist() == [2, 1, 0, 2] and idx.shape == (4, 2) and idx.dtype == np.int32
+  assert idx.tolist() == [[2, 4], [1, 7], [7, 7], [0, 2]]
+  with pytest.raises(ValueError, match='no query has a true match'):
+    metrics.match_lists(np.array([9]), g_pids, np.array([0]), g_cams)
+  with pytest.raises(ValueError, match='g_camids'):
+    metrics.match_lists(q_pids, g_pids, q_cams, g_cams[:3])
+
+
+_match_ranks = jax.jit(metrics.match_ranks_device)
+
+
+def _device_result(dist, q_pids, g_pids, q_cams, g_cams, max_rank, chunk):
+  idx, counts = metrics.match_lists(q_pids, g_pids, q_cams, g_cams)
+  totals = metrics.RankAccumulator(max_rank)
+  for start in range(0, dist.shape[0], chunk):
+    stop = min(start + chunk, dist.shape[0])
+    ranks, has_nan = _match_ranks(jnp.asarray(dist[start:stop], jnp.float32),
+                                  jnp.asarray(idx[start:stop]), jnp.asarray(q_pids[start:stop]),
+                                  jnp.asarray(g_pids))
+    assert not np.asarray(has_nan).any()
+    totals.add_match_ranks(np.asarray(ranks), counts[start:stop])
+  return totals.result()
+
+
+@pytest.mark.parametrize('search', ['linear', 'binary'])
+@pytest.mark.parametrize('kind', ['random', 'ties', 'extremes'])
+def test_device_ranks_equal_evaluate_rank_bitwise(monkeypatch, search, kind):
+  """Same distances, same chunking: the same ranks and bitwise the same figures."""
+  if search == 'binary':
+    monkeypatch.setattr(metrics, '_LINEAR_COUNT_MAX', 0)
+  dist, q_pids, g_pids, q_cams, g_cams = random_problem(11, integer=kind != 'random')
+  if kind == 'extremes':  # infinities, signed zeros, negative values, all tied in places
+    rng = np.random.default_rng(3)
+    dist = dist - 2.0
+    dist[rng.random(dist.shape) < 0.1] = np.inf
+    dist[rng.random(dist.shape) < 0.1] = -np.inf
+    dist[rng.random(dist.shape) < 0.1] = 0.0
+    dist[rng.random(dist.shape) < 0.1] = -0.0
+  chunk = 8
+  want = metrics.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 30, query_chunk=chunk)
+  got = _device_result(dist, q_pids, g_pids, q_cams, g_cams, 30, chunk)
+  assert got['mAP'] == want['mAP'] and got['mINP'] == want['mINP']
+  np.testing.assert_array_equal(got['cmc'], want['cmc'])
+  assert got['num_valid_queries'] == want['num_valid_queries']
+  assert got['num_skipped_queries'] == want['num_skipped_queries']
+  # And both equal the per-query reference.
+  assert_matches_reference(dist, q_pids, g_pids, q_cams, g_cams, 30, chunk)
+
+
+def test_device_kernel_reports_nan_rows():
+  dist = np.ones((3, 4), np.float32)
+  dist[1, 2] = np.nan
+  _, has_nan = _match_ranks(jnp.asarray(dist), jnp.zeros((3, 1), jnp.int32),
+                            jnp.zeros(3, jnp.int32), jnp.ones(4, jnp.int32))
+  assert np.asarray(has_nan).tolist() == [False, True, False]
+
+
+def test_accumulator_chunks_add_up_to_evaluate_rank():
+  dist, q_pids, g_pids, q_cams, g_cams = random_problem(5)
+  want = metrics.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 20, query_chunk=37)
+  totals = metrics.RankAccumulator(20)
+  totals.add_distances(dist, q_pids, g_pids, q_cams, g_cams)
+  got = totals.result()
+  assert got['mAP'] == want['mAP'] and np.array_equal(got['cmc'], want['cmc'])
+  with pytest.raises(ValueError, match='no query has a true match'):
+    metrics.RankAccumulator(5).result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-ranking from nearest-neighbour lists
+# ---------------------------------------------------------------------------------------------
+
+
+def _topn_re_ranking(q_g, q_q, g_g, top_n, k1, k2, lam):
+  full = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float32)
+  nq = q_g.shape[0]
+  idx, val, scale = metrics.nearest_neighbours(lambda s, e: full[s:e], full.shape[0], top_n,
+                                               row_chunk=7)
+  original = lambda s, e: metrics.normalize_rerank_rows(full[s:e])[0][:, nq:]
+  out = np.full(q_g.shape, np.nan, np.float32)
+  for start, stop, rows in metrics.re_ranking_from_neighbours(idx, val, original, nq, k1=k1,
+                                                             k2=k2, lambda_value=lam):
+    out[start:stop] = rows
+  return out, scale
+
+
+@pytest.mark.parametrize('k1,k2,lam,rounded', [
+    (20, 6, 0.3, False),
+    (7, 3, 0.5, False),
+    (5, 1, 0.0, False),
+    (6, 4, 0.3, True),  # many ties in the neighbour lists
+])
+def test_topn_re_ranking_with_all_neighbours_equals_exact(k1, k2, lam, rounded):
+  rng = np.random.default_rng(8)
+  feats = rng.normal(size=(40, 5)).astype(np.float32)
+  q_g, q_q, g_g = _split_distances(feats, 10)
+  if rounded:
+    q_g, q_q, g_g = (np.round(x, 0) for x in (q_g, q_q, g_g))
+  exact = metrics.re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lam)
+  for top_n in (40, 100):  # N >= q + g
+    got, _ = _topn_re_ranking(q_g, q_q, g_g, top_n, k1, k2, lam)
+    np.testing.assert_array_equal(got, exact)
+
+
+def test_topn_re_ranking_with_short_lists_stays_close_and_checks_its_input():
+  rng = np.random.default_rng(9)
+  feats = rng.normal(size=(60, 6)).astype(np.float32)
+  q_g, q_q, g_g = _split_distances(feats, 12)
+  exact = metrics.re_ranking(q_g, q_q, g_g, k1=6, k2=3)
+  short, _ = _topn_re_ranking(q_g, q_q, g_g, 7, 6, 3, 0.3)  # k1 + 1: the shortest allowed
+  assert not np.isnan(short).any()
+  assert 0 < np.abs(short - exact).max() < 0.2  # far expansions dropped: close, not equal
+  idx, val, _ = metrics.nearest_neighbours(lambda s, e: np.zeros((e - s, 60), np.float32), 60, 5)
+  with pytest.raises(ValueError, match='rerank_topn'):
+    next(metrics.re_ranking_from_neighbours(idx, val, None, 12, k1=6, k2=3))
+  with pytest.raises(ValueError, match='num_query'):
+    next(metrics.re_ranking_from_neighbours(idx, val, None, 60, k1=2, k2=3))

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -71,7 +72,7 @@ def test_batch_layout_and_paired_views(train_split):
   batch = next(it)
   it.close()
   b = 8
-  expected = {'image': ((b, H, W, 3), np.float32), 'occluded': ((b, H, W, 3), np.float32),
+  expected = {'image': ((b, H, W, 3), np.uint8), 'occluded': ((b, H, W, 3), np.uint8),
               'pattern': ((b,), np.int32), 'occ_mask': ((b, H, W), np.uint8),
               'pid': ((b,), np.int32), 'camid': ((b,), np.int32), 'index': ((b,), np.int32),
               'num_skipped': ((b,), np.int32)}
@@ -83,7 +84,51 @@ def test_batch_layout_and_paired_views(train_split):
   outside = batch['occ_mask'] == 0
   np.testing.assert_array_equal(batch['image'][outside], batch['occluded'][outside])
   assert ((batch['pattern'] == 0) == (batch['occ_mask'].reshape(b, -1).sum(1) == 0)).all()
-  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  assert batch['image'].max() > 0  # pixels, not an empty canvas
+
+
+_normalize = jax.jit(augment.normalize_on_device, static_argnums=(1, 2))
+
+
+def test_device_normalisation_reproduces_the_host_float_path(train_split):
+  """uint8 batches normalised on the device equal the float batches the host used to build:
+  each row's view is rebuilt from its own generators and normalised on the host."""
+  config = _config(pad=3, erase_prob=1.0, flip_prob=0.5)
+  config.input.mean, config.input.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  mean, std = tuple(config.input.mean), tuple(config.input.std)
+  it = pipeline.make_train_iterator(train_split, config)
+  batches = _take(it, 2)
+  it.close()
+  spec = augment.augment_spec(config)
+  step_unit = 1.0 / (255.0 * min(std))  # one uint8 quantisation step in normalised units
+  for step, batch in enumerate(batches):
+    for key in ('image', 'occluded'):
+      device = np.asarray(_normalize(batch[key], mean, std))
+      host = augment.normalize(batch[key], mean, std)
+      assert device.dtype == np.float32
+      np.testing.assert_allclose(device, host, rtol=0, atol=1e-6, err_msg=key)
+    for row, index in enumerate(batch['index']):
+      rng = pipeline._row_rng(config.seed, step, row, pipeline._AUGMENT_STREAM)  # pylint: disable=protected-access
+      view = augment.train_augment(image_io.load_image(train_split.paths[index], size=(H, W)),
+                                   spec, rng)
+      old_float = augment.normalize(view, mean, std)
+      new = np.asarray(_normalize(batch['image'][row], mean, std))
+      assert np.abs(new - old_float).max() <= min(1e-6, step_unit)
+  # Float input is read as pixels too, so a planted NaN survives the normalisation.
+  assert np.isnan(np.asarray(_normalize(np.full((2, 3), np.nan, np.float32), mean, std))).all()
+
+
+def test_random_erasing_fills_uniform_uint8_noise():
+  spec = augment.AugmentSpec(height=64, width=32, erase_prob=1.0, erase_area=(0.3, 0.3),
+                             erase_min_aspect=1.0)
+  image = np.full((64, 32, 3), 7, np.uint8)
+  out = augment.random_erase(image, 1.0, spec.erase_area, spec.erase_min_aspect,
+                             np.random.default_rng(0))
+  box = out != 7
+  assert out.dtype == np.uint8 and 0.25 < box.mean() < 0.31  # the box, less the few 7s drawn
+  values = out[box.any(axis=2)]
+  # Uniform over 0..255: mean about 127.5, both ends reached.
+  assert abs(values.mean() - 127.5) < 5 and values.min() < 5 and values.max() > 250
 
 
 def test_epochs_follow_the_sampler_and_start_epoch(train_split):
@@ -251,16 +296,20 @@ def test_eval_shares_padding_and_valid_mask(tmp_path):
     batches = list(pipeline.make_eval_iterator(split, config, process_index=p, process_count=2))
     assert len(batches) == n_batches
     for batch in batches:
-      assert batch['image'].shape == (2, H, W, 3) and batch['valid'].dtype == bool
+      assert batch['image'].shape == (2, H, W, 3) and batch['image'].dtype == np.uint8
+      assert batch['valid'].dtype == bool
       valid = batch['valid']
       assert (batch['index'][~valid] == -1).all() and (batch['pid'][~valid] == -1).all()
       assert (batch['image'][~valid] == 0).all()
       for row in np.flatnonzero(valid):
         i = int(batch['index'][row])
         assert batch['pid'][row] == split.pids[i] and batch['camid'][row] == split.camids[i]
-        expected = augment.normalize(image_io.load_image(split.paths[i], size=(H, W)),
-                                     config.input.mean, config.input.std)
-        np.testing.assert_array_equal(batch['image'][row], expected)
+        pixels = image_io.load_image(split.paths[i], size=(H, W))
+        np.testing.assert_array_equal(batch['image'][row], pixels)
+        np.testing.assert_allclose(
+            np.asarray(_normalize(batch['image'][row], tuple(config.input.mean),
+                                  tuple(config.input.std))),
+            augment.eval_transform(pixels, augment.augment_spec(config)), rtol=0, atol=1e-6)
       seen.extend(batch['index'][valid].tolist())
     assert sum(int(b['valid'].sum()) for b in batches) == (6 if p == 0 else 5)
   assert seen == list(range(len(split)))

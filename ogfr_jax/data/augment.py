@@ -1,10 +1,13 @@
-"""Per-image train and eval transforms (TransReID recipe) on numpy arrays.
+"""Per-image train and eval transforms (TransReID recipe) on numpy arrays, and the
+normalisation that turns their uint8 pixels into model input on the device.
 
 Every random op takes an explicit `np.random.Generator`, so an example's augmentation is a
 pure function of the generator the pipeline derives from (seed, step, position); nothing reads
 global random state. The random ops work on uint8 images: flips, pads and crops are then plain
-copies, the occlusion synthesiser pastes pixels in the same space, and the float conversion
-happens once, in `normalize`, for each of the views the model sees.
+copies, the occlusion synthesiser pastes pixels in the same space, and batches cross from the
+host to the devices as uint8, a quarter of the bytes of float32. The float conversion happens
+once, inside the jitted train step and feature extraction (`normalize_on_device`); `normalize`
+is the same arithmetic on the host, for tools that feed the model directly.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import dataclasses
 import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -121,8 +126,13 @@ def random_erase(image: np.ndarray, prob: float, area: Sequence[float], min_aspe
                  rng: np.random.Generator) -> np.ndarray:
   """Random erasing (Zhong et al.): a random box is filled with per-pixel random values.
 
-  The fill is uniform over [0, 255] per pixel and channel, i.e. uniform over the whole value
-  range before normalisation (the random-value variant of the paper).
+  The fill is uniform integers 0..255 per pixel and channel, drawn in pixel space because the
+  whole pipeline stays uint8 until the device normalises it. After normalisation that is a
+  uniform fill over the full input range ([-1, 1] for mean = std = 0.5): the random-value
+  variant of the paper. TransReID (timm's RandomErasing, mode 'pixel') instead draws N(0, 1)
+  values in normalised space, which spills outside the range a real pixel can take; the two
+  fills have the same mean (the mean pixel) for mean = std = 0.5 and differ in spread
+  (std 0.58 here against 1.0) and range.
   """
   if rng.random() >= prob:
     return image
@@ -135,14 +145,40 @@ def random_erase(image: np.ndarray, prob: float, area: Sequence[float], min_aspe
   return out
 
 
+def normalization_constants(mean: Sequence[float],
+                            std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset), float32 [3], with x * scale + offset = ((x / 255) - mean) / std.
+
+  One definition for the host and the device versions, so both round the same constants.
+  """
+  std32 = np.asarray(std, np.float32)
+  scale = (1.0 / (255.0 * std32)).astype(np.float32)
+  offset = (-np.asarray(mean, np.float32) / std32).astype(np.float32)
+  return scale, offset
+
+
+def normalize_on_device(x: jax.Array, mean: Sequence[float], std: Sequence[float],
+                        dtype=jnp.float32) -> jax.Array:
+  """Pixels [..., 3] -> model input ((x / 255) - mean) / std in `dtype`; for use under jit.
+
+  Batches travel to the devices as uint8 and become floats here, next to the model. Float
+  input is read as pixel values 0..255 as well (not as already-normalised input), so a NaN or
+  inf planted in a batch reaches the model unchanged. The result equals `normalize` on the
+  host to within one float32 rounding (the device may fuse the multiply-add).
+  """
+  scale, offset = normalization_constants(mean, std)
+  out = jnp.asarray(x).astype(jnp.float32) * scale + offset
+  return out.astype(dtype)
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 [..., 3] -> float32 ((x / 255) - mean) / std, computed as x * scale + offset.
 
+  The host version of `normalize_on_device`, for tools that call the model on host arrays.
   In place and with scalar operands: broadcasting a length-3 vector over the channel axis
   makes numpy run an inner loop of 3 elements, several times slower on whole batches.
   """
-  scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
-  offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+  scale, offset = normalization_constants(mean, std)
   out = image.astype(np.float32)
   if (scale == scale[0]).all() and (offset == offset[0]).all():
     out *= scale[0]
@@ -159,7 +195,7 @@ def train_augment(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator
   """Resize, flip, pad + random crop, random erasing; returns uint8 [H, W, 3] (unnormalised).
 
   Erasing comes last, as in TransReID. The result is the holistic view x; the occlusion
-  synthesiser derives occ(x) from it and both are normalised afterwards.
+  synthesiser derives occ(x) from it and both are normalised on the device.
   """
   x = resize(image, spec.height, spec.width)
   x = random_flip(x, spec.flip_prob, rng)
@@ -169,5 +205,8 @@ def train_augment(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator
 
 
 def eval_transform(image: np.ndarray, spec: AugmentSpec) -> np.ndarray:
-  """Resize and normalise; returns float32 [H, W, 3]."""
+  """Resize and normalise on the host; returns float32 [H, W, 3] model input.
+
+  For callers that feed the model directly; the evaluation pipeline sends uint8 instead.
+  """
   return normalize(resize(image, spec.height, spec.width), spec.mean, spec.std)

@@ -13,6 +13,11 @@ Eval: a fixed order; each process reads a contiguous share of the split in batch
 eval_batch_size / process_count, the last ones padded and flagged by `valid`, and every
 process runs the same number of batches.
 
+Images leave the pipeline as uint8 pixels, train and eval alike: normalisation
+((x / 255 - mean) / std) runs on the device inside the jitted train step and feature
+extraction (`augment.normalize_on_device`), so host-to-device traffic is a quarter of float32
+and the host does no float work per pixel.
+
 Callables sent to workers are module-level classes (workers start with spawn).
 """
 
@@ -189,10 +194,9 @@ class TrainBatchLoader:
       patterns[i] = plan.pattern
     clean = np.stack([views[r][0] for r in rows])
     used = np.array([views[r][1] for r in rows], np.int32)
-    mean, std = self.augment_spec.mean, self.augment_spec.std
     return {
-        'image': augment.normalize(clean, mean, std),
-        'occluded': augment.normalize(occluded, mean, std),
+        'image': clean,
+        'occluded': occluded,
         'pattern': patterns,
         'occ_mask': masks,
         'pid': self.pids[used],
@@ -304,8 +308,8 @@ def make_train_iterator(split: records.Split, config, *, process_index: int = 0,
 
   Each batch is a dict of numpy arrays with b = P * K / process_count rows (this process's
   rows [process_index * b, (process_index + 1) * b) of the global batch):
-    image float32 [b, H, W, 3]     x, normalised
-    occluded float32 [b, H, W, 3]  occ(x), normalised, pixel-aligned with x
+    image uint8 [b, H, W, 3]       x (pixels; normalised on the device)
+    occluded uint8 [b, H, W, 3]    occ(x), pixel-aligned with x
     pattern int32 [b]              occlusion pattern id (0 = none)
     occ_mask uint8 [b, H, W]       1 on occluder pixels
     pid, camid, index int32 [b]    of the image actually read (see num_skipped)
@@ -369,14 +373,13 @@ class EvalBatchLoader:
     for j in range(n):
       images[j] = image_io.load_image(self.paths[lo + j], size=(H, W))
     out = {
-        'image': augment.normalize(images, self.spec.mean, self.spec.std),
+        'image': images,
         'pid': np.full(self.batch, -1, np.int32),
         'camid': np.full(self.batch, -1, np.int32),
         'index': np.full(self.batch, -1, np.int32),
         'valid': np.zeros(self.batch, bool),
     }
     # Padded rows keep a zero image and -1 ids; `valid` is what consumers must check.
-    out['image'][n:] = 0.0
     out['pid'][:n] = self.pids[lo:hi]
     out['camid'][:n] = self.camids[lo:hi]
     out['index'][:n] = np.arange(lo, hi, dtype=np.int32)
@@ -388,8 +391,9 @@ def make_eval_iterator(split: records.Split, config, *, process_index: int = 0,
                        process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Eval batches of this process's contiguous share of `split`, in split order.
 
-  Keys: image float32 [b, H, W, 3], pid, camid, index int32 [b] (-1 on padding), valid bool
-  [b], with b = config.input.eval_batch_size / process_count.
+  Keys: image uint8 [b, H, W, 3] (pixels; the extraction normalises them on the device), pid,
+  camid, index int32 [b] (-1 on padding), valid bool [b], with
+  b = config.input.eval_batch_size / process_count.
   """
   _check_process(process_index, process_count)
   batch, share, num_batches = _eval_layout(len(split), config, process_count)

@@ -178,7 +178,10 @@ def read_split(config: ml_collections.ConfigDict, which: str, root: str = ''):
 
 
 def to_uint8(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """Undoes `augment.normalize`: float32 [..., 3] model input -> uint8 pixels."""
+  """Undoes `augment.normalize`: float32 [..., 3] model input -> uint8 pixels. uint8 input
+  is already pixels (what the pipeline yields) and is returned as it is."""
+  if np.asarray(image).dtype == np.uint8:
+    return np.asarray(image)
   x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 

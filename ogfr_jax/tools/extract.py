@@ -5,9 +5,9 @@ r"""Student features for a folder of your own images.
 
 Every image file under --images (recursively; .jpg .jpeg .png .tif .tiff .bmp in any letter
 case, hidden files skipped) is decoded as in evaluation (`image_io.load_image` resized to the
-model input, `augment.normalize`) and passed through the student exactly as the evaluation
-does (`evaluate.student_features` with the run's config.eval: pre/post-BN, flip averaging,
-L2 normalisation, test-time pattern policy). The output .npz holds:
+model input, uint8 pixels normalised on the device) and passed through the student exactly as
+the evaluation does (`evaluate.student_features` with the run's config.eval: pre/post-BN, flip
+averaging, L2 normalisation, test-time pattern policy). The output .npz holds:
   features  float32 [N, D]   L2-normalised when config.eval.normalize (the default)
   names     str [N]          paths relative to --images, in sorted order
   camids    int32 [N]        -1: the camera is unknown
@@ -132,8 +132,7 @@ class Extractor:
     """Features [batch, D] as a device array (not waited for, so the caller can prepare the
     next batch meanwhile)."""
     from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
-    from ogfr_jax.data import augment  # pylint: disable=g-import-not-at-top
-    arrays = parallel.global_batch({'image': augment.normalize(images, self.mean, self.std),
+    arrays = parallel.global_batch({'image': np.asarray(images, np.uint8),
                                     'camid': np.asarray(camids, np.int32)}, self.mesh)
     return self._fn(self._variables, arrays['image'], arrays['camid'])
 

@@ -41,15 +41,19 @@ _CLUTTER = (255, 200, 0)
 
 
 def teacher_selection_fn(trained: common.TrainedModel):
-  """jit(image, camid) -> {'mask', 'scores'} of the teacher's agent (evaluation mode)."""
+  """jit(pixels, camid) -> {'mask', 'scores'} of the teacher's agent (evaluation mode); the
+  pixels are the train pipeline's uint8 images, normalised on the device."""
   import jax  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
   if not ogfr_lib.has_fepm(trained.config):
     raise ValueError(f'{trained.workdir} was trained without a purification agent '
                      '(model.teacher or fepm.enabled is off): nothing to show')
   variables = jax.device_put(trained.variables)
+  from ogfr_jax.data import augment  # pylint: disable=g-import-not-at-top
+  mean, std = tuple(trained.config.input.mean), tuple(trained.config.input.std)
   fn = jax.jit(lambda v, image, camid: trained.model.apply(
-      v, image, camid, method=ogfr_lib.OGFR.teacher_selection))
+      v, augment.normalize_on_device(image, mean, std), camid,
+      method=ogfr_lib.OGFR.teacher_selection))
   return lambda image, camid: jax.device_get(fn(variables, image, camid))
 
 
