@@ -60,6 +60,7 @@ from ogfr_jax import optim
 from ogfr_jax import parallel
 from ogfr_jax import train
 from ogfr_jax.models import ogfr as ogfr_model
+from ogfr_jax.models import vit as vit_lib
 
 TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'benchmarks', 'torch_reference.py')
@@ -94,12 +95,6 @@ PEAK_FLOPS = (
 # Command line and config
 
 
-def _remat_default() -> Any:
-  """config.model.remat's default, or None when the config has no such field."""
-  model = config_defaults.base_config().model
-  return model.remat if 'remat' in model else None
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m ogfr_jax.bench',
                               description=__doc__.splitlines()[0])
@@ -119,13 +114,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default=None, help='model.dtype')
   p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
                  help='model.attention_impl')
-  remat = _remat_default()
-  if remat is not None:  # only when the model has the option
-    if isinstance(remat, bool):
-      p.add_argument('--remat', action=argparse.BooleanOptionalAction, default=None,
-                     help='model.remat')
-    else:
-      p.add_argument('--remat', type=type(remat), default=None, help='model.remat')
+  p.add_argument('--remat', choices=list(vit_lib.REMAT_CHOICES), default=None,
+                 help='model.remat')
   p.add_argument('--num-classes', type=int, default=702, help='training identities')
   p.add_argument('--num-cameras', type=int, default=6)
   p.add_argument('--what', default='train,eval', help='comma-separated: train, eval')
@@ -549,7 +539,7 @@ def run(args: argparse.Namespace) -> dict:
           'height': config.input.height, 'width': config.input.width,
           'tokens': 1 + gh * gw, 'dtype': dtype,
           'attention': config.model.get('attention_impl', 'xla'),
-          'remat': config.model.get('remat', None),
+          'remat': config.model.get('remat', 'none'),
           'config_file': args.config or None,
           'num_devices': mesh.size, 'mesh': dict(mesh.shape),
           'device_kind': device.device_kind, 'platform': device.platform,

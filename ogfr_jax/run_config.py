@@ -23,6 +23,8 @@ RESUMABLE_FIELDS = (
     'input.num_workers', 'input.prefetch', 'input.device_prefetch', 'eval.query_chunk',
     # Checkpoints restore into any mesh: results do not depend on the device layout.
     'mesh.data', 'mesh.fsdp',
+    # Recomputation in the backward pass changes memory and time, not results.
+    'model.remat',
     # Switching 'stop' to 'skip' is how a run stopped by a non-finite step goes on.
     'train.nonfinite_policy', 'train.stop_check_every',
 )
@@ -57,6 +59,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.init_from={config.init_from!r}: no such file or folder')
   _choice(config.model.size, config_defaults.VIT_SIZES, 'model.size')
   _choice(config.model.dtype, {'float32', 'bfloat16'}, 'model.dtype')
+  from ogfr_jax.models import vit  # pylint: disable=g-import-not-at-top
+  _choice(config.model.get('remat', 'none'), set(vit.REMAT_CHOICES), 'model.remat')
   _choice(config.model.pattern_test_policy, {'none', 'soft'}, 'model.pattern_test_policy')
   _choice(config.fepm.selection, {'agent', 'random'}, 'fepm.selection')
   _choice(config.fepm.action, {'bernoulli', 'topk'}, 'fepm.action')

@@ -190,13 +190,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
 
   (loss, (metrics, batch_stats, baseline)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   grad_norm = _global_norm(grads)
   finite = guards.is_finite(loss, grad_norm)
-  params, opt_state, batch_stats, baseline = guards.finite_update(
-      finite, (params, opt_state, batch_stats, baseline),
-      (state.params, state.opt_state, state.batch_stats, state.baseline))
+  params, opt_state = _update_if_finite(finite, tx, grads, state.params, state.opt_state)
+  batch_stats, baseline = guards.finite_update(
+      finite, (batch_stats, baseline), (state.batch_stats, state.baseline))
   nonfinite_steps = jnp.asarray(state.nonfinite_steps, jnp.int32) + (~finite).astype(jnp.int32)
   metrics = dict(metrics)
   metrics['grad_norm'] = grad_norm
@@ -212,6 +210,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
 def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                       for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state):
+  """(params, opt_state) after the optimizer update when `finite`, else as they were.
+
+  On the CPU the update runs under lax.cond, so every leaf is updated in place in its donated
+  buffer. Written as a select after the update (guards.finite_update), XLA:CPU fuses the
+  optimizer arithmetic into both the parameter and the momentum select, each of which then
+  reads the other's old value, so it first copies every parameter and momentum buffer: on
+  ViT-B OGFR (172.8 M parameters) the update took 0.73 s of CPU time that way and 0.23 s
+  under the cond. GPUs and TPUs keep the select, which they fuse into the update kernels; a
+  conditional on a GPU reads its predicate back to the host.
+  """
+  def update(operands):
+    params, opt_state = operands
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt_state
+
+  if jax.default_backend() == 'cpu':
+    return jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
+  return guards.finite_update(finite, update((params, opt_state)), (params, opt_state))
 
 
 def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings):

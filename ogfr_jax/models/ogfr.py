@@ -133,7 +133,7 @@ class OGFR(nn.Module):
         num_cameras=self.num_cameras, sie=bool(m.sie), sie_weight=m.sie_weight,
         drop_path=m.drop_path, jpm=bool(m.jpm), jpm_shift=m.jpm_shift,
         jpm_shuffle_groups=m.jpm_shuffle_groups, jpm_parts=m.jpm_parts,
-        dtype=compute_dtype(cfg), attention_impl=attention)
+        dtype=compute_dtype(cfg), attention_impl=attention, remat=m.get('remat', 'none'))
     if has_teacher(cfg) and m.shared_backbone:
       self.vit = vit_lib.ViT(**backbone)
     else:

@@ -1,0 +1,131 @@
+"""Rematerialisation of the transformer blocks (config.model.remat) and the CPU formulations of
+the backbone's products: each must give the numbers of the plain formulation.
+
+- remat 'dots' and 'block' leave parameters, loss and gradients as without remat (training
+  mode with drop-path, so the dropout rng under remat is covered too);
+- the Dense layers' CPU weight gradient (both operand orders), the heads-major attention and
+  the erf GELU match lax.dot_general, jax.nn.dot_product_attention and jax.nn.gelu, values
+  and gradients;
+- a bad model.remat names the field.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ogfr_jax import config_defaults
+from ogfr_jax import run_config
+from ogfr_jax.models import vit
+
+TOL = 1e-5
+
+
+def assert_trees_close(a, b, tol=TOL):
+  """Leaves equal up to `tol` relative to the largest magnitude of each leaf."""
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(np.max(np.abs(y)), 1e-12)
+    assert np.max(np.abs(x - y)) <= tol * scale, (np.max(np.abs(x - y)), scale)
+
+
+def tiny_vit(remat: str) -> vit.ViT:
+  return vit.ViT(dim=32, depth=2, num_heads=2, grid=(3, 2), patch_size=8, stride=8,
+                 drop_path=0.3, remat=remat)
+
+
+@pytest.fixture(scope='module')
+def remat_results():
+  """(params, loss, grads, rematerialised?) per remat mode, from the same parameters and rngs."""
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), jnp.float32)
+  params = tiny_vit('none').init(jax.random.PRNGKey(1), images)['params']
+  out = {}
+  for mode in vit.REMAT_CHOICES:
+    model = tiny_vit(mode)
+
+    def loss_fn(p, model=model):
+      feat, _ = model.apply({'params': p}, images, train=True,
+                            rngs={'dropout': jax.random.PRNGKey(2)})
+      return jnp.sum(jnp.square(feat))
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    own_params = model.init(jax.random.PRNGKey(1), images)['params']
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
+    rematerialised = re.search(r'\b(remat2|checkpoint)\[', jaxpr) is not None
+    out[mode] = (own_params, loss, grads, rematerialised)
+  return out
+
+
+@pytest.mark.parametrize('mode', ['dots', 'block'])
+def test_remat_keeps_parameters_loss_and_gradients(remat_results, mode):
+  ref_params, ref_loss, ref_grads, ref_remat = remat_results['none']
+  params, loss, grads, remat = remat_results[mode]
+  assert remat and not ref_remat  # the blocks are (only) rematerialised when asked to
+  assert_trees_close(params, ref_params, tol=0.0)  # same names, shapes and initial values
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=TOL)
+  assert_trees_close(grads, ref_grads)
+  # Drop-path is active: some sample's branch was dropped, so the loss is not the
+  # deterministic one (which would make the rng handling under remat untested).
+  det, _ = tiny_vit(mode).apply({'params': ref_params},
+                                jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3)),
+                                train=False)
+  assert abs(float(jnp.sum(jnp.square(det))) - float(ref_loss)) > 1e-3
+
+
+def test_bad_remat_names_the_field():
+  with pytest.raises(ValueError, match='model.remat'):
+    tiny_vit('everything').init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 16, 3)))
+  config = config_defaults.base_config()
+  config.model.remat = 'everything'
+  with pytest.raises(ValueError, match='model.remat'):
+    run_config.validate(config)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 6, 12), (2, 5, 12, 6)],
+                         ids=['input_smaller', 'output_smaller'])
+def test_cpu_dense_product_matches_dot_general(shape):
+  b, t, k, n = shape
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, t, k))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, n))
+  cot = jax.random.normal(jax.random.PRNGKey(2), (b, t, n))
+  dims = (((2,), (0,)), ((), ()))
+
+  def loss(fn, x, w):
+    return jnp.sum(fn(x, w, dims) * cot)
+
+  ours = jax.jit(jax.value_and_grad(lambda x, w: loss(vit._cpu_dense_dot_general, x, w),
+                                    argnums=(0, 1)))(x, w)
+  ref = jax.jit(jax.value_and_grad(lambda x, w: loss(jax.lax.dot_general, x, w),
+                                   argnums=(0, 1)))(x, w)
+  assert_trees_close(ours, ref)
+
+
+def test_heads_major_attention_matches_dot_product_attention():
+  b, t, h, hd = 2, 7, 3, 8
+  qkv = jax.random.normal(jax.random.PRNGKey(0), (b, t, 3, h, hd))
+  cot = jax.random.normal(jax.random.PRNGKey(1), (b, t, h * hd))
+
+  def ref_attention(qkv):
+    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                     implementation='xla')
+    return y.reshape(b, t, h * hd)
+
+  ours = jax.jit(jax.value_and_grad(
+      lambda x: jnp.sum(vit.heads_major_attention(x) * cot)))(qkv)
+  ref = jax.jit(jax.value_and_grad(lambda x: jnp.sum(ref_attention(x) * cot)))(qkv)
+  assert_trees_close(ours, ref)
+
+
+def test_gelu_matches_jax_gelu():
+  # Spans the negative tail, where erf and erfc formulations differ most in relative terms.
+  x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32)
+  cot = jnp.cos(x)
+  ours = jax.jit(jax.value_and_grad(lambda x: jnp.sum(vit.gelu(x) * cot)))(x)
+  ref = jax.jit(jax.value_and_grad(
+      lambda x: jnp.sum(jax.nn.gelu(x, approximate=False) * cot)))(x)
+  assert_trees_close(ours, ref)
+  np.testing.assert_allclose(vit.gelu(x), jax.nn.gelu(x, approximate=False), rtol=0,
+                             atol=1e-6)
