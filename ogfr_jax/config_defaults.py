@@ -138,6 +138,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.label_smoothing = 0.0
   c.loss.triplet_weight = 1.0
   c.loss.triplet_margin = 0.0  # 0 -> soft margin
+  # Which feature the triplet loss reads: 'feat' (pre-BN, TransReID/BNNeck) or 'bn_feat'. A
+  # distance loss on pre-BN features can be lowered by shrinking every distance, and when the
+  # hardest positive of most anchors is an occluded view farther than the nearest negative
+  # (soft margin: log 2 at zero spread) the features collapse while the scale-free ID loss
+  # after the BNNeck does not notice; the BNNeck output has unit variance per dimension.
+  c.loss.triplet_feature_input = 'feat'
   c.loss.kd_weight = 1.0
   c.loss.kd_feature = 'cos'  # 'mse', 'cos' or 'both'
   # Which features are distilled: 'bn_feat' (BNNeck output: centred and scaled per dimension,

@@ -181,15 +181,17 @@ def _global_and_parts(global_term: jax.Array, part_term: Optional[jax.Array]) ->
 
 def branch_losses(out: dict[str, jax.Array], pid: jax.Array,
                   loss_cfg: Any) -> tuple[jax.Array, jax.Array]:
-  """(ID loss, triplet loss) of one branch: ID on the BNNeck logits, triplet on pre-BN
-  features, each over the global feature and (if present) the JPM parts."""
+  """(ID loss, triplet loss) of one branch: ID on the BNNeck logits, triplet on the pre-BN
+  features (or the BNNeck outputs, loss.triplet_feature_input), each over the global feature
+  and (if present) the JPM parts."""
   ls = float(loss_cfg.label_smoothing)
   margin = float(loss_cfg.triplet_margin)
+  key = 'bn_feat' if loss_cfg.get('triplet_feature_input', 'feat') == 'bn_feat' else 'feat'
   parts = 'part_logits' in out
   ident = _global_and_parts(id_loss(out['logits'], pid, ls),
                             id_loss(out['part_logits'], pid[:, None], ls) if parts else None)
-  tri = _global_and_parts(triplet_loss(out['feat'], pid, margin),
-                          part_triplet_loss(out['part_feats'], pid, margin) if parts else None)
+  tri = _global_and_parts(triplet_loss(out[key], pid, margin),
+                          part_triplet_loss(out[f'part_{key}s'], pid, margin) if parts else None)
   return ident, tri
 
 

@@ -67,6 +67,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.fepm.baseline, {'self_critical', 'moving_average'}, 'fepm.baseline')
   _choice(config.loss.kd_feature, {'mse', 'cos', 'both'}, 'loss.kd_feature')
   _choice(config.loss.kd_feature_input, {'feat', 'bn_feat'}, 'loss.kd_feature_input')
+  _choice(config.loss.get('triplet_feature_input', 'feat'), {'feat', 'bn_feat'},
+          'loss.triplet_feature_input')
   _choice(config.model.pattern_head_input, {'feat', 'bn_feat'}, 'model.pattern_head_input')
   _choice(config.optim.name, {'sgd', 'adamw'}, 'optim.name')
   _choice(config.eval.feature, {'pre_bn', 'post_bn'}, 'eval.feature')

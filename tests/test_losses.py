@@ -9,6 +9,7 @@ import pytest
 
 from ogfr_jax import config_defaults
 from ogfr_jax import losses
+from ogfr_jax import run_config
 from ogfr_jax.models import ogfr
 
 
@@ -295,6 +296,31 @@ def test_ogfr_loss_parts_and_moving_average():
   assert float(m['agent/baseline']) == pytest.approx(0.2)
   assert float(ema) == pytest.approx(0.9 * 0.2 + 0.1 * float(m['agent/reward']), rel=1e-5)
   assert np.isfinite(float(total))
+
+
+@pytest.mark.parametrize('parts', [False, True])
+def test_triplet_reads_the_configured_feature(parts):
+  rng = np.random.default_rng(7)
+  out, batch = _outputs(rng, parts=parts), _batch(rng)
+  s, t, pid = out['student'], out['teacher'], batch['pid']
+  expected = {}
+  for key in ('feat', 'bn_feat'):
+    glob = losses.triplet_loss(s[key], pid)
+    expected[key] = (0.5 * glob + 0.5 * losses.part_triplet_loss(s[f'part_{key}s'], pid)
+                     if parts else glob)
+  c = _config()
+  _, m_default, _ = ogfr_loss(out, batch, c, 0.0)
+  np.testing.assert_allclose(m_default['loss/student_triplet'], expected['feat'], rtol=1e-6)
+  c.loss.triplet_feature_input = 'bn_feat'
+  _, m_bn, _ = ogfr_loss(out, batch, c, 0.0)
+  np.testing.assert_allclose(m_bn['loss/student_triplet'], expected['bn_feat'], rtol=1e-6)
+  t_glob = losses.triplet_loss(t['bn_feat'], pid)
+  if not parts:
+    np.testing.assert_allclose(m_bn['loss/teacher_triplet'], t_glob, rtol=1e-6)
+  assert abs(float(expected['feat']) - float(expected['bn_feat'])) > 1e-4
+  c.loss.triplet_feature_input = 'logits'
+  with pytest.raises(ValueError, match='loss.triplet_feature_input'):
+    run_config.validate(c)
 
 
 def test_ogfr_loss_gradients_never_reach_the_teacher_through_kd():
