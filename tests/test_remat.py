@@ -11,6 +11,7 @@ the backbone's products: each must give the numbers of the plain formulation.
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +130,36 @@ def test_gelu_matches_jax_gelu():
   assert_trees_close(ours, ref)
   np.testing.assert_allclose(vit.gelu(x), jax.nn.gelu(x, approximate=False), rtol=0,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize('remat', ['none', 'block'])
+def test_cls_only_last_block_matches_the_full_block(remat):
+  """tail(cls_only=True) gives the CLS row of the full tail: values and gradients, training
+  mode with drop-path (the same per-sample drops) and JPM reading the pre-last tokens."""
+  model = vit.ViT(dim=32, depth=2, num_heads=2, grid=(3, 2), patch_size=8, stride=8,
+                  drop_path=0.3, jpm=True, jpm_parts=2, remat=remat)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), jnp.float32)
+  params = model.init(jax.random.PRNGKey(1), images)['params']
+
+  def run(p, cls_only):
+    def fn(module):
+      tokens = module.embed(images)
+      return module.tail(tokens, 0, train=True, cls_only=cls_only)
+    out, parts = nn.apply(fn, model)({'params': p}, rngs={'dropout': jax.random.PRNGKey(2)})
+    return out, parts
+
+  full, full_parts = run(params, False)
+  cls, cls_parts = run(params, True)
+  assert full.shape == (4, 7, 32) and cls.shape == (4, 1, 32)
+  np.testing.assert_allclose(cls[:, 0], full[:, 0], rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(cls_parts, full_parts, rtol=TOL, atol=TOL)
+
+  def loss(p, cls_only):
+    out, parts = run(p, cls_only)
+    return jnp.sum(jnp.square(out[:, 0])) + jnp.sum(jnp.square(parts))
+
+  assert_trees_close(jax.grad(loss)(params, True), jax.grad(loss)(params, False))
+  # Drop-path drew the same per-sample masks in both forms and did drop something.
+  det, _ = nn.apply(lambda m: m.tail(m.embed(images), 0, train=False, cls_only=True),
+                    model)({'params': params})
+  assert float(jnp.max(jnp.abs(det[:, 0] - cls[:, 0]))) > 1e-3

@@ -183,7 +183,7 @@ class OGFR(nn.Module):
   def _student_forward(self, image: jax.Array, camid: jax.Array,
                        extra: Optional[jax.Array], *, train: bool) -> dict[str, jax.Array]:
     tokens = self._backbone('student').embed(image, camid, extra)
-    out, parts = self._backbone('student').tail(tokens, 0, train=train)
+    out, parts = self._backbone('student').tail(tokens, 0, train=train, cls_only=True)
     feat = out[:, 0].astype(jnp.float32)
     parts = None if parts is None else parts.astype(jnp.float32)
     res, _ = self._heads('student', feat, parts, train=train)
@@ -226,7 +226,7 @@ class OGFR(nn.Module):
     vit = self._backbone('teacher')
     tokens = vit.embed(image, camid)
     if not has_fepm(self.config):
-      out, parts = vit.tail(tokens, 0, train=train)
+      out, parts = vit.tail(tokens, 0, train=train, cls_only=True)
       res, _ = self._heads('teacher', out[:, 0].astype(jnp.float32),
                            None if parts is None else parts.astype(jnp.float32), train=train)
       return {'teacher': res}
@@ -235,7 +235,7 @@ class OGFR(nn.Module):
     mid = vit.run_blocks(tokens, 0, layer, train=train)
     sel, scores = self._select(mid, train=train)
     pos = vit.patch_pos_embed()
-    out, parts = vit.tail(self.fepm(mid, sel.mask, pos), layer, train=train)
+    out, parts = vit.tail(self.fepm(mid, sel.mask, pos), layer, train=train, cls_only=True)
     res, stats = self._heads('teacher', out[:, 0].astype(jnp.float32),
                              None if parts is None else parts.astype(jnp.float32), train=train)
 
@@ -253,7 +253,8 @@ class OGFR(nn.Module):
       rows.append(self.fepm(frozen, sel.greedy_mask, pos))
     batch = mid.shape[0]
     reward_tokens = jax.lax.stop_gradient(jnp.concatenate(rows, axis=0))
-    reward_out = vit.final_norm(vit.run_blocks(reward_tokens, layer, vit.depth, train=False))
+    reward_out = vit.final_norm(vit.run_blocks(reward_tokens, layer, vit.depth, train=False,
+                                               cls_only=True))
     reward_logits = self.teacher_head.logits_with_stats(
         reward_out[:, 0].astype(jnp.float32), jax.lax.stop_gradient(stats))
     lp = jax.lax.stop_gradient(

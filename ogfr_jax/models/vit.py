@@ -195,8 +195,9 @@ def remat_block(block_cls, remat: str):
     return block_cls
   policy = (jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT) if remat == 'dots'
             else None)
-  # static_argnums counts self as 0: `train` (argument 2) selects drop-path, a Python bool.
-  return nn.remat(block_cls, policy=policy, static_argnums=(2,))
+  # static_argnums counts self as 0: `train` (argument 2) selects drop-path and `cls_only`
+  # (argument 3) the output rows; both are Python bools.
+  return nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
 
 
 @jax.custom_vjp
@@ -244,21 +245,28 @@ heads_major_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (with bias)."""
+  """Multi-head self-attention with a fused qkv projection (with bias).
+
+  With `cls_only` only the first token (CLS) queries: the output is [B, 1, D], keys and values
+  still come from every token. Same parameters, same CLS output.
+  """
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None  # jax.nn.dot_product_attention's: None/'xla'/'cudnn'
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cls_only: bool = False) -> jax.Array:
     b, t, _ = x.shape
     head_dim = self.dim // self.num_heads
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=TRUNC_INIT,
                               dot_general=dense_dot_general())
     qkv = checkpoint_name(dense(3 * self.dim, name='qkv')(x), DENSE_OUTPUT)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
-    if self.implementation in (None, 'xla') and jax.default_backend() == 'cpu':
+    if cls_only:  # one query row: the plain XLA form is as fast as any
+      y = jax.nn.dot_product_attention(qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2])
+      t = 1
+    elif self.implementation in (None, 'xla') and jax.default_backend() == 'cpu':
       y = heads_major_attention(qkv)
     else:
       # The XLA implementation runs everywhere; 'cudnn' (fused, bf16/fp16 on NVIDIA GPUs only)
@@ -269,7 +277,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with per-sample stochastic depth on both residual branches."""
+  """Pre-norm transformer block with per-sample stochastic depth on both residual branches.
+
+  `cls_only`: compute the output of the CLS token only ([B, 1, D]), for a last block whose
+  patch-token outputs nothing reads. The CLS row attends to all tokens as usual; what is
+  skipped is the attention output, projection and MLP of the patch rows (about three quarters
+  of a block's FLOPs). Results and parameters are those of the full block.
+  """
   dim: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -278,13 +292,16 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, cls_only: bool = False) -> jax.Array:
     # Dropout broadcast over tokens and channels drops a whole sample's branch: drop-path.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=TRUNC_INIT,
                               dot_general=dense_dot_general())
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm1')(x)
-    y = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl, name='attn')(y)
+    y = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl,
+                  name='attn')(y, cls_only)
+    if cls_only:
+      x = x[:, :1]
     x = x + drop(y, deterministic=not train)
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm2')(x)
     y = gelu(checkpoint_name(dense(int(self.dim * self.mlp_ratio), name='fc1')(y), DENSE_OUTPUT))
@@ -381,12 +398,18 @@ class ViT(nn.Module):
     """Position embeddings of the patch tokens, [1, N, D] float32 (for token replacement)."""
     return self.pos_embed[:, 1:]
 
-  def run_blocks(self, tokens: jax.Array, start: int, stop: int, *, train: bool) -> jax.Array:
-    """Runs blocks [start, stop) (Python ints: the slice is static)."""
+  def run_blocks(self, tokens: jax.Array, start: int, stop: int, *, train: bool,
+                 cls_only: bool = False) -> jax.Array:
+    """Runs blocks [start, stop) (Python ints: the slice is static).
+
+    cls_only: the last block of the range computes the CLS row only and the result is
+    [B, 1, D] (for callers that read nothing else; see `Block`). No effect on an empty range.
+    """
     if not 0 <= start <= stop <= self.depth:
       raise ValueError(f'block range [{start}, {stop}) is outside [0, {self.depth}]')
-    for block in self.blocks[start:stop]:
-      tokens = block(tokens, train)  # positional: a static argument under remat
+    for i in range(start, stop):
+      # Positional arguments: they are static under remat.
+      tokens = self.blocks[i](tokens, train, cls_only and i == stop - 1)
     return tokens
 
   def final_norm(self, tokens: jax.Array) -> jax.Array:
@@ -406,14 +429,18 @@ class ViT(nn.Module):
     parts = mixed[:, :p * per_part].reshape(b, p, per_part, d)
     cls = jnp.broadcast_to(tokens[:, None, :1], (b, p, 1, d))
     seq = jnp.concatenate([cls, parts], axis=2).reshape(b * p, 1 + per_part, d)
-    out = self.jpm_norm(self.jpm_block(seq, train))
+    out = self.jpm_norm(self.jpm_block(seq, train, True))  # only each part's CLS is read
     return out[:, 0].reshape(b, p, d)
 
-  def tail(self, tokens: jax.Array, start: int, *,
-           train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
-    """Blocks [start, depth), final norm; returns (normalised tokens, JPM parts or None)."""
+  def tail(self, tokens: jax.Array, start: int, *, train: bool,
+           cls_only: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Blocks [start, depth), final norm; returns (normalised tokens, JPM parts or None).
+
+    cls_only: the last block computes the CLS row only, and the tokens returned are [B, 1, D].
+    """
     pre_last = self.run_blocks(tokens, start, self.depth - 1, train=train)
-    out = self.final_norm(self.run_blocks(pre_last, self.depth - 1, self.depth, train=train))
+    out = self.final_norm(self.run_blocks(pre_last, self.depth - 1, self.depth, train=train,
+                                          cls_only=cls_only))
     parts = self.part_features(pre_last, train=train) if self.jpm else None
     return out, parts
 
@@ -421,7 +448,7 @@ class ViT(nn.Module):
                extra: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
     """Whole backbone: (CLS feature [B, D], parts [B, P, D] or None)."""
-    out, parts = self.tail(self.embed(image, camid, extra), 0, train=train)
+    out, parts = self.tail(self.embed(image, camid, extra), 0, train=train, cls_only=True)
     return out[:, 0], parts
 
 
