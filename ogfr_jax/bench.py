@@ -24,17 +24,14 @@ that interpreter first, with the same shapes, and the report adds its row and th
 ogfr_jax / torch of step time and images/s. The two never run at the same time.
 
 Measured on the 2-core development VM (jax 0.10.2 CPU, float32; torch 2.14.1 + timm 1.0.31,
-2 threads, OMP_WAIT_POLICY=PASSIVE) while other training jobs shared it (load average noted):
-  python -m ogfr_jax.bench --size tiny --height 128 --width 64 --batch 32 --torch-python ...
-    (load 2.5) train 0.107 s median [0.075, 0.152], 300 img/s, 3.78 GFLOP/step (XLA);
-    eval 3,822 img/s; torch 0.072 s [0.071, 0.105], 448 img/s, 3.46 GFLOP counted;
-    step time ratio ogfr_jax / torch 1.49
-  python -m ogfr_jax.bench --size base --stride 12 --batch 8 --steps 1 --repeats 3 --warmup 1
+2 threads, OMP_WAIT_POLICY=PASSIVE), nothing else running (figures and commands for each
+change are in WORKSPACE.md, "Performance"):
+  python -m ogfr_jax.bench --size base --stride 12 --batch 8 --steps 1 --repeats 5 --warmup 1
       --torch-python ...
-    (load 2.3 during the reference, rising from 2.0 to 3.4 during the JAX steps) train
-    26.9 s median [23.2, 39.6], compile 18.4 s, 1.901 TFLOP/step (XLA), peak RSS 7.3 GiB;
-    eval 2.0 img/s; torch 11.76 s [11.70, 11.87], 1.883 TFLOP counted, peak RSS 4.6 GiB;
-    step time ratio 2.29 (1.97 from the fastest JAX repeat), parameters equal (172.8 M)
+    train 12.10 s median [11.98, 12.21], 1.719 TFLOP/step (XLA), peak RSS 5.1 GiB; torch
+    12.27 s [11.98, 12.90], 1.883 TFLOP counted, 4.6 GiB; step time ratio 0.986. The FLOPs
+    differ because the last block of each branch computes only the CLS row here (timm runs
+    every row); before that change, at equal FLOPs, three invocations gave 1.02-1.17.
 """
 
 from __future__ import annotations

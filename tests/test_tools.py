@@ -368,3 +368,44 @@ def test_export_command_line(run, tmp_path):
   assert json.load(open(out + '.json'))['input_size'] == [64, 32]
   with pytest.raises(FileExistsError, match='overwrite'):
     export.main(args)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-evaluation under another test protocol
+
+
+def test_reevaluate_with_post_bn_features(run, trained, tmp_path):
+  from ogfr_jax.tools import reevaluate  # pylint: disable=g-import-not-at-top
+  wd, _ = run
+  before = open(os.path.join(wd, 'results.json')).read()
+  out = str(tmp_path / 'post.json')
+  result = reevaluate.main(['--workdir', wd, '--set', 'eval.feature=post_bn', '--out', out])
+  assert json.load(open(out)) == json.loads(json.dumps(result))
+  assert result['overrides'] == {'eval.feature': 'post_bn'} and result['step'] == 3
+  config = trained.config.copy_and_resolve_references()
+  config.eval.feature = 'post_bn'
+  data = common.read_split(config, 'test')
+  expected = evaluate.evaluate_dataset(trained.model, trained.variables, data, config,
+                                       common.local_mesh())
+  for key in ('rank1', 'mAP', 'mINP'):
+    assert result['metrics'][key] == pytest.approx(expected[key], abs=1e-6)
+  # Without overrides it reproduces the run's own figures, and results.json is untouched.
+  again = reevaluate.main(['--workdir', wd, '--out', str(tmp_path / 'again.json')])
+  saved = json.loads(before)['synthetic']
+  assert again['metrics']['mAP'] == pytest.approx(saved['mAP'], abs=1e-6)
+  assert open(os.path.join(wd, 'results.json')).read() == before
+
+
+def test_reevaluate_refuses_training_fields_and_bad_values(run):
+  from ogfr_jax.tools import reevaluate  # pylint: disable=g-import-not-at-top
+  wd, _ = run
+  with pytest.raises(ValueError, match='model.size'):
+    reevaluate.main(['--workdir', wd, '--set', 'model.size=base'])
+  with pytest.raises(ValueError, match='eval.flip'):
+    reevaluate.main(['--workdir', wd, '--set', 'eval.flip=3'])
+  with pytest.raises(ValueError, match='eval.nonexistent'):
+    reevaluate.main(['--workdir', wd, '--set', 'eval.nonexistent=1'])
+  with pytest.raises(ValueError, match="eval.feature"):
+    reevaluate.main(['--workdir', wd, '--set', 'eval.feature=middle'])
+  with pytest.raises(ValueError, match='results.json'):
+    reevaluate.main(['--workdir', wd, '--out', os.path.join(wd, 'results.json')])
