@@ -30,9 +30,9 @@ change are in WORKSPACE.md, "Performance"):
       --torch-python ...
     train 12.10 s median [11.98, 12.21], 1.719 TFLOP/step (XLA), peak RSS 5.1 GiB; torch
     12.27 s [11.98, 12.90], 1.883 TFLOP counted, 4.6 GiB; step time ratio 0.986 (a second
-    invocation: 11.86 s against 12.13 s, 0.977). The FLOPs
-    differ because the last block of each branch computes only the CLS row here (timm runs
-    every row); before that change, at equal FLOPs, three invocations gave 1.02-1.17.
+    invocation: 11.86 s against 12.13 s, 0.977). The FLOPs differ because the last block of
+    each branch computes only the CLS row here (timm runs every row); before that change, at
+    equal FLOPs, three invocations gave 1.02-1.17.
 """
 
 from __future__ import annotations
