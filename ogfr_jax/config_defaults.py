@@ -144,6 +144,12 @@ def base_config() -> ml_collections.ConfigDict:
   # (soft margin: log 2 at zero spread) the features collapse while the scale-free ID loss
   # after the BNNeck does not notice; the BNNeck output has unit variance per dimension.
   c.loss.triplet_feature_input = 'feat'
+  # Which student views the triplet loss takes as anchors and positives: 'all', or
+  # 'unoccluded' (views the synthesiser left holistic, pattern 0; negatives still come from
+  # every view). With 'all', the batch-hard positive of most anchors is a synthesised occluded
+  # view, which is the collapse described above; 'unoccluded' leaves occluded views to the ID
+  # and distillation losses and keeps them away from other identities as negatives.
+  c.loss.student_triplet_views = 'all'
   c.loss.kd_weight = 1.0
   c.loss.kd_feature = 'cos'  # 'mse', 'cos' or 'both'
   # Which features are distilled: 'bn_feat' (BNNeck output: centred and scaled per dimension,

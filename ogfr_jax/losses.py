@@ -53,28 +53,35 @@ def pairwise_distances(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, dist)
 
 
-def triplet_loss(feat: jax.Array, labels: jax.Array, margin: float = 0.0) -> jax.Array:
+def triplet_loss(feat: jax.Array, labels: jax.Array, margin: float = 0.0,
+                 anchors: Optional[jax.Array] = None) -> jax.Array:
   """Batch-hard triplet loss over the whole batch.
 
   For each anchor: the farthest sample of its identity (itself if alone) and the closest of any
   other identity. margin 0 -> soft margin log(1 + exp(d_ap - d_an)); margin > 0 -> hinge
   max(0, d_ap - d_an + margin). Anchors without any negative in the batch are left out.
+  `anchors` (bool [B], optional) restricts anchors and positives to the marked samples;
+  negatives still come from the whole batch.
   """
   dist = pairwise_distances(feat)
   labels = jnp.asarray(labels)
   same = labels[:, None] == labels[None, :]
-  d_ap = jnp.max(jnp.where(same, dist, 0.0), axis=1)
+  positive = same if anchors is None else same & anchors[None, :]
+  d_ap = jnp.max(jnp.where(positive, dist, 0.0), axis=1)
   d_an = jnp.min(jnp.where(same, jnp.inf, dist), axis=1)
   valid = jnp.any(~same, axis=1)
+  if anchors is not None:
+    valid = valid & anchors
   gap = d_ap - jnp.where(valid, d_an, 0.0)
   per_anchor = jax.nn.softplus(gap) if margin == 0 else jax.nn.relu(gap + margin)
   per_anchor = jnp.where(valid, per_anchor, 0.0)
   return jnp.sum(per_anchor) / jnp.maximum(jnp.sum(valid.astype(_F32)), 1.0)
 
 
-def part_triplet_loss(part_feats: jax.Array, labels: jax.Array, margin: float = 0.0):
+def part_triplet_loss(part_feats: jax.Array, labels: jax.Array, margin: float = 0.0,
+                      anchors: Optional[jax.Array] = None):
   """Mean over parts of the triplet loss of each part's feature ([B, P, D])."""
-  per_part = jax.vmap(lambda f: triplet_loss(f, labels, margin), in_axes=1)(part_feats)
+  per_part = jax.vmap(lambda f: triplet_loss(f, labels, margin, anchors), in_axes=1)(part_feats)
   return jnp.mean(per_part)
 
 
@@ -179,19 +186,20 @@ def _global_and_parts(global_term: jax.Array, part_term: Optional[jax.Array]) ->
   return global_term if part_term is None else 0.5 * global_term + 0.5 * part_term
 
 
-def branch_losses(out: dict[str, jax.Array], pid: jax.Array,
-                  loss_cfg: Any) -> tuple[jax.Array, jax.Array]:
+def branch_losses(out: dict[str, jax.Array], pid: jax.Array, loss_cfg: Any,
+                  triplet_anchors: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """(ID loss, triplet loss) of one branch: ID on the BNNeck logits, triplet on the pre-BN
   features (or the BNNeck outputs, loss.triplet_feature_input), each over the global feature
-  and (if present) the JPM parts."""
+  and (if present) the JPM parts. `triplet_anchors`: see `triplet_loss`."""
   ls = float(loss_cfg.label_smoothing)
   margin = float(loss_cfg.triplet_margin)
   key = 'bn_feat' if loss_cfg.get('triplet_feature_input', 'feat') == 'bn_feat' else 'feat'
   parts = 'part_logits' in out
   ident = _global_and_parts(id_loss(out['logits'], pid, ls),
                             id_loss(out['part_logits'], pid[:, None], ls) if parts else None)
-  tri = _global_and_parts(triplet_loss(out[key], pid, margin),
-                          part_triplet_loss(out[f'part_{key}s'], pid, margin) if parts else None)
+  tri = _global_and_parts(
+      triplet_loss(out[key], pid, margin, triplet_anchors),
+      part_triplet_loss(out[f'part_{key}s'], pid, margin, triplet_anchors) if parts else None)
   return ident, tri
 
 
@@ -213,7 +221,10 @@ def ogfr_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
   new_ema = baseline_ema
 
   student = outputs['student']
-  s_id, s_tri = branch_losses(student, pid, lc)
+  anchors = None
+  if lc.get('student_triplet_views', 'all') == 'unoccluded':
+    anchors = jnp.asarray(batch['pattern']) == 0
+  s_id, s_tri = branch_losses(student, pid, lc, anchors)
   total += lc.student_weight * (lc.id_weight * s_id + lc.triplet_weight * s_tri)
   metrics.update({'loss/student_id': s_id, 'loss/student_triplet': s_tri,
                   'student/accuracy': accuracy(student['logits'], pid)})

@@ -69,6 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.loss.kd_feature_input, {'feat', 'bn_feat'}, 'loss.kd_feature_input')
   _choice(config.loss.get('triplet_feature_input', 'feat'), {'feat', 'bn_feat'},
           'loss.triplet_feature_input')
+  _choice(config.loss.get('student_triplet_views', 'all'), {'all', 'unoccluded'},
+          'loss.student_triplet_views')
   _choice(config.model.pattern_head_input, {'feat', 'bn_feat'}, 'model.pattern_head_input')
   _choice(config.optim.name, {'sgd', 'adamw'}, 'optim.name')
   _choice(config.eval.feature, {'pre_bn', 'post_bn'}, 'eval.feature')

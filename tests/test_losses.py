@@ -79,6 +79,33 @@ def test_triplet_matches_brute_force_reference():
   np.testing.assert_allclose(losses.part_triplet_loss(parts, labels), expected, rtol=1e-5)
 
 
+def test_triplet_anchor_subset_matches_brute_force_reference():
+  rng = np.random.default_rng(3)
+  feat = rng.normal(size=(12, 5)).astype(np.float32)
+  labels = np.repeat(np.arange(4), 3)
+  anchors = np.array([1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0], bool)  # id 3: no anchor at all
+  dist = np.sqrt(((feat[:, None] - feat[None]) ** 2).sum(-1))
+  ref = []
+  for i in np.flatnonzero(anchors):
+    pos = [dist[i, j] for j in range(12) if labels[j] == labels[i] and anchors[j]]
+    neg = [dist[i, j] for j in range(12) if labels[j] != labels[i]]  # every view
+    ref.append(_softplus(max(pos) - min(neg)))
+  np.testing.assert_allclose(losses.triplet_loss(feat, labels, 0.0, jnp.asarray(anchors)),
+                             np.mean(ref), rtol=1e-4)
+  everyone = jnp.ones(12, bool)
+  np.testing.assert_allclose(losses.triplet_loss(feat, labels, 0.0, everyone),
+                             losses.triplet_loss(feat, labels), rtol=1e-6)
+  # A view outside the subset moved far from its identity changes nothing; inside, it does.
+  far = feat.copy()
+  far[1] += 50.0
+  np.testing.assert_allclose(losses.triplet_loss(far, labels, 0.0, jnp.asarray(anchors)),
+                             np.mean(ref), rtol=1e-4)
+  assert float(losses.triplet_loss(far, labels)) > float(losses.triplet_loss(feat, labels)) + 5
+  grad = jax.grad(losses.triplet_loss)(jnp.asarray(feat), labels, 0.0, jnp.zeros(12, bool))
+  assert float(losses.triplet_loss(feat, labels, 0.0, jnp.zeros(12, bool))) == 0.0
+  assert np.all(np.asarray(grad) == 0.0)
+
+
 def test_triplet_edge_cases_have_finite_gradients():
   # Duplicate features (distance exactly 0) and a batch with a single identity.
   feat = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
@@ -320,6 +347,30 @@ def test_triplet_reads_the_configured_feature(parts):
   assert abs(float(expected['feat']) - float(expected['bn_feat'])) > 1e-4
   c.loss.triplet_feature_input = 'logits'
   with pytest.raises(ValueError, match='loss.triplet_feature_input'):
+    run_config.validate(c)
+
+
+@pytest.mark.parametrize('parts', [False, True])
+def test_student_triplet_on_unoccluded_views(parts):
+  rng = np.random.default_rng(11)
+  out, batch = _outputs(rng, parts=parts), _batch(rng)
+  batch['pattern'] = jnp.asarray(np.arange(B) % K1, jnp.int32)
+  s, pid = out['student'], batch['pid']
+  unoccluded = batch['pattern'] == 0
+  glob = losses.triplet_loss(s['feat'], pid, 0.0, unoccluded)
+  expected = (0.5 * glob + 0.5 * losses.part_triplet_loss(s['part_feats'], pid, 0.0, unoccluded)
+              if parts else glob)
+  c = _config()
+  _, m_all, _ = ogfr_loss(out, batch, c, 0.0)
+  c.loss.student_triplet_views = 'unoccluded'
+  run_config.validate(c)
+  _, m, _ = ogfr_loss(out, batch, c, 0.0)
+  np.testing.assert_allclose(m['loss/student_triplet'], expected, rtol=1e-6)
+  assert abs(float(m['loss/student_triplet']) - float(m_all['loss/student_triplet'])) > 1e-4
+  # The teacher sees holistic images: its triplet keeps every view.
+  np.testing.assert_allclose(m['loss/teacher_triplet'], m_all['loss/teacher_triplet'])
+  c.loss.student_triplet_views = 'clean'
+  with pytest.raises(ValueError, match='loss.student_triplet_views'):
     run_config.validate(c)
 
 
