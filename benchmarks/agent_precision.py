@@ -1,13 +1,15 @@
 """Does the trained purification agent find the clutter planted in the synthetic benchmark?
 
-  python benchmarks/agent_precision.py --workdir runs/synthetic [--json]
+  python benchmarks/agent_precision.py --workdir runs/synthetic [--untrained-agent] [--json]
 
 For every holistic training image of the embedded benchmark, the teacher's greedy (evaluation)
 selection after block L is compared with the planted-clutter token mask (a token counts as
 clutter when at least --min-cover of its patch window is clutter). Reports, over all training
 images and over those with clutter only: the selection rate, precision (selected tokens that
 are clutter), recall (clutter tokens selected), and the chance precision (the clutter fraction
-of all tokens: what a selection blind to content would score).
+of all tokens: what a selection blind to content would score). It also scores the agent's
+token scores as a ranking (R-precision and AUC on the images with clutter), which says whether
+they point at the clutter even where the greedy action selects nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def _counts(sel: np.ndarray, clutter: np.ndarray) -> dict[str, float]:
   }
 
 
-def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float = 0.5) -> dict:
+def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float = 0.5,
+                        untrained_agent: bool = False) -> dict:
+  """The figures of the module docstring. `untrained_agent`: the trained teacher with the
+  agent's parameters as initialised (seed of the run), the control for the trained agent."""
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if config.dataset.name != 'synthetic':
@@ -56,11 +61,14 @@ def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float 
   spec = augment.augment_spec(config)
   gh, gw = ogfr_model.token_grid(config)
   input_size = (config.input.height, config.input.width)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  params = state.params
+  if untrained_agent:
+    params = {**params, 'agent': s['state'].params['agent']}
+  variables = {'params': params, 'batch_stats': state.batch_stats}
   select = jax.jit(lambda v, x, c: s['model'].apply(
-      v, x, c, method=ogfr_model.OGFR.teacher_selection)['mask'])
+      v, x, c, method=ogfr_model.OGFR.teacher_selection))
 
-  sels, clutters = [], []
+  sels, scores, clutters = [], [], []
   for start in range(0, len(split), batch_size):
     idx = np.arange(start, min(start + batch_size, len(split)))
     images = np.stack([augment.eval_transform(image_io.load_image(split.paths[i]), spec)
@@ -72,28 +80,63 @@ def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float 
         clutter[row] = synthetic.clutter_token_mask(
             entry['clutter_mask'].astype(np.float32), gh, gw, config.model.patch_size,
             config.model.stride, min_cover=min_cover, input_size=input_size)
-    sel = np.asarray(parallel.fetch(select(variables, images, split.camids[idx])))
-    sels.append(sel.reshape(len(idx), -1))
+    out = parallel.fetch(select(variables, images, split.camids[idx]))
+    sels.append(np.asarray(out['mask']).reshape(len(idx), -1))
+    scores.append(np.asarray(out['scores'], np.float32).reshape(len(idx), -1))
     clutters.append(clutter.reshape(len(idx), -1))
-  sel, clutter = np.concatenate(sels), np.concatenate(clutters)
+  sel, score, clutter = np.concatenate(sels), np.concatenate(scores), np.concatenate(clutters)
   has = clutter.any(axis=1)
   return {'step': int(step), 'grid': [gh, gw], 'min_cover': min_cover,
           'all_train_images': _counts(sel, clutter),
-          'clutter_images': _counts(sel[has], clutter[has])}
+          'clutter_images': _counts(sel[has], clutter[has]),
+          'scores': _ranking(score[has], clutter[has])}
+
+
+def _ranking(score: np.ndarray, clutter: np.ndarray) -> dict[str, float]:
+  """How the agent's scores order the tokens of images with clutter, whatever the threshold.
+
+  r_precision: per image, the fraction of clutter among its n highest-scoring tokens, where n
+  is its number of clutter tokens (chance: its clutter fraction). auc: the chance that a
+  clutter token outscores a clean token of the same image (chance 0.5; ties count half).
+  """
+  if not len(score):
+    return {'images': 0, 'r_precision': float('nan'), 'chance_r_precision': float('nan'),
+            'auc': float('nan')}
+  r_prec, chance, aucs = [], [], []
+  for s, c in zip(score, clutter):
+    n = int(c.sum())
+    top = np.argsort(-s, kind='stable')[:n]
+    r_prec.append(float(c[top].mean()))
+    chance.append(n / c.size)
+    pos, neg = s[c], s[~c]
+    if neg.size:
+      greater = (pos[:, None] > neg[None, :]).mean()
+      ties = (pos[:, None] == neg[None, :]).mean()
+      aucs.append(float(greater + 0.5 * ties))
+  return {'images': int(len(score)), 'r_precision': float(np.mean(r_prec)),
+          'chance_r_precision': float(np.mean(chance)),
+          'auc': float(np.mean(aucs)) if aucs else float('nan')}
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--workdir', required=True)
   p.add_argument('--min-cover', type=float, default=0.5)
+  p.add_argument('--untrained-agent', action='store_true',
+                 help='control: the trained teacher with the agent as initialised')
   p.add_argument('--json', action='store_true')
   args = p.parse_args(argv)
-  stats = agent_clutter_stats(args.workdir, min_cover=args.min_cover)
+  stats = agent_clutter_stats(args.workdir, min_cover=args.min_cover,
+                              untrained_agent=args.untrained_agent)
   for name in ('all_train_images', 'clutter_images'):
     r = stats[name]
     print(f"{name:17s} images {r['images']:5d} | select rate {r['select_rate']:.3f} | "
           f"precision {r['precision']:.3f} vs chance {r['chance_precision']:.3f} | "
           f"recall {r['recall']:.3f}")
+  r = stats['scores']
+  print(f"agent scores on {r['images']} clutter images | R-precision {r['r_precision']:.3f} vs "
+        f"chance {r['chance_r_precision']:.3f} | clutter-vs-clean AUC {r['auc']:.3f} "
+        "(chance 0.5)")
   if args.json:
     print(json.dumps(stats))
   return stats
