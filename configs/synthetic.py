@@ -35,6 +35,11 @@ def get_config(arg=None):
   # procedural types plus the bank (WORKSPACE.md, "Figures").
   c.occlusion.patterns = ('bank',)
 
+  # Triplet anchors and positives: the student's unoccluded views only (config_defaults,
+  # loss.student_triplet_views). Over all views the student's pre-BN feature collapses and
+  # occlusion synthesis lowers mAP (WORKSPACE.md, "Figures").
+  c.loss.student_triplet_views = 'unoccluded'
+
   c.model.size = 'tiny'
   c.model.patch_size = 16
   c.model.stride = 12
