@@ -2,7 +2,7 @@
 
 Command (one run per step; same budget and seed for each):
   python -m ogfr_jax.main --config configs/ablations.py:step=vit_baseline --workdir runs/abl/base
-  steps: vit_baseline, occ_synthesis, kd, fepm_random, fepm_agent, full
+  steps: vit_baseline, occ_synthesis, kd, fepm_random, fepm_agent, full, student_erase
 
   vit_baseline   student ViT only, trained on holistic images (no occlusion synthesis)
   occ_synthesis  + the student sees synthesised occlusions
@@ -10,6 +10,8 @@ Command (one run per step; same budget and seed for each):
   fepm_random    + FEPM that replaces random tokens (no learning)
   fepm_agent     + FEPM with the REINFORCE agent choosing the tokens
   full           + occlusion pattern embeddings in the student (full OGFR)
+  student_erase  + occluder-token erasure in the student (model.student_erase; an extension
+                 beyond our reading of the paper, not part of full OGFR)
 
 Args: `step=NAME`; `dataset=occluded_duke` (or another dataset name) runs the ladder on the
 ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for smoke tests.
@@ -18,7 +20,8 @@ ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for
 import importlib.util
 import os
 
-STEPS = ('vit_baseline', 'occ_synthesis', 'kd', 'fepm_random', 'fepm_agent', 'full')
+STEPS = ('vit_baseline', 'occ_synthesis', 'kd', 'fepm_random', 'fepm_agent', 'full',
+         'student_erase')
 
 
 def apply_step(c, step):
@@ -30,6 +33,7 @@ def apply_step(c, step):
   c.fepm.enabled = level >= STEPS.index('fepm_random')
   c.fepm.selection = 'random' if step == 'fepm_random' else 'agent'
   c.model.pattern_embed = level >= STEPS.index('full')
+  c.model.student_erase = level >= STEPS.index('student_erase')
   return c
 
 

@@ -192,13 +192,16 @@ def random_batch(config, batch: int, num_classes: int, num_cameras: int,
   h, w = config.input.height, config.input.width
   k = config.input.images_per_id
   pids = np.repeat(np.arange(batch // k), k) % num_classes
-  return {
+  out = {
       'image': random_pixels(rng, (batch, h, w, 3)),
       'occluded': random_pixels(rng, (batch, h, w, 3)),
       'pattern': rng.integers(0, ogfr_model.num_patterns(config), batch).astype(np.int32),
       'pid': pids.astype(np.int32),
       'camid': rng.integers(0, num_cameras, batch).astype(np.int32),
   }
+  if config.model.get('student_erase', False):
+    out['occ_mask'] = (rng.random((batch, h, w)) < 0.3).astype(np.uint8)
+  return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -117,6 +117,15 @@ def base_config() -> ml_collections.ConfigDict:
   # outputs (+2% FLOPs); 'block' keeps only each block's input (+22% FLOPs, least memory).
   # Same results. XLA:CPU schedules the recomputation early and saves no memory with it.
   c.model.remat = 'none'
+  # Occluder-token erasure in the student (an extension beyond our reading of the paper): a
+  # linear head on the student's tokens after block `student_erase_layer` predicts which patch
+  # tokens show an occluder (trained against the synthesis mask, loss.occluder_token_weight),
+  # each embedded patch token is blended towards a learnable token (plus its position
+  # embedding) by that probability, and the student runs again from the blended tokens. The
+  # blend is soft, so a wrong guess costs little and the ReID losses also train the head.
+  # Costs `student_erase_layer` extra student blocks per image, in training and at test.
+  c.model.student_erase = False
+  c.model.student_erase_layer = 1
 
   # --- Feature Erasing and Purification Module (teacher) -------------------------------------
   c.fepm = ml_collections.ConfigDict()
@@ -159,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.kd_logit_weight = 1.0
   c.loss.kd_temperature = 4.0
   c.loss.pattern_weight = 0.1
+  # Binary cross-entropy of the student's occluder-token head (model.student_erase). Target:
+  # patch tokens whose window is at least half occluder pixels in the synthesised view.
+  c.loss.occluder_token_weight = 1.0
   c.loss.agent_weight = 1.0
   c.loss.teacher_weight = 1.0  # teacher's own ID + triplet terms
   c.loss.student_weight = 1.0

@@ -131,6 +131,14 @@ def kd_logit_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   return jnp.mean(kl) * temperature ** 2
 
 
+def occluder_token_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """Binary cross-entropy of per-token occluder logits [B, N] against bool/0-1 `target`,
+  mean over tokens."""
+  logits, target = _f32(logits), _f32(target)
+  return -jnp.mean(target * jax.nn.log_sigmoid(logits)
+                   + (1.0 - target) * jax.nn.log_sigmoid(-logits))
+
+
 def pattern_loss(pattern_logits: jax.Array, pattern: jax.Array) -> jax.Array:
   """Cross-entropy of the occlusion-pattern classifier (id 0 = no occluder)."""
   return id_loss(pattern_logits, pattern, 0.0)
@@ -209,8 +217,10 @@ def ogfr_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
 
   total = w_t (w_id ID_t + w_tri TRI_t) + w_s (w_id ID_s + w_tri TRI_s)
           + w_kd KD_feat + w_kdl KD_logit + w_occ CE_pattern + w_agent REINFORCE
+          + w_tok BCE_occluder_tokens
   with each term present only when its part of the model exists (no teacher: student only;
-  FEPM off or random selection: no agent term; pattern embeddings off: no pattern term).
+  FEPM off or random selection: no agent term; pattern embeddings off: no pattern term;
+  model.student_erase off: no occluder-token term).
   Distillation covers the global feature/logits and, with JPM, the parts (half and half).
   """
   lc, fc = config.loss, config.fepm
@@ -235,6 +245,16 @@ def ogfr_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
     total += lc.pattern_weight * p_loss
     metrics.update({'loss/pattern': p_loss,
                     'pattern/accuracy': accuracy(student['pattern_logits'], pattern)})
+
+  if 'occluder_target' in student:
+    logits, target = student['occluder_logits'], student['occluder_target']
+    o_loss = occluder_token_loss(logits, target)
+    total += lc.get('occluder_token_weight', 1.0) * o_loss
+    predicted = _f32(logits) > 0
+    metrics.update({'loss/occluder_token': o_loss,
+                    'occluder/token_accuracy': jnp.mean(_f32(predicted == target)),
+                    'occluder/predicted_rate': jnp.mean(_f32(predicted)),
+                    'occluder/target_rate': jnp.mean(_f32(target))})
 
   teacher = outputs.get('teacher')
   if teacher is not None:

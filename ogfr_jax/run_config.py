@@ -85,6 +85,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.patch_size > min(config.input.height, config.input.width):
     raise ValueError(f'config.model.patch_size={config.model.patch_size} is larger than the '
                      f'input {config.input.height}x{config.input.width}')
+  if config.model.get('student_erase', False):
+    if not config.occlusion.enabled:
+      raise ValueError('config.model.student_erase needs config.occlusion.enabled: the '
+                       "student's occluder head trains on the synthesised occluders")
+    from ogfr_jax.models import ogfr  # pylint: disable=g-import-not-at-top
+    ogfr.student_erase_layer(config)
   if config.train.epochs <= 0:
     raise ValueError(f'config.train.epochs={config.train.epochs} must be > 0')
   _validate_input_and_eval(config)

@@ -50,7 +50,8 @@ from ogfr_jax.data import pipeline
 from ogfr_jax.data import synthetic
 from ogfr_jax.models import ogfr as ogfr_model
 
-# The keys of an input batch that the train step consumes (occ_mask stays on the host).
+# The keys of an input batch that the train step consumes (occ_mask stays on the host unless
+# the student's occluder head trains on it: `step_keys`).
 STEP_KEYS = ('image', 'occluded', 'pattern', 'pid', 'camid')
 # Pixel batches (uint8 from the pipeline) that the step normalises on the device.
 IMAGE_KEYS = ('image', 'occluded')
@@ -233,9 +234,14 @@ def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state):
   return guards.finite_update(finite, update((params, opt_state)), (params, opt_state))
 
 
+def step_keys(config) -> tuple[str, ...]:
+  """The batch keys the train step of `config` reads."""
+  return STEP_KEYS + (('occ_mask',) if config.model.get('student_erase', False) else ())
+
+
 def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings):
   step = functools.partial(train_step, model=model, tx=tx, config=config, lr_fn=lr_fn)
-  batch_shardings = {k: parallel.batch_sharding(mesh) for k in STEP_KEYS}
+  batch_shardings = {k: parallel.batch_sharding(mesh) for k in step_keys(config)}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),
                  donate_argnums=0)
@@ -440,12 +446,12 @@ def restore_latest(s: dict):
 
 def _batches(it: Iterator[dict]) -> Iterator[dict]:
   for batch in it:
-    yield {k: batch[k] for k in STEP_KEYS}
+    yield dict(batch)
 
 
-def _to_devices(batch: dict, mesh) -> dict[str, jax.Array]:
+def _to_devices(batch: dict, mesh, keys: tuple[str, ...] = STEP_KEYS) -> dict[str, jax.Array]:
   """The step's keys of a host batch as global arrays (the prefetch thread calls this)."""
-  return parallel.global_batch({k: batch[k] for k in STEP_KEYS}, mesh)
+  return parallel.global_batch({k: batch[k] for k in keys}, mesh)
 
 
 class _Progress:
@@ -596,7 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Batches reach the step already on the devices; checkpoints take the input state of the
   # last batch consumed, not of those read ahead (prefetch.py).
   train_iter = prefetch.DevicePrefetcher(
-      train_iter, functools.partial(_to_devices, mesh=mesh),
+      train_iter, functools.partial(_to_devices, mesh=mesh, keys=step_keys(config)),
       size=int(config.input.get('device_prefetch', 2)))
   # Periodic evaluations come before the checkpoint of their step and are kept; the final one
   # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.

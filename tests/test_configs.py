@@ -52,23 +52,34 @@ def test_ablation_ladder_switches_components():
   for step in ablations.STEPS:
     c = ablations.apply_step(config_defaults.base_config(), step)
     seen[step] = (c.occlusion.enabled, c.model.teacher, c.fepm.enabled, c.fepm.selection,
-                  c.model.pattern_embed)
-  assert seen['vit_baseline'] == (False, False, False, 'agent', False)
-  assert seen['kd'] == (True, True, False, 'agent', False)
-  assert seen['fepm_random'] == (True, True, True, 'random', False)
-  assert seen['full'] == (True, True, True, 'agent', True)
+                  c.model.pattern_embed, c.model.student_erase)
+  assert seen['vit_baseline'] == (False, False, False, 'agent', False, False)
+  assert seen['kd'] == (True, True, False, 'agent', False, False)
+  assert seen['fepm_random'] == (True, True, True, 'random', False, False)
+  assert seen['full'] == (True, True, True, 'agent', True, False)
+  assert seen['student_erase'] == (True, True, True, 'agent', True, True)
   with pytest.raises(ValueError, match='unknown ablation step'):
     ablations.apply_step(config_defaults.base_config(), 'nope')
 
 
 @pytest.mark.parametrize('field,value', [
     ('dataset.name', 'market'), ('model.size', 'huge'), ('fepm.action', 'sample'),
-    ('input.ids_per_batch', 0)])
+    ('input.ids_per_batch', 0), ('model.student_erase_layer', 13)])
 def test_validate_names_the_field(field, value):
   c = config_defaults.base_config()
+  c.model.student_erase = True
   section, name = field.split('.')
   c[section][name] = value
   with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+    run_config.validate(c)
+
+
+def test_student_erase_needs_occlusion_synthesis():
+  c = config_defaults.base_config()
+  c.model.student_erase = True
+  run_config.validate(c)
+  c.occlusion.enabled = False
+  with pytest.raises(ValueError, match=r'occlusion\.enabled'):
     run_config.validate(c)
 
 

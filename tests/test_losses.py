@@ -160,6 +160,32 @@ def test_pattern_loss_is_cross_entropy():
   np.testing.assert_allclose(losses.pattern_loss(logits, np.array([0, 1])), expected, rtol=1e-6)
 
 
+def test_occluder_token_loss_is_binary_cross_entropy():
+  logits = np.array([[3.0, -1.0, 0.0], [-4.0, 2.0, 0.5]], np.float32)
+  target = np.array([[True, False, True], [False, False, True]])
+  p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+  expected = -np.mean(np.where(target, np.log(p), np.log(1.0 - p)))
+  np.testing.assert_allclose(losses.occluder_token_loss(logits, target), expected, rtol=1e-6)
+
+
+def test_ogfr_loss_adds_the_weighted_occluder_token_term():
+  rng = np.random.default_rng(8)
+  out, batch, c = _outputs(rng), _batch(rng), _config()
+  total, m, _ = ogfr_loss(out, batch, c, jnp.float32(0.0))
+  assert 'loss/occluder_token' not in m
+  logits = rng.normal(size=(len(batch['pid']), 6)).astype(np.float32)
+  target = rng.random((len(batch['pid']), 6)) < 0.3
+  out['student'] = dict(out['student'], occluder_logits=logits, occluder_target=target)
+  c.loss.occluder_token_weight = 0.7
+  total_tok, m_tok, _ = ogfr_loss(out, batch, c, jnp.float32(0.0))
+  term = losses.occluder_token_loss(logits, target)
+  np.testing.assert_allclose(m_tok['loss/occluder_token'], term, rtol=1e-6)
+  np.testing.assert_allclose(total_tok, total + 0.7 * term, rtol=1e-5)
+  np.testing.assert_allclose(m_tok['occluder/target_rate'], target.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m_tok['occluder/token_accuracy'],
+                             ((logits > 0) == target).mean(), rtol=1e-6)
+
+
 # --- agent ------------------------------------------------------------------------------------
 
 

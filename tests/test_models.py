@@ -169,6 +169,8 @@ VARIANTS = {
                         'fepm.layer': 0},
     'no_pattern_no_sie': {'model.pattern_embed': False, 'model.sie': False},
     'moving_average': {'fepm.baseline': 'moving_average', 'model.pattern_dropout': 0.5},
+    'student_erase_jpm': {'model.student_erase': True, 'model.student_erase_layer': 2,
+                          'model.jpm': True},
 }
 
 
@@ -177,6 +179,8 @@ def test_output_shapes(name):
   config = tiny_config(**VARIANTS[name])
   model = build(config)
   batch = make_batch()
+  if config.model.student_erase:
+    batch['occ_mask'] = jnp.zeros((B, H, W), jnp.uint8)
   d, n, k1, p = 64, 10, 5, 2
 
   def train_fwd():
@@ -199,6 +203,8 @@ def test_output_shapes(name):
     expected_top |= {'pattern_embed', 'pattern_head'}
   if teacher and config.fepm.enabled:
     expected_top |= {'fepm'} | ({'agent'} if config.fepm.selection == 'agent' else set())
+  if m.student_erase:
+    expected_top |= {'student_erase', 'occluder_head'}
   assert set(params) == expected_top
   assert set(ogfr.backbone_names(config)) <= set(params)
 
@@ -212,6 +218,11 @@ def test_output_shapes(name):
       assert o['part_logits'].shape == (B, p, NUM_CLASSES)
     else:
       assert 'part_feats' not in o
+  assert ('occluder_logits' in out['student']) == m.student_erase
+  assert ('loss/occluder_token' in metrics) == m.student_erase
+  if m.student_erase:
+    assert out['student']['occluder_logits'].shape == (B, n)
+    assert out['student']['occluder_target'].shape == (B, n)
   assert ('pattern_logits' in out['student']) == m.pattern_embed
   if m.pattern_embed:
     assert out['student']['pattern_logits'].shape == (B, k1)
@@ -432,3 +443,64 @@ def test_pattern_head_reads_the_configured_feature(head_input):
   np.testing.assert_allclose(out['pattern_logits'], expected, rtol=1e-5, atol=1e-5)
   other = out['feat' if head_input == 'bn_feat' else 'bn_feat'] @ head['kernel'] + head['bias']
   assert not np.allclose(out['pattern_logits'], other, atol=1e-3)
+
+
+# --- occluder-token erasure in the student ---------------------------------------------------
+
+
+def test_covered_tokens_match_the_numpy_reference():
+  from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  mask = np.zeros((4, 40, 28), np.uint8)
+  for i in range(4):  # boxes of random size and place, so coverage varies around one half
+    y, x = rng.integers(0, 30), rng.integers(0, 20)
+    mask[i, y:y + rng.integers(4, 20), x:x + rng.integers(4, 14)] = 1
+  got = np.asarray(fepm.covered_tokens(mask, 8, 6))
+  gh, gw = vit.patch_grid(40, 28, 8, 6)
+  want = synthetic.clutter_token_mask(mask, gh, gw, 8, 6).reshape(4, gh * gw)
+  np.testing.assert_array_equal(got, want)
+  assert want.any() and not want.all()
+
+
+def test_student_erase_blends_by_the_head_and_trains_it():
+  config = tiny_config(**{'model.student_erase': True, 'model.teacher': False})
+  model = build(config)
+  batch = make_batch()
+  batch['occ_mask'] = jnp.asarray(np.arange(H)[None, :, None] < 12, jnp.uint8) * jnp.ones(
+      (B, H, W), jnp.uint8)  # the top rows occluded in every view
+  variables = model.init(RNGS, batch, train=False)
+  with pytest.raises(ValueError, match='occ_mask'):
+    model.apply(variables, {k: v for k, v in batch.items() if k != 'occ_mask'}, train=True,
+                rngs=RNGS, mutable=['batch_stats'])
+
+  def with_bias(bias):
+    v = jax.tree_util.tree_map(lambda x: x, variables)
+    v['params']['occluder_head'] = {'kernel': jnp.zeros_like(v['params']['occluder_head']['kernel']),
+                                    'bias': jnp.full((1,), bias)}
+    return v
+
+  def features(v):
+    camid = jnp.zeros((B,), jnp.int32)  # same camera: only the image differs
+    return model.apply(v, batch['occluded'], camid, method=ogfr.OGFR.extract)
+
+  f = jax.jit(features)
+  erased, kept = np.asarray(f(with_bias(30.0))), np.asarray(f(with_bias(-30.0)))
+  # Every patch token replaced: the feature no longer depends on the image.
+  np.testing.assert_allclose(erased, np.broadcast_to(erased[:1], erased.shape), atol=1e-5)
+  assert np.abs(kept - kept[:1]).max() > 1e-3
+
+  def occluder_loss(params):
+    out, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, batch,
+                         train=True, rngs=RNGS, mutable=['batch_stats'])
+    _, metrics, _ = losses.ogfr_loss(out, batch, config, jnp.zeros(()))
+    return metrics['loss/occluder_token'], out['student']['occluder_target']
+
+  grads, target = jax.jit(jax.grad(occluder_loss, has_aux=True))(variables['params'])
+  gh, gw = ogfr.token_grid(config)
+  # Rows 0..11 are occluded: the first token row (pixels 0..7) and the second (6..13,
+  # 6 of 8 rows) are covered; the third (12..19) is not.
+  want = np.zeros((gh, gw), bool)
+  want[:2] = True
+  np.testing.assert_array_equal(np.asarray(target), np.broadcast_to(want.reshape(-1), (B, gh * gw)))
+  assert np.abs(np.asarray(grads['occluder_head']['kernel'])).max() > 0
+  assert np.abs(np.asarray(grads['student_vit']['blocks_0']['attn']['qkv']['kernel'])).max() > 0

@@ -50,6 +50,27 @@ def replace_tokens(tokens: jax.Array, mask: jax.Array, replacement: jax.Array,
   return jnp.concatenate([tokens[:, :1], patches], axis=1)
 
 
+def covered_tokens(mask: jax.Array, patch: int, stride: int,
+                   min_cover: float = 0.5) -> jax.Array:
+  """Pixel mask [B, H, W] -> bool [B, N]: the patch tokens (row-major over the grid of an
+  unpadded patch convolution) whose window is at least `min_cover` masked pixels. The numpy
+  counterpart for stored masks is `data.synthetic.clutter_token_mask`."""
+  m = jnp.asarray(mask).astype(jnp.float32)
+  total = jax.lax.reduce_window(m, 0.0, jax.lax.add, (1, patch, patch), (1, stride, stride),
+                                'VALID')
+  return (total / (patch * patch) >= min_cover - 1e-6).reshape(total.shape[0], -1)
+
+
+def blend_tokens(tokens: jax.Array, weight: jax.Array, replacement: jax.Array,
+                 pos_embed: jax.Array) -> jax.Array:
+  """Soft replacement: patch token i becomes (1 - w_i) x_i + w_i (replacement + pos_i); the CLS
+  token is untouched. tokens [B, 1 + N, D]; weight [B, N] in [0, 1]."""
+  fill = (replacement[None, None, :] + pos_embed).astype(jnp.float32)
+  w = weight.astype(jnp.float32)[..., None]
+  patches = (1.0 - w) * tokens[:, 1:].astype(jnp.float32) + w * fill
+  return jnp.concatenate([tokens[:, :1], patches.astype(tokens.dtype)], axis=1)
+
+
 def num_selected(fraction: float, num_tokens: int) -> int:
   """k for 'topk' and 'random' selection: round(fraction * N), which must be in [1, N]."""
   k = int(round(fraction * num_tokens))
@@ -181,13 +202,17 @@ class Agent(nn.Module):
 
 
 class TokenReplacement(nn.Module):
-  """Holds the learnable replacement token. It is trained by the teacher's own losses (it sits
-  in the teacher's forward pass), not by REINFORCE, so it is kept outside the 'agent' module."""
+  """Holds the learnable replacement token. It is trained by the losses of the branch whose
+  forward pass it sits in (the teacher's for FEPM), not by REINFORCE, so it is kept outside
+  the 'agent' module."""
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array, pos_embed: jax.Array) -> jax.Array:
+    """Hard replacement where bool `mask` [B, N] is set; a float mask blends (`blend_tokens`)."""
     token = self.param('replace_token', vit_lib.TRUNC_INIT, (tokens.shape[-1],), jnp.float32)
-    return replace_tokens(tokens, mask, token, pos_embed)
+    if mask.dtype == jnp.bool_:
+      return replace_tokens(tokens, mask, token, pos_embed)
+    return blend_tokens(tokens, mask, token, pos_embed)
 
 
 def describe(config: Any) -> dict[str, Any]:

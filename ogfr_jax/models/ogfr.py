@@ -9,6 +9,8 @@ Parameter tree (top-level names under 'params'):
   pattern_head               linear pattern classifier on the student's BNNeck (or CLS) feature
   fepm                       the replacement token ('replace_token'), trained by the teacher's
                              losses like any backbone parameter
+  student_erase, occluder_head   the student's replacement token and its per-token occluder
+                             classifier (model.student_erase)
   agent                      the token-scoring policy: the only module named 'agent', so the
                              optimizer can give it its own update rule by path
 'batch_stats' holds the BNNeck running statistics of each head.
@@ -60,6 +62,17 @@ def fepm_layer(config: Any) -> int:
                      f'of the {depth} blocks, so it must be in [0, {depth - 1}] '
                      f'(or [-{depth}, -1] from the end)')
   return resolved
+
+
+def student_erase_layer(config: Any) -> int:
+  """The number of student blocks whose output the occluder head reads (validated)."""
+  depth = vit_size(config)[1]
+  layer = int(config.model.get('student_erase_layer', 1))
+  if not 0 <= layer <= depth:
+    raise ValueError(f'model.student_erase_layer={layer}: the occluder head reads the tokens '
+                     f'after that many of the {depth} student blocks, so it must be in '
+                     f'[0, {depth}]')
+  return layer
 
 
 def num_patterns(config: Any) -> int:
@@ -149,6 +162,12 @@ class OGFR(nn.Module):
                                       (num_patterns(cfg), dim), jnp.float32)
       self.pattern_head = nn.Dense(num_patterns(cfg), kernel_init=vit_lib.TRUNC_INIT)
 
+    if m.get('student_erase', False):
+      student_erase_layer(cfg)
+      self.student_erase = fepm_lib.TokenReplacement()
+      # Starts by predicting ~12% occluder probability everywhere, as the FEPM agent does.
+      self.occluder_head = nn.Dense(1, kernel_init=vit_lib.TRUNC_INIT,
+                                    bias_init=nn.initializers.constant(-2.0))
     if has_teacher(cfg):
       self.teacher_head = vit_lib.ReIDHead(self.num_classes)
       if m.jpm:
@@ -181,17 +200,43 @@ class OGFR(nn.Module):
     return res, out['stats']
 
   def _student_forward(self, image: jax.Array, camid: jax.Array,
-                       extra: Optional[jax.Array], *, train: bool) -> dict[str, jax.Array]:
-    tokens = self._backbone('student').embed(image, camid, extra)
-    out, parts = self._backbone('student').tail(tokens, 0, train=train, cls_only=True)
+                       extra: Optional[jax.Array], *, train: bool,
+                       occ_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    vit = self._backbone('student')
+    tokens = vit.embed(image, camid, extra)
+    erase = {}
+    if self.config.model.get('student_erase', False):
+      tokens, erase = self._erase_occluders(vit, tokens, occ_mask, train=train)
+    out, parts = vit.tail(tokens, 0, train=train, cls_only=True)
     feat = out[:, 0].astype(jnp.float32)
     parts = None if parts is None else parts.astype(jnp.float32)
     res, _ = self._heads('student', feat, parts, train=train)
+    res.update(erase)
     if self.config.model.pattern_embed:
       head_input = self.config.model.get('pattern_head_input', 'bn_feat')
       res['pattern_logits'] = self.pattern_head(res['bn_feat'] if head_input == 'bn_feat'
                                                 else feat)
     return res
+
+  def _erase_occluders(self, vit: vit_lib.ViT, tokens: jax.Array,
+                       occ_mask: Optional[jax.Array], *, train: bool
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Blends the embedded patch tokens towards the learnable token by the head's occluder
+    probability, read after the first model.student_erase_layer blocks. The blend stays
+    differentiable, so the ReID losses train the head along with its own cross-entropy
+    against `occ_mask` (the synthesised view's occluder pixels, required in training)."""
+    cfg = self.config
+    mid = vit.run_blocks(tokens, 0, student_erase_layer(cfg), train=train)
+    logits = self.occluder_head(mid[:, 1:].astype(jnp.float32))[..., 0]
+    out = {'occluder_logits': logits}
+    if occ_mask is not None:
+      out['occluder_target'] = fepm_lib.covered_tokens(occ_mask, cfg.model.patch_size,
+                                                       cfg.model.stride)
+    elif train:
+      raise ValueError("model.student_erase trains the occluder head on the batch's 'occ_mask' "
+                       '(the synthesised occluder pixels), which this batch lacks')
+    blended = self.student_erase(tokens, jax.nn.sigmoid(logits), vit.patch_pos_embed())
+    return blended, out
 
   def _pattern_extra(self, pattern: jax.Array, *, train: bool) -> Optional[jax.Array]:
     """E[pattern] per image; with model.pattern_dropout some are replaced by E[0] in training
@@ -275,7 +320,8 @@ class OGFR(nn.Module):
   def __call__(self, batch: dict[str, jax.Array], *, train: bool) -> dict[str, Any]:
     """Training forward of both branches.
 
-    batch: image [B,H,W,3] (x), occluded [B,H,W,3] (occ(x)), camid, pattern, pid ([B] int32).
+    batch: image [B,H,W,3] (x), occluded [B,H,W,3] (occ(x)), camid, pattern, pid ([B] int32),
+    and with model.student_erase occ_mask [B,H,W] (1 on the synthesised occluder's pixels).
     Returns {'teacher', 'student'[, 'agent']} (see the package docs for the keys). The student
     always gets the batch's pattern embedding here; `extract` applies the test-time policy.
     In training the teacher's action is sampled, otherwise greedy. Call with
@@ -287,7 +333,7 @@ class OGFR(nn.Module):
                                        train=train))
     extra = self._pattern_extra(batch['pattern'], train=train)
     out['student'] = self._student_forward(batch['occluded'], batch['camid'], extra,
-                                           train=train)
+                                           train=train, occ_mask=batch.get('occ_mask'))
     return out
 
   def extract(self, image: jax.Array, camid: jax.Array, *,
@@ -297,6 +343,7 @@ class OGFR(nn.Module):
 
     Pattern policy (model.pattern_test_policy): 'none' adds E[0]; 'soft' runs the student
     twice, first with E[0] to predict p = softmax(pattern_logits), then with sum_k p_k E[k].
+    With model.student_erase the tokens are blended by the occluder head's own prediction.
     """
     if feature not in ('pre_bn', 'post_bn'):
       raise ValueError(f"eval.feature={feature!r}: use 'pre_bn' or 'post_bn'")
