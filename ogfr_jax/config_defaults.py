@@ -123,9 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
   # each embedded patch token is blended towards a learnable token (plus its position
   # embedding) by that probability, and the student runs again from the blended tokens. The
   # blend is soft, so a wrong guess costs little and the ReID losses also train the head.
-  # Costs `student_erase_layer` extra student blocks per image, in training and at test.
+  # Costs `student_erase_layer` extra blocks per image, in training and at test.
   c.model.student_erase = False
   c.model.student_erase_layer = 1
+  # Whose blocks the occluder head reads: 'student' (the student's own first blocks, shared
+  # with ReID) or 'separate' (a copy of the student's patch embedding and first
+  # student_erase_layer blocks with parameters of its own, initialised like the backbones).
+  c.model.student_erase_detector = 'student'
 
   # --- Feature Erasing and Purification Module (teacher) -------------------------------------
   c.fepm = ml_collections.ConfigDict()

@@ -955,7 +955,8 @@ def load_backbone(params: Mapping[str, Any], path: str, config: Any, *, fmt: str
 
   `params` is the 'params' collection of `models.ogfr.OGFR` (numpy or jax leaves, or
   jax.ShapeDtypeStruct leaves of an abstract state). The backbones (`teacher_vit` and
-  `student_vit`, or the shared `vit`) are filled from the file; heads, SIE, pattern embeddings,
+  `student_vit`, or the shared `vit`; and `occluder_vit`, the blocks it holds) are filled from
+  the file; heads, SIE, pattern embeddings,
   FEPM and the agent are returned untouched. The result has the same tree structure and leaf
   dtypes; filled leaves are numpy arrays (shared between the backbones, which is safe because
   JAX never writes into them). The report is logged.
@@ -981,13 +982,18 @@ def load_backbone(params: Mapping[str, Any], path: str, config: Any, *, fmt: str
   first = subs[names[0]]
   values, rows, naming = map_vit(checkpoint, first, grid=grid, num_heads=heads,
                                  source_grid=source_grid)
+  full_layout = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in first.items()}
   for name in names:
     layout = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in subs[name].items()}
-    if layout != {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in first.items()}:
+    # The student's occluder classifier holds only the first blocks of a backbone.
+    partial = name == 'occluder_vit'
+    if (layout != full_layout and not partial) or any(
+        full_layout.get(k) != v for k, v in layout.items()):
       raise ValueError(f'backbones {names[0]} and {name} differ in structure; they are built '
                        f'from one config and should not')
     for key, value in values.items():
-      flat[(name,) + tuple(key.split('/'))] = value
+      if key in layout:
+        flat[(name,) + tuple(key.split('/'))] = value
   report = ImportReport(checkpoint.path, checkpoint.fmt, naming, tuple(names), rows,
                         checkpoint.note)
   log_report(report)

@@ -91,6 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        "student's occluder head trains on the synthesised occluders")
     from ogfr_jax.models import ogfr  # pylint: disable=g-import-not-at-top
     ogfr.student_erase_layer(config)
+    ogfr.erase_detector(config)
   if config.train.epochs <= 0:
     raise ValueError(f'config.train.epochs={config.train.epochs} must be > 0')
   _validate_input_and_eval(config)

@@ -64,7 +64,8 @@ def test_ablation_ladder_switches_components():
 
 @pytest.mark.parametrize('field,value', [
     ('dataset.name', 'market'), ('model.size', 'huge'), ('fepm.action', 'sample'),
-    ('input.ids_per_batch', 0), ('model.student_erase_layer', 13)])
+    ('input.ids_per_batch', 0), ('model.student_erase_layer', 13),
+    ('model.student_erase_detector', 'pixels')])
 def test_validate_names_the_field(field, value):
   c = config_defaults.base_config()
   c.model.student_erase = True

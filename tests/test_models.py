@@ -171,6 +171,8 @@ VARIANTS = {
     'moving_average': {'fepm.baseline': 'moving_average', 'model.pattern_dropout': 0.5},
     'student_erase_jpm': {'model.student_erase': True, 'model.student_erase_layer': 2,
                           'model.jpm': True},
+    'student_erase_separate': {'model.student_erase': True, 'model.student_erase_layer': 1,
+                               'model.student_erase_detector': 'separate'},
 }
 
 
@@ -205,6 +207,11 @@ def test_output_shapes(name):
     expected_top |= {'fepm'} | ({'agent'} if config.fepm.selection == 'agent' else set())
   if m.student_erase:
     expected_top |= {'student_erase', 'occluder_head'}
+    if m.student_erase_detector == 'separate':
+      expected_top |= {'occluder_vit'}
+      # The student's patch embedding and first block, nothing after them.
+      assert set(params['occluder_vit']) == {'patch_embed', 'cls_token', 'pos_embed',
+                                             'sie_embed', 'blocks_0'}
   assert set(params) == expected_top
   assert set(ogfr.backbone_names(config)) <= set(params)
 
@@ -462,8 +469,10 @@ def test_covered_tokens_match_the_numpy_reference():
   assert want.any() and not want.all()
 
 
-def test_student_erase_blends_by_the_head_and_trains_it():
-  config = tiny_config(**{'model.student_erase': True, 'model.teacher': False})
+@pytest.mark.parametrize('detector', ['student', 'separate'])
+def test_student_erase_blends_by_the_head_and_trains_it(detector):
+  config = tiny_config(**{'model.student_erase': True, 'model.teacher': False,
+                          'model.student_erase_detector': detector})
   model = build(config)
   batch = make_batch()
   batch['occ_mask'] = jnp.asarray(np.arange(H)[None, :, None] < 12, jnp.uint8) * jnp.ones(
@@ -503,4 +512,5 @@ def test_student_erase_blends_by_the_head_and_trains_it():
   want[:2] = True
   np.testing.assert_array_equal(np.asarray(target), np.broadcast_to(want.reshape(-1), (B, gh * gw)))
   assert np.abs(np.asarray(grads['occluder_head']['kernel'])).max() > 0
-  assert np.abs(np.asarray(grads['student_vit']['blocks_0']['attn']['qkv']['kernel'])).max() > 0
+  reader = 'occluder_vit' if detector == 'separate' else 'student_vit'
+  assert np.abs(np.asarray(grads[reader]['blocks_0']['attn']['qkv']['kernel'])).max() > 0

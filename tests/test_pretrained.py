@@ -124,6 +124,20 @@ def test_resampling_is_torch_bilinear():
 # Loading into the OGFR tree
 
 
+def test_load_backbone_fills_the_occluder_classifier_blocks_it_has():
+  config = make_config(128, 64, 12, student_erase=True, student_erase_detector='separate',
+                       student_erase_layer=1)
+  before = random_params(config)
+  after, report = pretrained.load_backbone(before, WEIGHTS, config)
+  assert report.backbones == ('teacher_vit', 'student_vit', 'occluder_vit')
+  fa, src = flat(after), timm_tensors()
+  assert not any(k.startswith('occluder_vit/blocks_1') for k in fa)
+  np.testing.assert_array_equal(fa['occluder_vit/blocks_0/fc2/kernel'],
+                                src['blocks.0.mlp.fc2.weight'].T)
+  np.testing.assert_array_equal(fa['occluder_vit/pos_embed'], fa['student_vit/pos_embed'])
+  np.testing.assert_array_equal(fa['occluder_head/kernel'], flat(before)['occluder_head/kernel'])
+
+
 def test_load_backbone_fills_both_backbones_and_nothing_else():
   config = make_config(128, 64, 12, jpm=True)
   before = random_params(config)

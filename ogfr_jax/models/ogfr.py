@@ -11,6 +11,9 @@ Parameter tree (top-level names under 'params'):
                              losses like any backbone parameter
   student_erase, occluder_head   the student's replacement token and its per-token occluder
                              classifier (model.student_erase)
+  occluder_vit               the occluder classifier's own patch embedding and first blocks
+                             (model.student_erase_detector='separate'); filled from
+                             init_from like the backbones (the blocks it has)
   agent                      the token-scoring policy: the only module named 'agent', so the
                              optimizer can give it its own update rule by path
 'batch_stats' holds the BNNeck running statistics of each head.
@@ -75,6 +78,14 @@ def student_erase_layer(config: Any) -> int:
   return layer
 
 
+def erase_detector(config: Any) -> str:
+  """model.student_erase_detector, validated."""
+  detector = config.model.get('student_erase_detector', 'student')
+  if detector not in ('student', 'separate'):
+    raise ValueError(f"model.student_erase_detector={detector!r}: use 'student' or 'separate'")
+  return detector
+
+
 def num_patterns(config: Any) -> int:
   """K + 1: the occlusion pattern ids 0 (none) .. K."""
   return len(config.occlusion.patterns) + 1
@@ -97,9 +108,11 @@ def has_fepm(config: Any) -> bool:
 
 def backbone_names(config: Any) -> tuple[str, ...]:
   """Top-level parameter names holding a ViT backbone (for pretrained-weight import)."""
+  extra = (('occluder_vit',) if config.model.get('student_erase', False)
+           and erase_detector(config) == 'separate' else ())
   if has_teacher(config) and config.model.shared_backbone:
-    return ('vit',)
-  return ('teacher_vit', 'student_vit') if has_teacher(config) else ('student_vit',)
+    return ('vit',) + extra
+  return (('teacher_vit', 'student_vit') if has_teacher(config) else ('student_vit',)) + extra
 
 
 def freeze_config(config: Any) -> ml_collections.FrozenConfigDict:
@@ -165,6 +178,10 @@ class OGFR(nn.Module):
     if m.get('student_erase', False):
       student_erase_layer(cfg)
       self.student_erase = fepm_lib.TokenReplacement()
+      if erase_detector(cfg) == 'separate':
+        # The student's patch embedding and first blocks, with parameters of its own.
+        self.occluder_vit = vit_lib.ViT(**dict(backbone, depth=student_erase_layer(cfg),
+                                               jpm=False))
       # Starts by predicting ~12% occluder probability everywhere, as the FEPM agent does.
       self.occluder_head = nn.Dense(1, kernel_init=vit_lib.TRUNC_INIT,
                                     bias_init=nn.initializers.constant(-2.0))
@@ -206,7 +223,7 @@ class OGFR(nn.Module):
     tokens = vit.embed(image, camid, extra)
     erase = {}
     if self.config.model.get('student_erase', False):
-      tokens, erase = self._erase_occluders(vit, tokens, occ_mask, train=train)
+      tokens, erase = self._erase_occluders(vit, tokens, image, camid, occ_mask, train=train)
     out, parts = vit.tail(tokens, 0, train=train, cls_only=True)
     feat = out[:, 0].astype(jnp.float32)
     parts = None if parts is None else parts.astype(jnp.float32)
@@ -218,15 +235,20 @@ class OGFR(nn.Module):
                                                 else feat)
     return res
 
-  def _erase_occluders(self, vit: vit_lib.ViT, tokens: jax.Array,
-                       occ_mask: Optional[jax.Array], *, train: bool
+  def _erase_occluders(self, vit: vit_lib.ViT, tokens: jax.Array, image: jax.Array,
+                       camid: jax.Array, occ_mask: Optional[jax.Array], *, train: bool
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Blends the embedded patch tokens towards the learnable token by the head's occluder
-    probability, read after the first model.student_erase_layer blocks. The blend stays
+    probability, read after the first model.student_erase_layer blocks of the student (or of
+    the classifier's own copy, model.student_erase_detector='separate'). The blend stays
     differentiable, so the ReID losses train the head along with its own cross-entropy
     against `occ_mask` (the synthesised view's occluder pixels, required in training)."""
     cfg = self.config
-    mid = vit.run_blocks(tokens, 0, student_erase_layer(cfg), train=train)
+    if erase_detector(cfg) == 'separate':
+      det = self.occluder_vit
+      mid = det.run_blocks(det.embed(image, camid), 0, det.depth, train=train)
+    else:
+      mid = vit.run_blocks(tokens, 0, student_erase_layer(cfg), train=train)
     logits = self.occluder_head(mid[:, 1:].astype(jnp.float32))[..., 0]
     out = {'occluder_logits': logits}
     if occ_mask is not None:
