@@ -1060,8 +1060,8 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
   With `fold_pattern_embed` (and model.pattern_embed with pattern_test_policy 'none') the
   student's test-time pattern embedding E[0], a constant added to every token, is folded into
   pos_embed, so timm reproduces our inference features exactly when SIE is off. The camera
-  embedding (SIE) needs camera ids and is not exported; neither are the heads or the JPM branch.
-  Returns the metadata written.
+  embedding (SIE) needs camera ids and is not exported; neither are the heads, the JPM branch
+  or the student's occluder-token erasure (model.student_erase). Returns the metadata written.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
@@ -1083,6 +1083,12 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
     else:
       logging.warning('pattern_test_policy=%r depends on the input: the pattern embedding is '
                       'not folded into the export', config.model.pattern_test_policy)
+  erase = 'no'
+  if branch == 'student' and config.model.get('student_erase', False):
+    erase = 'not exported'
+    logging.warning('the student erases occluder tokens before its blocks '
+                    '(model.student_erase); a timm ViT has no such step, so the export is the '
+                    'student backbone without it and its features differ on occluded images')
   gh, gw = ogfr_lib.token_grid(config)
   dim, depth, heads = ogfr_lib.vit_size(config)
   metadata = {
@@ -1092,7 +1098,7 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
       'ogfr.timm_img_size': f'{gh * config.model.patch_size}x{gw * config.model.patch_size}',
       'ogfr.width': str(dim), 'ogfr.depth': str(depth), 'ogfr.num_heads': str(heads),
       'ogfr.branch': branch, 'ogfr.pattern_embed_folded': folded,
-      'ogfr.sie': 'not exported',
+      'ogfr.sie': 'not exported', 'ogfr.student_erase': erase,
   }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file(tensors, path, metadata=metadata)
