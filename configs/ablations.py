@@ -10,8 +10,9 @@ Command (one run per step; same budget and seed for each):
   fepm_random    + FEPM that replaces random tokens (no learning)
   fepm_agent     + FEPM with the REINFORCE agent choosing the tokens
   full           + occlusion pattern embeddings in the student (full OGFR)
-  student_erase  + occluder-token erasure in the student (model.student_erase; an extension
-                 beyond our reading of the paper, not part of full OGFR)
+  student_erase  + occluder-token erasure in the student (model.student_erase, with the
+                 dataset config's student_erase_* fields; an extension beyond our reading of
+                 the paper, not part of full OGFR)
 
 Args: `step=NAME`; `dataset=occluded_duke` (or another dataset name) runs the ladder on the
 ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for smoke tests.

@@ -50,9 +50,9 @@ def get_config(arg=None):
 
   # Only for the ablation step 'student_erase' (configs/ablations.py), which turns on the
   # student's occluder-token erasure: its classifier on its own copy of the student's blocks,
-  # with a heavy cross-entropy weight. Seed 0, 20 epochs, pretrained: mAP 0.551 with the
-  # student's first block and weight 1, 0.569 separate with weight 1, 0.583 with weight 10
-  # (WORKSPACE.md, "Figures").
+  # with a heavy cross-entropy weight. 20 epochs from the source-pretrained student, mean of
+  # seeds 0-2: mAP 0.551 reading the student's first block at weight 1, 0.561 separate at
+  # weight 1, 0.579 separate at weight 10 (WORKSPACE.md, "Figures").
   c.model.student_erase_detector = 'separate'
   c.model.student_erase_layer = 2
   c.loss.occluder_token_weight = 10.0
