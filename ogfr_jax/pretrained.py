@@ -1068,7 +1068,7 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
   if branch not in ('student', 'teacher'):
     raise ValueError(f"branch={branch!r}: use 'student' or 'teacher'")
   names = ogfr_lib.backbone_names(config)
-  name = 'vit' if names == ('vit',) else f'{branch}_vit'
+  name = 'vit' if 'vit' in names else f'{branch}_vit'
   if name not in params:
     raise ValueError(f'the parameter tree has no {name} backbone (top-level names: '
                      f'{sorted(params)}); the teacher exists only with model.teacher')

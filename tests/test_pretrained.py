@@ -554,6 +554,17 @@ def test_safetensors_round_trip(tmp_path):
   assert rows_by_key(report)['pos_embed'].note == 'grid 5x3 -> 4x4 (bilinear)'
 
 
+def test_export_of_a_shared_backbone_with_its_own_occluder_classifier(tmp_path):
+  config = make_config(64, 48, 12, shared_backbone=True, student_erase=True,
+                       student_erase_detector='separate')
+  params = random_params(config, seed=4)
+  path = str(tmp_path / 'student.safetensors')
+  meta = pretrained.export_timm_safetensors(params, config, path, fold_pattern_embed=False)
+  assert meta['ogfr.student_erase'] == 'not exported'
+  np.testing.assert_array_equal(load_file(path)['blocks.0.mlp.fc2.weight'],
+                                params['vit']['blocks_0']['fc2']['kernel'].T)
+
+
 def test_convert_then_load(tmp_path):
   config = make_config(64, 48, 12)
   out = str(tmp_path / 'converted')
