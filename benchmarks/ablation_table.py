@@ -78,7 +78,7 @@ def _random_init_child(path: str, root: str, seed: int, extra: list[str]) -> Non
   of the freshly initialised state."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from ogfr_jax import run_config, train  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import evaluator, run_config, train  # pylint: disable=g-import-not-at-top
   argv = ['ablation_table', '--config', 'configs/ablations.py:step=full',
           f'--config.seed={seed}', *extra]
   sys.argv = argv  # config_flags finds the --config.FIELD overrides in sys.argv
@@ -87,7 +87,7 @@ def _random_init_child(path: str, root: str, seed: int, extra: list[str]) -> Non
   config = config_flag.value
   run_config.validate(config)
   s = train.setup(config, os.path.splitext(path)[0] + '_workdir')
-  result = train.run_evaluation(s['model'], s['state'], s['test_data'], config, s['mesh'], 0,
+  result = evaluator.run_evaluation(s['model'], s['state'], s['test_data'], config, s['mesh'], 0,
                                 None)
   with open(path, 'w') as f:
     json.dump(result['synthetic'], f)

@@ -27,6 +27,7 @@ from ogfr_jax import train
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.data import synthetic
+from ogfr_jax.models import build
 from ogfr_jax.models import ogfr as ogfr_model
 
 
@@ -59,7 +60,7 @@ def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float 
   root = synthetic.ensure(config.synthetic, config.dataset.root or None)
   side = synthetic.load_side_info(root, splits=('train',))
   spec = augment.augment_spec(config)
-  gh, gw = ogfr_model.token_grid(config)
+  gh, gw = build.token_grid(config)
   input_size = (config.input.height, config.input.width)
   params = state.params
   if untrained_agent:

@@ -37,9 +37,9 @@ from PIL import Image
 
 from ogfr_jax import config_defaults
 from ogfr_jax import evaluate
-from ogfr_jax import train
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
+from ogfr_jax.models import build
 from ogfr_jax.models import ogfr as ogfr_lib
 from ogfr_jax.tools import extract
 
@@ -79,7 +79,7 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int]) -> list[str]:
 
 def student(config):
   """(model, random variables) of the student only: extract's path through the model."""
-  model = train.build_model(config, num_classes=100, num_cameras=8)
+  model = build.build_model(config, num_classes=100, num_cameras=8)
   h, w = config.input.height, config.input.width
   init = jax.jit(lambda key: model.init({'params': key}, np.zeros((1, h, w, 3), np.float32),
                                         np.zeros((1,), np.int32), method=ogfr_lib.OGFR.extract))

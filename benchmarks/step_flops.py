@@ -4,7 +4,7 @@
   python benchmarks/step_flops.py --size large --batch 64 --json
   python benchmarks/step_flops.py --devices 8 --mesh 1x8 --batch 64   # per-device, FSDP
 
-The step is the one training runs (`train.jit_train_step` over `parallel.make_mesh`), built
+The step is the one training runs (`train_step.jit_train_step` over `parallel.make_mesh`), built
 with `benchmarks/train_step_cost.py`'s config and batch, lowered on abstract inputs
 (ShapeDtypeStructs carrying their shardings) and compiled; `compiled.cost_analysis()` gives
 the FLOPs. Nothing is executed and no parameters are allocated, so a CPU host is enough. On
@@ -99,15 +99,17 @@ def step_flops(args: argparse.Namespace) -> dict:
   from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
   from ogfr_jax import optim  # pylint: disable=g-import-not-at-top
   from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
-  from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import train_state  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import train_step  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = train_step_cost.bench_config(args)
   config.mesh.data, config.mesh.fsdp = (int(v) for v in args.mesh.split('x'))
   mesh = parallel.make_mesh(config.mesh)
   parallel.batch_size_per_device_check(args.batch, mesh, '--batch')
-  model = train.build_model(config, args.num_classes, 6)
+  model = build.build_model(config, args.num_classes, 6)
   tx, lr_fn = optim.make_optimizer(config, args.batch, 100, 10_000)
-  abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config),
+  abstract = jax.eval_shape(functools.partial(train_state.init_state, model, tx, config),
                             jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(abstract, mesh)
   state = checkpoints.abstract_with_shardings(abstract, shardings)
@@ -115,7 +117,7 @@ def step_flops(args: argparse.Namespace) -> dict:
                                       np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
            for k, v in host.items()}
-  step_fn = train.jit_train_step(model, tx, config, lr_fn, mesh, shardings)
+  step_fn = train_step.jit_train_step(model, tx, config, lr_fn, mesh, shardings)
   t = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t

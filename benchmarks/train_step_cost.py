@@ -17,13 +17,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ogfr_jax import config_defaults
 from ogfr_jax import optim
 from ogfr_jax import parallel
-from ogfr_jax import train
+from ogfr_jax import train_state
+from ogfr_jax import train_step
+from ogfr_jax.models import build
 
 
 def bench_config(args):
@@ -69,11 +70,11 @@ def main(argv=None) -> dict:
 
   config = bench_config(args)
   mesh = parallel.make_mesh(config.mesh)
-  model = train.build_model(config, args.num_classes, 6)
+  model = build.build_model(config, args.num_classes, 6)
   tx, lr_fn = optim.make_optimizer(config, args.batch, 100, 10_000)
-  state, _, shardings = train.create_sharded_state(model, tx, config, mesh,
+  state, _, shardings = train_state.create_sharded_state(model, tx, config, mesh,
                                                    jax.random.PRNGKey(0))
-  step_fn = train.jit_train_step(model, tx, config, lr_fn, mesh, shardings)
+  step_fn = train_step.jit_train_step(model, tx, config, lr_fn, mesh, shardings)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(random_batch(config, args.batch, args.num_classes, rng), mesh)
 

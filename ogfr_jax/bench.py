@@ -4,9 +4,9 @@
   python -m ogfr_jax.bench --size tiny --height 128 --width 64 --batch 32 \
       --torch-python /path/to/torch-venv/bin/python
 
-What is timed is what training and evaluation run: `train.train_step` jitted with the
-trainer's shardings (`train.jit_train_step` over a mesh of all local devices, state from
-`train.create_sharded_state`), and the jitted student extraction of `evaluate.py`, on random
+What is timed is what training and evaluation run: `train_step.train_step` jitted with the
+trainer's shardings (`train_step.jit_train_step` over a mesh of all local devices, state from
+`train_state.create_sharded_state`), and the jitted student extraction of `evaluate.py`, on random
 inputs of the pipeline's shapes and dtypes (uint8 pixels). Compilation and --warmup calls are untimed; each of
 --repeats timed repeats runs --steps calls back to back and waits for the device only at its
 end, so no host sync sits between steps. Step time is the repeat's time / --steps; the report
@@ -56,8 +56,9 @@ from ogfr_jax import config_defaults
 from ogfr_jax import evaluate
 from ogfr_jax import optim
 from ogfr_jax import parallel
-from ogfr_jax import train
-from ogfr_jax.models import ogfr as ogfr_model
+from ogfr_jax import train_state
+from ogfr_jax import train_step
+from ogfr_jax.models import build
 from ogfr_jax.models import vit as vit_lib
 
 TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -195,11 +196,11 @@ def random_batch(config, batch: int, num_classes: int, num_cameras: int,
   out = {
       'image': random_pixels(rng, (batch, h, w, 3)),
       'occluded': random_pixels(rng, (batch, h, w, 3)),
-      'pattern': rng.integers(0, ogfr_model.num_patterns(config), batch).astype(np.int32),
+      'pattern': rng.integers(0, build.num_patterns(config), batch).astype(np.int32),
       'pid': pids.astype(np.int32),
       'camid': rng.integers(0, num_cameras, batch).astype(np.int32),
   }
-  if config.model.get('student_erase', False):
+  if config.model.student_erase:
     out['occ_mask'] = (rng.random((batch, h, w)) < 0.3).astype(np.uint8)
   return out
 
@@ -298,15 +299,15 @@ def bench_train(config, args, mesh, peak_per_device: Optional[float]) -> tuple[d
   """Times the jitted train step; returns (report, final train state)."""
   batch_size = train_batch_size(config)
   parallel.batch_size_per_device_check(batch_size, mesh, '--batch')
-  model = train.build_model(config, args.num_classes, args.num_cameras)
+  model = build.build_model(config, args.num_classes, args.num_cameras)
   tx, lr_fn = optim.make_optimizer(config, batch_size, 100, 10_000)
-  state, abstract, shardings = train.create_sharded_state(model, tx, config, mesh,
+  state, abstract, shardings = train_state.create_sharded_state(model, tx, config, mesh,
                                                           jax.random.PRNGKey(config.seed))
   n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params)))
   batch = parallel.global_batch(
       random_batch(config, batch_size, args.num_classes, args.num_cameras,
                    np.random.default_rng(0)), mesh)
-  step_fn = train.jit_train_step(model, tx, config, lr_fn, mesh, shardings)
+  step_fn = train_step.jit_train_step(model, tx, config, lr_fn, mesh, shardings)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -338,9 +339,9 @@ def bench_eval(config, args, mesh, peak_per_device: Optional[float],
   batch_size = args.eval_batch or train_batch_size(config)
   parallel.batch_size_per_device_check(batch_size, mesh, '--eval-batch')
   if model_and_state is None:
-    model = train.build_model(config, args.num_classes, args.num_cameras)
+    model = build.build_model(config, args.num_classes, args.num_cameras)
     tx, _ = optim.make_optimizer(config, batch_size, 100, 10_000)
-    state, _, _ = train.create_sharded_state(model, tx, config, mesh,
+    state, _, _ = train_state.create_sharded_state(model, tx, config, mesh,
                                              jax.random.PRNGKey(config.seed))
   else:
     model, state = model_and_state
@@ -419,10 +420,10 @@ def torch_command(python: str, config, args) -> list[str]:
       '--width', str(config.input.width), '--batch', str(batch),
       '--images-per-id', str(config.input.images_per_id),
       '--num-classes', str(args.num_classes), '--num-cameras', str(max(args.num_cameras, 1)),
-      '--num-patterns', str(ogfr_model.num_patterns(config)),
+      '--num-patterns', str(build.num_patterns(config)),
       '--mlp-ratio', str(m.mlp_ratio), '--drop-path', str(m.drop_path),
       '--sie-weight', str(m.sie_weight if m.sie else 0.0),
-      '--fepm-layer', str(ogfr_model.fepm_layer(config)),
+      '--fepm-layer', str(build.fepm_layer(config)),
       '--agent-hidden', str(config.fepm.agent_hidden),
       '--prior-logit', str(config.fepm.prior_logit),
       '--optimizer', config.optim.name,
@@ -511,7 +512,7 @@ def format_table(result: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
   """The whole benchmark for parsed arguments; returns the JSON-ready result."""
   config = build_config(args)
-  if config.model.get('attention_impl', 'xla') == 'cudnn' and jax.default_backend() != 'gpu':
+  if config.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ValueError(f'--attention cudnn needs an NVIDIA GPU; this run has '
                      f'{jax.default_backend()} devices')
   reference = None
@@ -531,16 +532,16 @@ def run(args: argparse.Namespace) -> dict:
     peak, source = args.peak_flops, '--peak-flops'
   else:
     peak, source = peak_flops(device.device_kind, dtype)
-  dim, depth, heads = ogfr_model.vit_size(config)
-  gh, gw = ogfr_model.token_grid(config)
+  dim, depth, heads = build.vit_size(config)
+  gh, gw = build.token_grid(config)
   result: dict[str, Any] = {
       'config': {
           'size': config.model.size, 'dim': dim, 'depth': depth, 'heads': heads,
           'patch': config.model.patch_size, 'stride': config.model.stride,
           'height': config.input.height, 'width': config.input.width,
           'tokens': 1 + gh * gw, 'dtype': dtype,
-          'attention': config.model.get('attention_impl', 'xla'),
-          'remat': config.model.get('remat', 'none'),
+          'attention': config.model.attention_impl,
+          'remat': config.model.remat,
           'config_file': args.config or None,
           'num_devices': mesh.size, 'mesh': dict(mesh.shape),
           'device_kind': device.device_kind, 'platform': device.platform,

@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   # differ by small offsets, which a linear head on 'feat' barely resolves.
   c.model.pattern_head_input = 'bn_feat'
   c.model.attention_impl = 'xla'  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16 only)
+  # 'plain': flax/jax formulations everywhere (what GPUs and TPUs run). 'cpu': the XLA:CPU
+  # formulations of models/cpu_kernels.py (erf GELU, transposed-operand weight gradients,
+  # heads-major attention with a hand-written backward): same values, faster on a CPU.
+  c.model.kernels = 'plain'
   # Activation memory against recomputation in the backward pass (models/vit.py, remat_block):
   # 'none' keeps every block's activations (fastest); 'dots' keeps only the linear layers'
   # outputs (+2% FLOPs); 'block' keeps only each block's input (+22% FLOPs, least memory).
@@ -135,15 +139,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.fepm = ml_collections.ConfigDict()
   c.fepm.enabled = True
   c.fepm.layer = -1  # agent acts after block L; negative counts from the end (-1: before last)
-  c.fepm.selection = 'agent'  # 'agent' (REINFORCE) or 'random' (ablation: random tokens)
+  # 'agent' (REINFORCE), 'random' (ablation: random tokens), or 'oracle' (exactly the tokens
+  # covered by the batch's planted contamination, `contam_mask`: the upper-bound row on the
+  # synthetic benchmark, whose side files record it).
+  c.fepm.selection = 'agent'
   c.fepm.action = 'bernoulli'  # 'bernoulli' per token, or 'topk' without replacement
   c.fepm.topk_fraction = 0.1  # k / num_patches for 'topk' and for 'random'
   c.fepm.agent_hidden = 128
   c.fepm.eta = 0.1  # reward penalty per replaced fraction
-  c.fepm.baseline = 'self_critical'  # or 'moving_average'
+  # 'self_critical' (b = reward of the greedy action), 'moving_average' (of past batch-mean
+  # rewards) or 'leave_one_out' (b = mean reward of the image's other num_samples - 1 actions).
+  c.fepm.baseline = 'self_critical'
   c.fepm.baseline_momentum = 0.9
+  c.fepm.num_samples = 1  # sampled actions per image; each costs one reward pass
+  # The greedy Bernoulli action (evaluation, the self-critical baseline): 'positive' takes
+  # logit > 0, which is empty while the agent sits at prior_logit < 0; 'expected_count' takes
+  # the round(sum_i p_i) best-scored tokens, as many as the policy selects on average.
+  c.fepm.greedy = 'positive'
+  # PatchDrop-style bounds of the Bernoulli policy: p = lo + (hi - lo) * sigmoid(logit), so no
+  # token's selection probability can collapse to 0 or 1. (0, 1): unbounded.
+  c.fepm.prob_bounds = (0.0, 1.0)
+  # DynamicViT-style selection-rate target: rate_weight * (mean_i p_i - rate_target)^2 added to
+  # the agent's loss; rate_weight 0 = off.
+  c.fepm.rate_target = 0.1
+  c.fepm.rate_weight = 0.0
+  # The mask the teacher's own pass (its losses, the distillation target) purifies with:
+  # 'sampled' (the agent's sampled action), 'greedy', or 'clean' (no replacement).
+  c.fepm.teacher_input = 'sampled'
+  # Staged schedule: the first teacher_warmup_epochs train without purification and without
+  # the agent; the next agent_only_epochs train the agent against a teacher whose parameters
+  # are held (PatchDrop trains its policy against a fixed classifier); then all train jointly.
+  c.fepm.teacher_warmup_epochs = 0.0
+  c.fepm.agent_only_epochs = 0.0
   c.fepm.entropy_weight = 0.01
   c.fepm.prior_logit = -2.0  # initial bias of the agent: ~12% selection rate at start
+  # Oracle selection and the agent's precision/recall: a token counts as contaminated when at
+  # least this share of its window is planted contamination.
+  c.fepm.oracle_min_cover = 0.5
 
   # --- losses ------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()

@@ -112,7 +112,7 @@ def extract_features(extract_fn, variables: Any, split: records.Split,
                                    process_count=jax.process_count())
   buf = None
   with prefetch.DevicePrefetcher(it, functools.partial(_eval_to_devices, mesh=mesh),
-                                 size=int(config.input.get('device_prefetch', 2))) as batches:
+                                 size=config.input.device_prefetch) as batches:
     for arrays in batches:
       out = extract_fn(variables, arrays['image'], arrays['camid'])
       if buf is None:
@@ -339,14 +339,14 @@ def rerank_and_rank(qf: Any, gf: Any, query: records.Split, gallery: records.Spl
     dist = metrics.re_ranking(
         metrics.pairwise_distance(q, g), metrics.pairwise_distance(q, q),
         metrics.pairwise_distance(g, g), k1=k1, k2=k2, lambda_value=lam,
-        max_bytes=int(eval_cfg.get('rerank_max_bytes', 4 * 1024**3)))
+        max_bytes=int(eval_cfg.rerank_max_bytes))
     return metrics.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams,
                                  max_rank=eval_cfg.max_rank, query_chunk=eval_cfg.query_chunk)
   if mode != 'approx':
     raise ValueError(f'rerank mode {mode!r}: expected exact or approx')
   items = _concat_rows(_replicate(qf, mesh), _replicate(gf, mesh), parallel.replicated(mesh))
   chunk = int(eval_cfg.query_chunk)
-  top_idx, top_val, scale = device_neighbours(items, int(eval_cfg.get('rerank_topn', 100)), mesh,
+  top_idx, top_val, scale = device_neighbours(items, int(eval_cfg.rerank_topn), mesh,
                                               chunk=chunk)
   source = _QueryRowSource(qf, gf, scale, mesh, chunk)
   totals = metrics.RankAccumulator(eval_cfg.max_rank)
@@ -402,10 +402,10 @@ def rank_features(qf: Any, gf: Any, query: records.Split, gallery: records.Split
     result = rank_on_device(qf, gf, query.pids, gallery.pids, query.camids, gallery.camids,
                             mesh, max_rank=eval_cfg.max_rank, query_chunk=eval_cfg.query_chunk)
     return _summary(result, query, gallery, 'off')
-  mode = resolve_rerank_mode(eval_cfg.get('rerank_mode', 'auto'), len(query) + len(gallery),
-                             eval_cfg.get('rerank_max_bytes', 4 * 1024**3))
+  mode = resolve_rerank_mode(eval_cfg.rerank_mode, len(query) + len(gallery),
+                             eval_cfg.rerank_max_bytes)
   logging.info('re-ranking %d queries x %d gallery images: %s mode (config.eval.rerank_mode=%s)',
-               len(query), len(gallery), mode, eval_cfg.get('rerank_mode', 'auto'))
+               len(query), len(gallery), mode, eval_cfg.rerank_mode)
   result = rerank_and_rank(qf, gf, query, gallery, eval_cfg, mesh, mode)
   return _summary(result, query, gallery, mode)
 

@@ -7,10 +7,13 @@ then broadcast over the parts.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from ogfr_jax.models import build
 
 _F32 = jnp.float32
 
@@ -169,24 +172,104 @@ def reinforce_loss(logp: jax.Array, reward: jax.Array, baseline: Any, entropy: j
 def agent_baseline(kind: str, reward: jax.Array, baseline_ema: jax.Array, *,
                    greedy_reward: Optional[jax.Array] = None,
                    momentum: float = 0.9) -> tuple[jax.Array, jax.Array]:
-  """(baseline used this step, new moving average).
+  """(baseline used this step, new moving average). `reward` is [B] or [S, B] (S sampled
+  actions per image).
 
   'self_critical': b = reward of the greedy action on the same image; the average is carried
   unchanged. 'moving_average': b = the average of past batch-mean rewards (before this step's
   update, so it does not depend on this step's actions), then updated with momentum.
+  'leave_one_out': b_s = mean reward of the image's other S - 1 actions (needs S >= 2), which
+  does not depend on action s, so the estimate stays unbiased.
   """
   baseline_ema = _f32(baseline_ema)
+  reward = _f32(reward)
   if kind == 'self_critical':
     if greedy_reward is None:
       raise ValueError("fepm.baseline='self_critical' needs the greedy action's reward")
     return _f32(greedy_reward), baseline_ema
   if kind == 'moving_average':
-    new = momentum * baseline_ema + (1.0 - momentum) * jnp.mean(_f32(reward))
+    new = momentum * baseline_ema + (1.0 - momentum) * jnp.mean(reward)
     return baseline_ema, jax.lax.stop_gradient(new)
-  raise ValueError(f"fepm.baseline={kind!r}: use 'self_critical' or 'moving_average'")
+  if kind == 'leave_one_out':
+    num = reward.shape[0] if reward.ndim == 2 else 1
+    if num < 2:
+      raise ValueError("fepm.baseline='leave_one_out' needs fepm.num_samples >= 2")
+    return (jnp.sum(reward, axis=0, keepdims=True) - reward) / (num - 1), baseline_ema
+  raise ValueError(f"fepm.baseline={kind!r}: use 'self_critical', 'moving_average' or "
+                   "'leave_one_out'")
 
 
-# --- the OGFR objective -----------------------------------------------------------------------
+def rate_penalty(probs: jax.Array, target: float) -> jax.Array:
+  """(mean selection probability - target)^2: DynamicViT's keep-ratio term for the agent."""
+  return jnp.square(jnp.mean(_f32(probs)) - target)
+
+
+# --- the OGFR objective: named, weighted terms -------------------------------------------------
+#
+# Each term is a pure function (outputs, batch, ctx) -> TermValue, registered with the config
+# field that weighs it and the predicate of the model part it reads. `active_terms(config)` is
+# the one place that decides which terms a config trains with (from the config, never from
+# which outputs happen to exist); `total_loss` sums them. Adding a term: a function here with
+# `@term(...)`, and its weight in config_defaults (section `loss`).
+
+
+class TermValue(NamedTuple):
+  value: jax.Array  # unweighted scalar; logged as loss/<name>
+  metrics: dict[str, jax.Array] = {}
+  state: dict[str, jax.Array] = {}  # carried in the train state (the reward moving average)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What terms read besides the model outputs and the batch."""
+  loss: Any  # config.loss
+  fepm: Any  # config.fepm
+  baseline_ema: jax.Array
+  agent_on: Any = 1.0  # 0 during a teacher warm-up phase (fepm.teacher_warmup_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  fn: Callable[[dict, dict, Context], TermValue]
+  weight: Callable[[Any], float]  # config -> weight
+  needs: Callable[[Any], bool]  # config -> whether the model has what the term reads
+
+
+TERMS: dict[str, Term] = {}
+
+
+def term(name: str, weight: Callable[[Any], float],
+         needs: Callable[[Any], bool] = lambda config: True):
+  def register(fn):
+    if name in TERMS:
+      raise ValueError(f'loss term {name!r} is registered twice')
+    TERMS[name] = Term(fn, weight, needs)
+    return fn
+  return register
+
+
+def active_terms(config: Any) -> dict[str, float]:
+  """{term name: weight} of the terms `config` trains with (weight 0 terms are still
+  computed and logged, as a diagnostic)."""
+  return {name: float(t.weight(config)) for name, t in TERMS.items() if t.needs(config)}
+
+
+def total_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
+               baseline_ema: jax.Array, *, agent_on: Any = 1.0
+               ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """(sum_t w_t L_t, metrics, new reward moving average) over `active_terms(config)`."""
+  ctx = Context(config.loss, config.fepm, _f32(baseline_ema), agent_on)
+  total = jnp.zeros((), _F32)
+  metrics: dict[str, jax.Array] = {}
+  new_ema = ctx.baseline_ema
+  for name, weight in active_terms(config).items():
+    out = TERMS[name].fn(outputs, batch, ctx)
+    total += weight * out.value
+    metrics[f'loss/{name}'] = out.value
+    metrics.update(out.metrics)
+    new_ema = out.state.get('baseline_ema', new_ema)
+  metrics['loss/total'] = total
+  return total, metrics, new_ema
 
 
 def _global_and_parts(global_term: jax.Array, part_term: Optional[jax.Array]) -> jax.Array:
@@ -194,109 +277,122 @@ def _global_and_parts(global_term: jax.Array, part_term: Optional[jax.Array]) ->
   return global_term if part_term is None else 0.5 * global_term + 0.5 * part_term
 
 
-def branch_losses(out: dict[str, jax.Array], pid: jax.Array, loss_cfg: Any,
-                  triplet_anchors: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-  """(ID loss, triplet loss) of one branch: ID on the BNNeck logits, triplet on the pre-BN
-  features (or the BNNeck outputs, loss.triplet_feature_input), each over the global feature
-  and (if present) the JPM parts. `triplet_anchors`: see `triplet_loss`."""
-  ls = float(loss_cfg.label_smoothing)
-  margin = float(loss_cfg.triplet_margin)
-  key = 'bn_feat' if loss_cfg.get('triplet_feature_input', 'feat') == 'bn_feat' else 'feat'
-  parts = 'part_logits' in out
-  ident = _global_and_parts(id_loss(out['logits'], pid, ls),
-                            id_loss(out['part_logits'], pid[:, None], ls) if parts else None)
-  tri = _global_and_parts(
-      triplet_loss(out[key], pid, margin, triplet_anchors),
-      part_triplet_loss(out[f'part_{key}s'], pid, margin, triplet_anchors) if parts else None)
-  return ident, tri
+def _branch_id(out: dict[str, jax.Array], pid: jax.Array, lc: Any) -> jax.Array:
+  """ID loss on the BNNeck logits, over the global feature and (if present) the JPM parts."""
+  ls = float(lc.label_smoothing)
+  parts = id_loss(out['part_logits'], pid[:, None], ls) if 'part_logits' in out else None
+  return _global_and_parts(id_loss(out['logits'], pid, ls), parts)
 
 
-def ogfr_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
-              baseline_ema: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
-  """Total OGFR loss, scalar metrics and the updated reward moving average.
+def _branch_triplet(out: dict[str, jax.Array], pid: jax.Array, lc: Any,
+                    anchors: Optional[jax.Array] = None) -> jax.Array:
+  """Triplet loss on the pre-BN features (or the BNNeck outputs, loss.triplet_feature_input),
+  global and (if present) parts. `anchors`: see `triplet_loss`."""
+  key = lc.triplet_feature_input
+  margin = float(lc.triplet_margin)
+  parts = (part_triplet_loss(out[f'part_{key}s'], pid, margin, anchors)
+           if 'part_logits' in out else None)
+  return _global_and_parts(triplet_loss(out[key], pid, margin, anchors), parts)
 
-  total = w_t (w_id ID_t + w_tri TRI_t) + w_s (w_id ID_s + w_tri TRI_s)
-          + w_kd KD_feat + w_kdl KD_logit + w_occ CE_pattern + w_agent REINFORCE
-          + w_tok BCE_occluder_tokens
-  with each term present only when its part of the model exists (no teacher: student only;
-  FEPM off or random selection: no agent term; pattern embeddings off: no pattern term;
-  model.student_erase off: no occluder-token term).
-  Distillation covers the global feature/logits and, with JPM, the parts (half and half).
-  """
-  lc, fc = config.loss, config.fepm
-  pid = jnp.asarray(batch['pid'], jnp.int32)
-  metrics: dict[str, jax.Array] = {}
-  total = jnp.zeros((), _F32)
-  baseline_ema = _f32(baseline_ema)
-  new_ema = baseline_ema
 
-  student = outputs['student']
-  anchors = None
-  if lc.get('student_triplet_views', 'all') == 'unoccluded':
-    anchors = jnp.asarray(batch['pattern']) == 0
-  s_id, s_tri = branch_losses(student, pid, lc, anchors)
-  total += lc.student_weight * (lc.id_weight * s_id + lc.triplet_weight * s_tri)
-  metrics.update({'loss/student_id': s_id, 'loss/student_triplet': s_tri,
-                  'student/accuracy': accuracy(student['logits'], pid)})
+def _pid(batch) -> jax.Array:
+  return jnp.asarray(batch['pid'], jnp.int32)
 
-  if 'pattern_logits' in student:
-    pattern = jnp.asarray(batch['pattern'], jnp.int32)
-    p_loss = pattern_loss(student['pattern_logits'], pattern)
-    total += lc.pattern_weight * p_loss
-    metrics.update({'loss/pattern': p_loss,
-                    'pattern/accuracy': accuracy(student['pattern_logits'], pattern)})
 
-  if 'occluder_target' in student:
-    logits, target = student['occluder_logits'], student['occluder_target']
-    o_loss = occluder_token_loss(logits, target)
-    total += lc.get('occluder_token_weight', 1.0) * o_loss
-    predicted = _f32(logits) > 0
-    metrics.update({'loss/occluder_token': o_loss,
-                    'occluder/token_accuracy': jnp.mean(_f32(predicted == target)),
-                    'occluder/predicted_rate': jnp.mean(_f32(predicted)),
-                    'occluder/target_rate': jnp.mean(_f32(target))})
+@term('student_id', lambda c: c.loss.student_weight * c.loss.id_weight)
+def student_id_term(outputs, batch, ctx: Context) -> TermValue:
+  s = outputs['student']
+  return TermValue(_branch_id(s, _pid(batch), ctx.loss),
+                   {'student/accuracy': accuracy(s['logits'], _pid(batch))})
 
-  teacher = outputs.get('teacher')
-  if teacher is not None:
-    t_id, t_tri = branch_losses(teacher, pid, lc)
-    total += lc.teacher_weight * (lc.id_weight * t_id + lc.triplet_weight * t_tri)
-    parts = 'part_feats' in teacher and 'part_feats' in student
-    key = 'bn_feat' if lc.get('kd_feature_input', 'bn_feat') == 'bn_feat' else 'feat'
-    kd_feat = _global_and_parts(
-        kd_feature_loss(student[key], teacher[key], lc.kd_feature),
-        kd_feature_loss(student[f'part_{key}s'], teacher[f'part_{key}s'], lc.kd_feature)
-        if parts else None)
-    kd_logit = _global_and_parts(
-        kd_logit_loss(student['logits'], teacher['logits'], lc.kd_temperature),
-        kd_logit_loss(student['part_logits'], teacher['part_logits'], lc.kd_temperature)
-        if parts else None)
-    total += lc.kd_weight * kd_feat + lc.kd_logit_weight * kd_logit
-    metrics.update({'loss/teacher_id': t_id, 'loss/teacher_triplet': t_tri,
-                    'loss/kd_feature': kd_feat, 'loss/kd_logit': kd_logit,
-                    'teacher/accuracy': accuracy(teacher['logits'], pid)})
 
-  agent = outputs.get('agent')
-  if agent is not None:
-    reward = agent_reward(agent['lp_sampled'], agent['lp_clean'], agent['select_rate'], fc.eta)
-    metrics.update({'agent/reward': jnp.mean(reward),
-                    'agent/select_rate': jnp.mean(_f32(agent['select_rate'])),
-                    'agent/logprob_gain': jnp.mean(_f32(agent['lp_sampled'])
-                                                   - _f32(agent['lp_clean']))})
-    if 'logp' in agent:
-      greedy_reward = agent_reward(agent['lp_greedy'], agent['lp_clean'],
-                                   agent['greedy_select_rate'], fc.eta)
-      baseline, new_ema = agent_baseline(fc.baseline, reward, baseline_ema,
-                                         greedy_reward=greedy_reward,
-                                         momentum=fc.baseline_momentum)
-      a_loss = reinforce_loss(agent['logp'], reward, baseline, agent['entropy'],
-                              fc.entropy_weight)
-      total += lc.agent_weight * a_loss
-      metrics.update({'loss/agent': a_loss,
-                      'agent/baseline': jnp.mean(_f32(baseline)),
-                      'agent/advantage_std': jnp.std(reward - baseline),
-                      'agent/greedy_reward': jnp.mean(greedy_reward),
-                      'agent/greedy_select_rate': jnp.mean(_f32(agent['greedy_select_rate'])),
-                      'agent/entropy': jnp.mean(_f32(agent['entropy']))})
+@term('student_triplet', lambda c: c.loss.student_weight * c.loss.triplet_weight)
+def student_triplet_term(outputs, batch, ctx: Context) -> TermValue:
+  """Anchors and positives: all views, or (loss.student_triplet_views='unoccluded') the views
+  the synthesiser left holistic."""
+  anchors = (jnp.asarray(batch['pattern']) == 0
+             if ctx.loss.student_triplet_views == 'unoccluded' else None)
+  return TermValue(_branch_triplet(outputs['student'], _pid(batch), ctx.loss, anchors))
 
-  metrics['loss/total'] = total
-  return total, metrics, new_ema
+
+@term('teacher_id', lambda c: c.loss.teacher_weight * c.loss.id_weight, build.has_teacher)
+def teacher_id_term(outputs, batch, ctx: Context) -> TermValue:
+  t = outputs['teacher']
+  return TermValue(_branch_id(t, _pid(batch), ctx.loss),
+                   {'teacher/accuracy': accuracy(t['logits'], _pid(batch))})
+
+
+@term('teacher_triplet', lambda c: c.loss.teacher_weight * c.loss.triplet_weight, build.has_teacher)
+def teacher_triplet_term(outputs, batch, ctx: Context) -> TermValue:
+  return TermValue(_branch_triplet(outputs['teacher'], _pid(batch), ctx.loss))
+
+
+@term('kd_feature', lambda c: c.loss.kd_weight, build.has_teacher)
+def kd_feature_term(outputs, batch, ctx: Context) -> TermValue:
+  """Feature distillation from the purified teacher (global, and with JPM the parts)."""
+  del batch
+  s, t, lc = outputs['student'], outputs['teacher'], ctx.loss
+  key = lc.kd_feature_input
+  parts = (kd_feature_loss(s[f'part_{key}s'], t[f'part_{key}s'], lc.kd_feature)
+           if 'part_feats' in s and 'part_feats' in t else None)
+  return TermValue(_global_and_parts(kd_feature_loss(s[key], t[key], lc.kd_feature), parts))
+
+
+@term('kd_logit', lambda c: c.loss.kd_logit_weight, build.has_teacher)
+def kd_logit_term(outputs, batch, ctx: Context) -> TermValue:
+  del batch
+  s, t, temp = outputs['student'], outputs['teacher'], ctx.loss.kd_temperature
+  parts = (kd_logit_loss(s['part_logits'], t['part_logits'], temp)
+           if 'part_logits' in s and 'part_logits' in t else None)
+  return TermValue(_global_and_parts(kd_logit_loss(s['logits'], t['logits'], temp), parts))
+
+
+@term('pattern', lambda c: c.loss.pattern_weight, build.has_pattern_embed)
+def pattern_term(outputs, batch, ctx: Context) -> TermValue:
+  del ctx
+  logits = outputs['student']['pattern_logits']
+  pattern = jnp.asarray(batch['pattern'], jnp.int32)
+  return TermValue(pattern_loss(logits, pattern),
+                   {'pattern/accuracy': accuracy(logits, pattern)})
+
+
+@term('occluder_token', lambda c: c.loss.occluder_token_weight,
+      build.student_erases)
+def occluder_token_term(outputs, batch, ctx: Context) -> TermValue:
+  del batch, ctx
+  s = outputs['student']
+  logits, target = s['occluder_logits'], s['occluder_target']
+  predicted = _f32(logits) > 0
+  return TermValue(occluder_token_loss(logits, target), {
+      'occluder/token_accuracy': jnp.mean(_f32(predicted == target)),
+      'occluder/predicted_rate': jnp.mean(_f32(predicted)),
+      'occluder/target_rate': jnp.mean(_f32(target))})
+
+
+@term('agent', lambda c: c.loss.agent_weight, build.has_agent)
+def agent_term(outputs, batch, ctx: Context) -> TermValue:
+  """REINFORCE over the sampled token masks: -(R - b) * log pi(a) per sample, minus the
+  entropy bonus, plus the optional selection-rate penalty; zero while `ctx.agent_on` is 0."""
+  del batch
+  a, fc = outputs['agent'], ctx.fepm
+  reward = agent_reward(a['lp_samples'], a['lp_clean'][None], a['sample_rates'], fc.eta)
+  greedy_reward = (agent_reward(a['lp_greedy'], a['lp_clean'], a['greedy_select_rate'], fc.eta)
+                   if 'lp_greedy' in a else None)
+  baseline, new_ema = agent_baseline(fc.baseline, reward, ctx.baseline_ema,
+                                     greedy_reward=greedy_reward, momentum=fc.baseline_momentum)
+  on = _f32(ctx.agent_on)
+  new_ema = on * new_ema + (1.0 - on) * ctx.baseline_ema
+  value = reinforce_loss(a['logp'], reward, baseline, a['entropy'], fc.entropy_weight)
+  if fc.rate_weight:
+    value += fc.rate_weight * rate_penalty(a['probs'], fc.rate_target)
+  metrics = {'agent/reward': jnp.mean(reward),
+             'agent/select_rate': jnp.mean(_f32(a['select_rate'])),
+             'agent/mean_prob': jnp.mean(_f32(a['probs'])),
+             'agent/logprob_gain': jnp.mean(_f32(a['lp_samples']) - _f32(a['lp_clean'])[None]),
+             'agent/baseline': jnp.mean(_f32(baseline)),
+             'agent/advantage_std': jnp.std(reward - baseline),
+             'agent/greedy_select_rate': jnp.mean(_f32(a['greedy_select_rate'])),
+             'agent/entropy': jnp.mean(_f32(a['entropy']))}
+  if greedy_reward is not None:
+    metrics['agent/greedy_reward'] = jnp.mean(greedy_reward)
+  return TermValue(on * value, metrics, {'baseline_ema': new_ema})

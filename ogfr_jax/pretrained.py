@@ -968,15 +968,15 @@ def load_backbone(params: Mapping[str, Any], path: str, config: Any, *, fmt: str
           lambda new, old, s: jax.device_put(new, s) if isinstance(new, np.ndarray) else old,
           loaded, state.params, shardings.params)
   """
-  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   checkpoint = read_checkpoint(path, fmt)
-  names = ogfr_lib.backbone_names(config)
+  names = build.backbone_names(config)
   missing = [n for n in names if n not in params]
   if missing:
     raise ValueError(f'the parameter tree has no {missing} (top-level names: {sorted(params)}); '
                      f'was it built from this config (model.teacher, model.shared_backbone)?')
-  grid = ogfr_lib.token_grid(config)
-  heads = ogfr_lib.vit_size(config)[2]
+  grid = build.token_grid(config)
+  heads = build.vit_size(config)[2]
   flat = _flat(params)
   subs = {name: {'/'.join(k[1:]): v for k, v in flat.items() if k[0] == name} for name in names}
   first = subs[names[0]]
@@ -1064,10 +1064,10 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
   or the student's occluder-token erasure (model.student_erase). Returns the metadata written.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   if branch not in ('student', 'teacher'):
     raise ValueError(f"branch={branch!r}: use 'student' or 'teacher'")
-  names = ogfr_lib.backbone_names(config)
+  names = build.backbone_names(config)
   name = 'vit' if 'vit' in names else f'{branch}_vit'
   if name not in params:
     raise ValueError(f'the parameter tree has no {name} backbone (top-level names: '
@@ -1084,13 +1084,13 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
       logging.warning('pattern_test_policy=%r depends on the input: the pattern embedding is '
                       'not folded into the export', config.model.pattern_test_policy)
   erase = 'no'
-  if branch == 'student' and config.model.get('student_erase', False):
+  if branch == 'student' and config.model.student_erase:
     erase = 'not exported'
     logging.warning('the student erases occluder tokens before its blocks '
                     '(model.student_erase); a timm ViT has no such step, so the export is the '
                     'student backbone without it and its features differ on occluded images')
-  gh, gw = ogfr_lib.token_grid(config)
-  dim, depth, heads = ogfr_lib.vit_size(config)
+  gh, gw = build.token_grid(config)
+  dim, depth, heads = build.vit_size(config)
   metadata = {
       'format': 'pt', GRID_KEY: f'{gh}x{gw}', 'ogfr.patch_size': str(config.model.patch_size),
       'ogfr.stride': str(config.model.stride),

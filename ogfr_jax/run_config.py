@@ -1,7 +1,7 @@
 """Config checks and the workdir's config.json.
 
-`validate` catches values that ml_collections' type checks cannot (names, ranges, divisibility)
-before anything is built. `prepare_workdir` writes the resolved config as JSON and refuses a
+`validate` (config_schema) catches values that ml_collections' type checks cannot (names,
+ranges) before anything is built. `prepare_workdir` writes the resolved config as JSON and refuses a
 workdir that holds a run of a different config, so two runs never mix checkpoints.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from ogfr_jax import config_defaults
+from ogfr_jax import config_schema
 
 # Fields that may differ when a run is resumed: they change logging or speed, not results.
 RESUMABLE_FIELDS = (
@@ -42,76 +42,9 @@ def describe_config_error(error: Exception, argv: list[str]) -> str:
   return f'{text} (overrides: {" ".join(overrides) or "none"})'
 
 
-def _choice(value: Any, allowed, field: str) -> None:
-  if value not in allowed:
-    raise ValueError(f'config.{field}={value!r}: must be one of {sorted(allowed)}')
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field for a config that cannot run."""
-  from ogfr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  names = set(datasets.dataset_names())
-  _choice(config.dataset.name, names, 'dataset.name')
-  if config.dataset.test_name:
-    _choice(config.dataset.test_name, names, 'dataset.test_name')
-  _choice(config.init_format, {'auto', 'npz', 'torch', 'safetensors', 'orbax'}, 'init_format')
-  if config.init_from and not os.path.exists(config.init_from):
-    raise ValueError(f'config.init_from={config.init_from!r}: no such file or folder')
-  _choice(config.model.size, config_defaults.VIT_SIZES, 'model.size')
-  _choice(config.model.dtype, {'float32', 'bfloat16'}, 'model.dtype')
-  from ogfr_jax.models import vit  # pylint: disable=g-import-not-at-top
-  _choice(config.model.get('remat', 'none'), set(vit.REMAT_CHOICES), 'model.remat')
-  _choice(config.model.pattern_test_policy, {'none', 'soft'}, 'model.pattern_test_policy')
-  _choice(config.fepm.selection, {'agent', 'random'}, 'fepm.selection')
-  _choice(config.fepm.action, {'bernoulli', 'topk'}, 'fepm.action')
-  _choice(config.fepm.baseline, {'self_critical', 'moving_average'}, 'fepm.baseline')
-  _choice(config.loss.kd_feature, {'mse', 'cos', 'both'}, 'loss.kd_feature')
-  _choice(config.loss.kd_feature_input, {'feat', 'bn_feat'}, 'loss.kd_feature_input')
-  _choice(config.loss.get('triplet_feature_input', 'feat'), {'feat', 'bn_feat'},
-          'loss.triplet_feature_input')
-  _choice(config.loss.get('student_triplet_views', 'all'), {'all', 'unoccluded'},
-          'loss.student_triplet_views')
-  _choice(config.model.pattern_head_input, {'feat', 'bn_feat'}, 'model.pattern_head_input')
-  _choice(config.optim.name, {'sgd', 'adamw'}, 'optim.name')
-  _choice(config.eval.feature, {'pre_bn', 'post_bn'}, 'eval.feature')
-  _choice(config.input.corrupt_image_policy, {'fail', 'skip'}, 'input.corrupt_image_policy')
-  _choice(config.train.get('nonfinite_policy', 'stop'), {'stop', 'skip'}, 'train.nonfinite_policy')
-  for field in ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch_size',
-                'input.height', 'input.width', 'model.patch_size', 'model.stride',
-                'train.log_every', 'train.checkpoint_every', 'train.stop_check_every'):
-    section, name = field.split('.')
-    if int(config[section][name]) < 1:
-      raise ValueError(f'config.{field}={config[section][name]} must be >= 1')
-  if config.model.patch_size > min(config.input.height, config.input.width):
-    raise ValueError(f'config.model.patch_size={config.model.patch_size} is larger than the '
-                     f'input {config.input.height}x{config.input.width}')
-  if config.model.get('student_erase', False):
-    if not config.occlusion.enabled:
-      raise ValueError('config.model.student_erase needs config.occlusion.enabled: the '
-                       "student's occluder head trains on the synthesised occluders")
-    from ogfr_jax.models import ogfr  # pylint: disable=g-import-not-at-top
-    ogfr.student_erase_layer(config)
-    ogfr.erase_detector(config)
-  if config.train.epochs <= 0:
-    raise ValueError(f'config.train.epochs={config.train.epochs} must be > 0')
-  _validate_input_and_eval(config)
-
-
-def _validate_input_and_eval(config: ml_collections.ConfigDict) -> None:
-  """Device prefetch, ranking chunk and re-ranking fields."""
-  if int(config.input.get('device_prefetch', 2)) < 0:
-    raise ValueError(f'config.input.device_prefetch={config.input.device_prefetch} must be >= 0')
-  if int(config.eval.query_chunk) < 1:
-    raise ValueError(f'config.eval.query_chunk={config.eval.query_chunk} must be >= 1')
-  e = config.eval
-  _choice(e.get('rerank_mode', 'auto'), {'exact', 'approx', 'auto'}, 'eval.rerank_mode')
-  for field in ('rerank_k1', 'rerank_k2', 'rerank_max_bytes'):
-    if int(e.get(field, 1)) < 1:
-      raise ValueError(f'config.eval.{field}={e[field]} must be >= 1')
-  topn = int(e.get('rerank_topn', 100))
-  if topn < max(int(e.rerank_k1) + 1, int(e.rerank_k2)):
-    raise ValueError(f'config.eval.rerank_topn={topn} must be >= max(config.eval.rerank_k1 + 1, '
-                     f'config.eval.rerank_k2) = {max(int(e.rerank_k1) + 1, int(e.rerank_k2))}')
+  """Raises ValueError naming the field for a config that cannot run (config_schema)."""
+  config_schema.validate(config)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:

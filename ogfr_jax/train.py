@@ -1,7 +1,9 @@
-"""Training: the train state, the sharded jitted step, and the loop with logging,
-periodic evaluation on the student and automatic resume from the latest checkpoint.
+"""The training loop: set-up, resume from the latest checkpoint, the steps with logging,
+periodic evaluation of the student and checkpoints.
 
-Module-level functions (plus the loop's private bookkeeping, `_Progress`); `main.py` calls
+Its parts live beside it: train_state.py (the state and its sharded init), train_step.py (the
+pure step and its jit), writers.py (TensorBoard and metrics.jsonl), evaluator.py (evaluation
+and results.json), data/loading.py (the datasets of a run). `main.py` calls
 `train_and_evaluate` and `evaluate_checkpoint`.
 
 Faults the loop is built to survive (tests/test_faults.py injects each):
@@ -21,382 +23,30 @@ Faults the loop is built to survive (tests/test_faults.py injects each):
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import parameter_overview
 
 from ogfr_jax import checkpoints
-from ogfr_jax import evaluate
+from ogfr_jax import evaluator
 from ogfr_jax import guards
-from ogfr_jax import losses
 from ogfr_jax import manifest
 from ogfr_jax import optim
 from ogfr_jax import parallel
 from ogfr_jax import prefetch
-from ogfr_jax import pretrained
-from ogfr_jax.data import augment
-from ogfr_jax.data import datasets as datasets_lib
+from ogfr_jax import train_state
+from ogfr_jax import train_step as step_lib
+from ogfr_jax import writers
+from ogfr_jax.data import loading
 from ogfr_jax.data import pipeline
-from ogfr_jax.data import synthetic
-from ogfr_jax.models import ogfr as ogfr_model
-
-# The keys of an input batch that the train step consumes (occ_mask stays on the host unless
-# the student's occluder head trains on it: `step_keys`).
-STEP_KEYS = ('image', 'occluded', 'pattern', 'pid', 'camid')
-# Pixel batches (uint8 from the pipeline) that the step normalises on the device.
-IMAGE_KEYS = ('image', 'occluded')
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  baseline: jax.Array  # moving-average reward baseline of the agent
-  rng: jax.Array
-  # Updates skipped because the loss or a gradient was not finite (kept with the state, so
-  # the count survives restarts and is exact without a host sync per step).
-  nonfinite_steps: Any = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-
-
-def load_data(config: ml_collections.ConfigDict):
-  """Returns (train DatasetSplits, test DatasetSplits) per config.dataset."""
-  def read(name, root):
-    if name == 'synthetic':
-      root = synthetic.ensure(config.synthetic, root or None)
-    elif not root:
-      raise ValueError(f'config.dataset.root is empty: set it to the folder of {name!r}')
-    return datasets_lib.get_dataset(name, root, **_reader_options(config, name))
-
-  train = read(config.dataset.name, config.dataset.root)
-  if config.dataset.test_name and config.dataset.test_name != config.dataset.name:
-    test = read(config.dataset.test_name, config.dataset.test_root)
-  else:
-    test = train
-  return train, test
-
-
-def _reader_options(config, name):
-  return {'merge_train_val': config.dataset.merge_train_val} if name == 'msmt17' else {}
-
-
-def schedule_lengths(config: ml_collections.ConfigDict, train_split) -> tuple[int, int]:
-  """(steps per epoch, total steps)."""
-  steps_per_epoch = pipeline.steps_per_epoch(train_split, config)  # honours train.steps_per_epoch
-  if steps_per_epoch < 1:
-    raise ValueError(
-        f'the training split has too few identities/images for one batch of '
-        f'{config.input.ids_per_batch} x {config.input.images_per_id}')
-  return steps_per_epoch, int(config.train.epochs * steps_per_epoch)
-
-
-# --------------------------------------------------------------------------------------------
-# Model and state
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                num_cameras: int) -> ogfr_model.OGFR:
-  return ogfr_model.OGFR(config=ogfr_model.freeze_config(config),
-                         num_classes=num_classes, num_cameras=max(num_cameras, 1))
-
-
-def dummy_batch(config: ml_collections.ConfigDict, batch: int = 2) -> dict[str, jnp.ndarray]:
-  h, w = config.input.height, config.input.width
-  return {
-      'image': jnp.zeros((batch, h, w, 3), jnp.float32),
-      'occluded': jnp.zeros((batch, h, w, 3), jnp.float32),
-      'pattern': jnp.zeros((batch,), jnp.int32),
-      'pid': jnp.zeros((batch,), jnp.int32),
-      'camid': jnp.zeros((batch,), jnp.int32),
-  }
-
-
-def init_state(model, tx, config, rng) -> TrainState:
-  """Initialises variables and optimizer state. Pure: jit/eval_shape it."""
-  init_rng, drop_rng, agent_rng, train_rng = jax.random.split(rng, 4)
-  variables = model.init({'params': init_rng, 'dropout': drop_rng, 'agent': agent_rng},
-                         dummy_batch(config), train=False)
-  params = variables['params']
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-      baseline=jnp.zeros((), jnp.float32), rng=train_rng,
-      nonfinite_steps=jnp.zeros((), jnp.int32))
-
-
-def create_sharded_state(model, tx, config, mesh, rng):
-  """Shape-first init: eval_shape, shardings, then jit(init, out_shardings=...)."""
-  init = functools.partial(init_state, model, tx, config)
-  abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, abstract, shardings
-
-
-def load_pretrained(state: TrainState, abstract: TrainState, shardings: TrainState,
-                    config: ml_collections.ConfigDict) -> TrainState:
-  """Puts config.init_from's backbone weights into teacher and student (fresh runs only).
-
-  The momentum buffers need no reset: they are zeros at init whatever the weights are.
-  """
-  loaded, report = pretrained.load_backbone(abstract.params, config.init_from, config,
-                                            fmt=config.init_format)
-  if jax.process_index() == 0:
-    logging.info('backbone weights from %s:\n%s', config.init_from, report.table())
-  params = jax.tree_util.tree_map(
-      lambda new, old, sharding: jax.device_put(new, sharding)
-      if isinstance(new, np.ndarray) else old, loaded, state.params, shardings.params)
-  return state.replace(params=params)
-
-
-# --------------------------------------------------------------------------------------------
-# The step
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
-               config: ml_collections.ConfigDict, lr_fn) -> tuple[TrainState, dict]:
-  """One optimisation step of teacher, student and agent. Pure; jitted by the caller.
-
-  When the loss or the gradient norm is not finite the step still counts (the batch is used
-  up) but parameters, optimizer state, BN statistics and the reward baseline keep their
-  previous values; metrics 'guard/nonfinite' (this step, 0 or 1) and 'guard/nonfinite_total'
-  report it, and the loop applies config.train.nonfinite_policy when it fetches them.
-  """
-  step_rng = jax.random.fold_in(state.rng, state.step)
-  drop_rng, agent_rng = jax.random.split(step_rng)
-  batch = {**batch, **{k: augment.normalize_on_device(batch[k], config.input.mean,
-                                                      config.input.std) for k in IMAGE_KEYS}}
-
-  def loss_fn(params):
-    outputs, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch, train=True,
-        rngs={'dropout': drop_rng, 'agent': agent_rng}, mutable=['batch_stats'])
-    loss, metrics, baseline = losses.ogfr_loss(outputs, batch, config, state.baseline)
-    return loss, (metrics, updates.get('batch_stats', state.batch_stats), baseline)
-
-  (loss, (metrics, batch_stats, baseline)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  grad_norm = _global_norm(grads)
-  finite = guards.is_finite(loss, grad_norm)
-  params, opt_state = _update_if_finite(finite, tx, grads, state.params, state.opt_state)
-  batch_stats, baseline = guards.finite_update(
-      finite, (batch_stats, baseline), (state.batch_stats, state.baseline))
-  nonfinite_steps = jnp.asarray(state.nonfinite_steps, jnp.int32) + (~finite).astype(jnp.int32)
-  metrics = dict(metrics)
-  metrics['grad_norm'] = grad_norm
-  metrics['lr'] = lr_fn(state.step)
-  metrics['guard/nonfinite'] = (~finite).astype(jnp.float32)
-  metrics['guard/nonfinite_total'] = nonfinite_steps.astype(jnp.float32)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, baseline=baseline,
-                            nonfinite_steps=nonfinite_steps)
-  return new_state, metrics
-
-
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state):
-  """(params, opt_state) after the optimizer update when `finite`, else as they were.
-
-  On the CPU the update runs under lax.cond, so every leaf is updated in place in its donated
-  buffer. Written as a select after the update (guards.finite_update), XLA:CPU fuses the
-  optimizer arithmetic into both the parameter and the momentum select, each of which then
-  reads the other's old value, so it first copies every parameter and momentum buffer: on
-  ViT-B OGFR (172.8 M parameters) the update took 0.73 s of CPU time that way and 0.23 s
-  under the cond. GPUs and TPUs keep the select, which they fuse into the update kernels; a
-  conditional on a GPU reads its predicate back to the host.
-  """
-  def update(operands):
-    params, opt_state = operands
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_opt_state
-
-  if jax.default_backend() == 'cpu':
-    return jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
-  return guards.finite_update(finite, update((params, opt_state)), (params, opt_state))
-
-
-def step_keys(config) -> tuple[str, ...]:
-  """The batch keys the train step of `config` reads."""
-  return STEP_KEYS + (('occ_mask',) if config.model.get('student_erase', False) else ())
-
-
-def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings):
-  step = functools.partial(train_step, model=model, tx=tx, config=config, lr_fn=lr_fn)
-  batch_shardings = {k: parallel.batch_sharding(mesh) for k in step_keys(config)}
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)),
-                 donate_argnums=0)
-
-
-# --------------------------------------------------------------------------------------------
-# Logging
-
-
-def _read_jsonl(path: str) -> tuple[list[dict], int]:
-  """(rows, number of unreadable lines) of a metrics.jsonl; a kill can cut the last line."""
-  rows, broken = [], 0
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        broken += 1
-  return rows, broken
-
-
-def truncate_metrics(path: str, resume_step: int, *, redo_eval: bool = False) -> int:
-  """Drops the lines of metrics.jsonl logged after `resume_step`; returns how many went.
-
-  A run killed after its last checkpoint logged steps that the resumed run computes (and logs)
-  again; without this the file would hold two values for those steps. Lines cut short by the
-  kill go too, and with `redo_eval` the evaluation logged at `resume_step` itself (the final
-  one, which follows the last checkpoint and runs again). The file is replaced atomically.
-  """
-  rows, broken = _read_jsonl(path)
-
-  def kept(row: dict) -> bool:
-    step = int(row.get('step', 0))
-    if redo_eval and step == resume_step and any(k.startswith('eval/') for k in row):
-      return False
-    return step <= resume_step
-
-  keep = [r for r in rows if kept(r)]
-  dropped = len(rows) - len(keep) + broken
-  if dropped:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in keep)
-    os.replace(tmp, path)
-  return dropped
-
-
-class Writer:
-  """TensorBoard events (tensorboardX) and a metrics.jsonl, written by process 0 only.
-
-  `resume_step`: the step the run continues from. Anything logged after it by an earlier,
-  interrupted run is dropped from metrics.jsonl and hidden in TensorBoard (purge_step), since
-  those steps are about to be logged again; `redo_eval`: so is an evaluation at resume_step.
-  """
-
-  def __init__(self, workdir: str, resume_step: int = 0, *, redo_eval: bool = False):
-    self._active = jax.process_index() == 0
-    self._tb = None
-    self._jsonl = None
-    if self._active:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if os.path.exists(path):
-        dropped = truncate_metrics(path, resume_step, redo_eval=redo_eval)
-        if dropped:
-          logging.info('%s: dropped %d lines logged after step %d by an interrupted run; those '
-                       'steps are run and logged again', path, dropped, resume_step)
-      tb_dir = os.path.join(workdir, 'tensorboard')
-      purge_step = resume_step + 1 if os.path.isdir(tb_dir) else None
-      self._tb = SummaryWriter(logdir=tb_dir, purge_step=purge_step)
-      self._jsonl = open(path, 'a')
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not self._active:
-      return
-    for k, v in values.items():
-      self._tb.add_scalar(k, float(v), step)
-    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}})
-                      + '\n')
-    self._jsonl.flush()
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self._active and self._jsonl is not None:
-      self._tb.close()
-      self._jsonl.close()
-      self._jsonl = None
-
-
-def summarize(history: list[dict]) -> dict[str, float]:
-  """Host summary of a logging window of per-step metrics.
-
-  Means over the window, leaving out steps whose update was skipped as non-finite (their loss
-  is NaN and says nothing about the others); 'guard/nonfinite_steps' counts those steps and
-  'guard/nonfinite_total' is the run's count so far.
-  """
-  host = jax.device_get(history)
-  bad = np.array([float(h.get('guard/nonfinite', 0.0)) > 0 for h in host])
-  use = ~bad if (~bad).any() else np.ones_like(bad)
-  out = {}
-  for key in host[0]:
-    values = np.array([float(h[key]) for h in host], np.float64)
-    if key == 'guard/nonfinite':
-      out['guard/nonfinite_steps'] = float(values.sum())
-    elif key == 'guard/nonfinite_total':
-      out[key] = float(values[-1])
-    else:
-      out[key] = float(np.mean(values[use]))
-  return out
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
-def _global_sum(local: int) -> int:
-  """Sum of a host integer over processes (collective when there are several)."""
-  if jax.process_count() == 1:
-    return int(local)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return int(np.sum(multihost_utils.process_allgather(np.int32(local))))
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation hooks
-
-
-def write_results(workdir: str, results: dict) -> None:
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, 'results.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def run_evaluation(model, state: TrainState, test_data, config, mesh, step: int,
-                   writer: Writer | None) -> dict:
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  metrics = evaluate.evaluate_dataset(model, variables, test_data, config, mesh)
-  result = {test_data.name: {**metrics, 'step': int(step)}}
-  logging.info('eval @ step %d on %s: %s', step, test_data.name,
-               ', '.join(f'{k}={v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
-  if writer is not None:
-    writer.scalars(step, {f'eval/{test_data.name}/{k}': v for k, v in metrics.items()
-                          if isinstance(v, float)})
-  return result
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
+from ogfr_jax.models import build
+from ogfr_jax.train_state import TrainState
+from ogfr_jax.writers import Writer
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str):
@@ -412,17 +62,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
       'the global train batch config.input.ids_per_batch x config.input.images_per_id')
   parallel.batch_size_per_device_check(config.input.eval_batch_size, mesh,
                                        'config.input.eval_batch_size')
-  guards.check_policy(config.train.get('nonfinite_policy', 'stop'))
-  train_data, test_data = load_data(config)
-  steps_per_epoch, total_steps = schedule_lengths(config, train_data.train)
-  model = build_model(config, train_data.num_train_ids,
+  guards.check_policy(config.train.nonfinite_policy)
+  train_data, test_data = loading.load_data(config)
+  steps_per_epoch, total_steps = loading.schedule_lengths(config, train_data.train)
+  model = build.build_model(config, train_data.num_train_ids,
                       max(train_data.num_cameras, test_data.num_cameras))
   tx, lr_fn = optim.make_optimizer(config, global_batch, steps_per_epoch, total_steps)
   rng = jax.random.PRNGKey(config.seed)
-  state, abstract, shardings = create_sharded_state(model, tx, config, mesh, rng)
+  state, abstract, shardings = train_state.create_sharded_state(model, tx, config, mesh, rng)
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
   if config.init_from and manager.latest_step() is None:
-    state = load_pretrained(state, abstract, shardings, config)
+    state = train_state.load_pretrained(state, abstract, shardings, config)
   return dict(train_data=train_data, test_data=test_data, mesh=mesh, model=model, tx=tx,
               lr_fn=lr_fn, state=state, abstract=abstract,
               shardings=shardings, manager=manager, steps_per_epoch=steps_per_epoch,
@@ -449,7 +99,7 @@ def _batches(it: Iterator[dict]) -> Iterator[dict]:
     yield dict(batch)
 
 
-def _to_devices(batch: dict, mesh, keys: tuple[str, ...] = STEP_KEYS) -> dict[str, jax.Array]:
+def _to_devices(batch: dict, mesh, keys: tuple[str, ...] = step_lib.STEP_KEYS) -> dict[str, jax.Array]:
   """The step's keys of a host batch as global arrays (the prefetch thread calls this)."""
   return parallel.global_batch({k: batch[k] for k in keys}, mesh)
 
@@ -467,7 +117,7 @@ class _Progress:
     self.manager = s['manager']
     self.total_steps, self.steps_per_epoch = s['total_steps'], s['steps_per_epoch']
     self.global_batch = s['global_batch']
-    self.policy = guards.check_policy(config.train.get('nonfinite_policy', 'stop'))
+    self.policy = guards.check_policy(config.train.nonfinite_policy)
     self.start_step = start_step
     self.saved_step = saved_step  # latest checkpoint written or being written
     self.history: list[dict] = []
@@ -496,7 +146,7 @@ class _Progress:
     if not self.history:
       return
     first = done - len(self.history) + 1
-    summary = summarize(self.history)
+    summary = writers.summarize(self.history)
     bad_step = (self._first_nonfinite(done) if summary.get('guard/nonfinite_steps', 0) > 0
                 else None)
     bad_entry = self.history[bad_step - first] if bad_step is not None else None
@@ -505,7 +155,7 @@ class _Progress:
     ips = (done - self.start_step - self.n_last) * self.global_batch / max(elapsed, 1e-9)
     self.n_last, self.t_last = done - self.start_step, time.time()
     summary['images_per_sec'] = ips
-    corrupt = _global_sum(self.train_iter.num_skipped)
+    corrupt = writers.global_sum(self.train_iter.num_skipped)
     summary['input/corrupt_images_skipped'] = corrupt
     eta = (self.total_steps - done) * self.global_batch / max(ips, 1e-9)
     quiet = ('loss/total', 'images_per_sec')
@@ -513,7 +163,7 @@ class _Progress:
                  self.total_steps, done / self.steps_per_epoch,
                  summary.get('loss/total', float('nan')),
                  ' '.join(f'{k}={v:.3g}' for k, v in sorted(summary.items()) if k not in quiet),
-                 ips, _format_eta(eta))
+                 ips, writers.format_eta(eta))
     self.writer.scalars(done, {f'train/{k}': v for k, v in summary.items()})
     if corrupt > self.corrupt_logged:
       logging.warning('%d corrupt training image(s) replaced by another image of the same '
@@ -602,19 +252,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Batches reach the step already on the devices; checkpoints take the input state of the
   # last batch consumed, not of those read ahead (prefetch.py).
   train_iter = prefetch.DevicePrefetcher(
-      train_iter, functools.partial(_to_devices, mesh=mesh, keys=step_keys(config)),
-      size=int(config.input.get('device_prefetch', 2)))
+      train_iter, functools.partial(_to_devices, mesh=mesh, keys=step_lib.step_keys(config)),
+      size=config.input.device_prefetch)
   # Periodic evaluations come before the checkpoint of their step and are kept; the final one
   # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
   writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
   try:
-    step_fn = jit_train_step(model, s['tx'], config, s['lr_fn'], mesh, s['shardings'])
+    step_fn = step_lib.jit_train_step(model, s['tx'], config, s['lr_fn'], mesh, s['shardings'],
+                                      steps_per_epoch)
     eval_every = max(int(config.train.eval_every_epochs * steps_per_epoch), 1)
     logging.info('training %d steps (%d per epoch), global batch %d on %d devices', total_steps,
                  steps_per_epoch, s['global_batch'], mesh.size)
     progress = _Progress(config, s, writer, train_iter, start_step,
                          start_step if data_state is not None else None)
-    stop = guards.StopRequest(check_every=int(config.train.get('stop_check_every', 10)))
+    stop = guards.StopRequest(check_every=config.train.stop_check_every)
     results: dict = {}
     batches = _batches(train_iter)
     with stop:
@@ -640,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # from the checkpoint before and evaluates again, so no evaluation is ever lost.
         if done % eval_every == 0 and done != total_steps:
           progress.verify(done)
-          results = run_evaluation(model, state, s['test_data'], config, mesh, done, writer)
+          results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, done, writer)
         stopping = done == stop_at_step
         if done % config.train.checkpoint_every == 0 or done == total_steps or stopping:
           progress.save(done, state, force=stopping)
@@ -648,10 +299,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           return {}
     manager.wait_until_finished()
     final_step = int(jax.device_get(state.step))
-    results = run_evaluation(model, state, s['test_data'], config, mesh, final_step, writer)
+    results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, final_step, writer)
     results['manifest'] = manifest.run_manifest(config, wall_time_s=time.time() - t_start,
                                                 start_time=t_start)
-    write_results(workdir, results)
+    evaluator.write_results(workdir, results)
     return results
   finally:
     _finish(manager, writer, train_iter)
@@ -663,8 +314,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, _, step = restore_latest(s)
     if step == 0:
       raise FileNotFoundError(f'no checkpoint to evaluate in {s["manager"].directory}')
-    results = run_evaluation(s['model'], state, s['test_data'], config, s['mesh'], step, None)
-    write_results(workdir, results)
+    results = evaluator.run_evaluation(s['model'], state, s['test_data'], config, s['mesh'], step, None)
+    evaluator.write_results(workdir, results)
   finally:
     s['manager'].close()
   return results

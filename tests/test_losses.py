@@ -1,5 +1,7 @@
 """Losses against small NumPy references, stop-gradient on every teacher side, and the way
-ogfr_loss assembles the terms for each ablation."""
+total_loss sums the config's named terms."""
+
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,6 @@ import pytest
 from ogfr_jax import config_defaults
 from ogfr_jax import losses
 from ogfr_jax import run_config
-from ogfr_jax.models import ogfr
 
 
 def _np_log_softmax(x):
@@ -168,16 +169,17 @@ def test_occluder_token_loss_is_binary_cross_entropy():
   np.testing.assert_allclose(losses.occluder_token_loss(logits, target), expected, rtol=1e-6)
 
 
-def test_ogfr_loss_adds_the_weighted_occluder_token_term():
+def test_total_loss_adds_the_weighted_occluder_token_term():
   rng = np.random.default_rng(8)
   out, batch, c = _outputs(rng), _batch(rng), _config()
-  total, m, _ = ogfr_loss(out, batch, c, jnp.float32(0.0))
+  total, m, _ = total_loss(out, batch, c, jnp.float32(0.0))
   assert 'loss/occluder_token' not in m
   logits = rng.normal(size=(len(batch['pid']), 6)).astype(np.float32)
   target = rng.random((len(batch['pid']), 6)) < 0.3
   out['student'] = dict(out['student'], occluder_logits=logits, occluder_target=target)
   c.loss.occluder_token_weight = 0.7
-  total_tok, m_tok, _ = ogfr_loss(out, batch, c, jnp.float32(0.0))
+  c.model.student_erase = True
+  total_tok, m_tok, _ = total_loss(out, batch, c, jnp.float32(0.0))
   term = losses.occluder_token_loss(logits, target)
   np.testing.assert_allclose(m_tok['loss/occluder_token'], term, rtol=1e-6)
   np.testing.assert_allclose(total_tok, total + 0.7 * term, rtol=1e-5)
@@ -216,10 +218,10 @@ def test_reward_baselines_and_reinforce_value():
 
 # --- the assembled objective ------------------------------------------------------------------
 
-B, C, D, K1, N = 8, 4, 6, 5, 10
+B, C, D, K1, N, S = 8, 4, 6, 5, 10, 2
 
 
-def _outputs(rng, *, teacher=True, agent='learned', parts=False, pattern=True):
+def _outputs(rng, *, teacher=True, agent=True, parts=False, pattern=True, samples=1):
   def branch():
     o = {'feat': rng.normal(size=(B, D)), 'bn_feat': rng.normal(size=(B, D)),
          'logits': rng.normal(size=(B, C))}
@@ -234,23 +236,28 @@ def _outputs(rng, *, teacher=True, agent='learned', parts=False, pattern=True):
   if teacher:
     out['teacher'] = branch()
   if teacher and agent:
-    a = {'mask': rng.random((B, N)) < 0.3, 'select_rate': rng.random(B),
-         'lp_sampled': -rng.random(B), 'lp_clean': -rng.random(B)}
-    if agent == 'learned':
-      a.update(logp=-5 * rng.random(B), entropy=rng.random(B) * 3,
-               greedy_mask=rng.random((B, N)) < 0.2, greedy_select_rate=rng.random(B),
-               lp_greedy=-rng.random(B))
-    out['agent'] = a
+    lp_samples = -rng.random((samples, B))
+    rates = rng.random((samples, B))
+    out['agent'] = {
+        'mask': rng.random((B, N)) < 0.3, 'select_rate': rates[0],
+        'lp_sampled': lp_samples[0], 'lp_clean': -rng.random(B), 'lp_samples': lp_samples,
+        'sample_rates': rates, 'logp': -5 * rng.random((samples, B)),
+        'entropy': rng.random(B) * 3, 'probs': rng.random((B, N)) * 0.5,
+        'greedy_mask': rng.random((B, N)) < 0.2, 'greedy_select_rate': rng.random(B),
+        'lp_greedy': -rng.random(B)}
   return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32)
                                 if x.dtype != bool else jnp.asarray(x), out)
 
 
-def ogfr_loss(outputs, batch, config, ema):
-  """ogfr_loss under jit (one compilation instead of hundreds of eager ones)."""
-  return _jit_ogfr_loss(outputs, batch, ogfr.freeze_config(config), ema)
+def total_loss(outputs, batch, config, ema, agent_on=1.0):
+  """losses.total_loss under jit (one compilation instead of hundreds of eager ones)."""
+  # A copy: FrozenConfigDict hashes through the ConfigDict it wraps, and the tests edit theirs.
+  return _jit_total_loss(outputs, batch, ml_collections.FrozenConfigDict(copy.deepcopy(config)),
+                         ema, jnp.float32(agent_on))
 
 
-_jit_ogfr_loss = jax.jit(losses.ogfr_loss, static_argnums=2)
+_jit_total_loss = jax.jit(lambda o, b, c, e, on: losses.total_loss(o, b, c, e, agent_on=on),
+                          static_argnums=2)
 
 
 def _batch(rng):
@@ -268,73 +275,152 @@ def _config(**loss):
   return c
 
 
-def test_ogfr_loss_is_the_weighted_sum_of_its_terms():
+def test_active_terms_come_from_the_config():
+  c = _config()
+  assert set(losses.active_terms(c)) == {
+      'student_id', 'student_triplet', 'teacher_id', 'teacher_triplet', 'kd_feature',
+      'kd_logit', 'pattern', 'agent'}
+  lc = c.loss
+  assert losses.active_terms(c)['teacher_triplet'] == pytest.approx(
+      lc.teacher_weight * lc.triplet_weight)
+  c.fepm.selection = 'random'
+  assert 'agent' not in losses.active_terms(c)
+  c.fepm.selection = 'agent'
+  c.fepm.enabled = False
+  assert 'agent' not in losses.active_terms(c) and 'teacher_id' in losses.active_terms(c)
+  c.model.teacher = False
+  assert set(losses.active_terms(c)) == {'student_id', 'student_triplet', 'pattern'}
+  c.model.pattern_embed = False
+  c.model.student_erase = True
+  assert set(losses.active_terms(c)) == {'student_id', 'student_triplet', 'occluder_token'}
+
+
+def test_total_is_the_weighted_sum_of_its_terms():
   rng = np.random.default_rng(4)
   out, batch, c = _outputs(rng), _batch(rng), _config()
-  total, m, ema = ogfr_loss(out, batch, c, jnp.float32(0.3))
-  lc = c.loss
-  expected = (lc.student_weight * (lc.id_weight * m['loss/student_id']
-                                   + lc.triplet_weight * m['loss/student_triplet'])
-              + lc.teacher_weight * (lc.id_weight * m['loss/teacher_id']
-                                     + lc.triplet_weight * m['loss/teacher_triplet'])
-              + lc.kd_weight * m['loss/kd_feature'] + lc.kd_logit_weight * m['loss/kd_logit']
-              + lc.pattern_weight * m['loss/pattern'] + lc.agent_weight * m['loss/agent'])
+  total, m, ema = total_loss(out, batch, c, jnp.float32(0.3))
+  expected = sum(w * m[f'loss/{name}'] for name, w in losses.active_terms(c).items())
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   np.testing.assert_allclose(m['loss/total'], total)
-  # Each component is the documented function of the outputs.
-  s, t, a = out['student'], out['teacher'], out['agent']
-  pid = batch['pid']
-  np.testing.assert_allclose(m['loss/student_id'], losses.id_loss(s['logits'], pid, 0.1),
-                             rtol=1e-6)
-  np.testing.assert_allclose(m['loss/kd_feature'],
-                             losses.kd_feature_loss(s['bn_feat'], t['bn_feat'], 'cos'),
-                             rtol=1e-6)
-  c.loss.kd_feature_input = 'feat'
-  _, m_pre, _ = ogfr_loss(out, batch, c, jnp.float32(0.3))
-  np.testing.assert_allclose(m_pre['loss/kd_feature'],
-                             losses.kd_feature_loss(s['feat'], t['feat'], 'cos'), rtol=1e-6)
-  assert abs(float(m_pre['loss/kd_feature']) - float(m['loss/kd_feature'])) > 1e-6
-  reward = losses.agent_reward(a['lp_sampled'], a['lp_clean'], a['select_rate'], c.fepm.eta)
-  greedy = losses.agent_reward(a['lp_greedy'], a['lp_clean'], a['greedy_select_rate'],
-                               c.fepm.eta)
-  np.testing.assert_allclose(
-      m['loss/agent'],
-      losses.reinforce_loss(a['logp'], reward, greedy, a['entropy'], c.fepm.entropy_weight),
-      rtol=1e-6)
-  np.testing.assert_allclose(m['agent/reward'], np.mean(reward), rtol=1e-6)
   assert float(ema) == pytest.approx(0.3)  # self-critical leaves the average alone
   assert all(v.shape == () and v.dtype == jnp.float32 for v in m.values())
   assert 0.0 <= float(m['pattern/accuracy']) <= 1.0
 
 
-def test_ogfr_loss_ablations():
+def test_a_term_whose_model_part_is_missing_fails_loudly():
+  rng = np.random.default_rng(5)
+  # The config trains with a teacher, the outputs have none: an error, not a silent skip.
+  with pytest.raises(KeyError, match='teacher'):
+    losses.total_loss(_outputs(rng, teacher=False), _batch(rng), _config(), 0.0)
+
+
+def test_student_and_teacher_id_terms():
+  rng = np.random.default_rng(12)
+  out, batch, c = _outputs(rng), _batch(rng), _config()
+  ctx = losses.Context(c.loss, c.fepm, jnp.float32(0.0))
+  pid = batch['pid']
+  v = losses.student_id_term(out, batch, ctx)
+  np.testing.assert_allclose(v.value, losses.id_loss(out['student']['logits'], pid, 0.1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(v.metrics['student/accuracy'],
+                             losses.accuracy(out['student']['logits'], pid))
+  v = losses.teacher_id_term(out, batch, ctx)
+  np.testing.assert_allclose(v.value, losses.id_loss(out['teacher']['logits'], pid, 0.1),
+                             rtol=1e-6)
+
+
+def test_kd_feature_term_reads_the_configured_feature():
+  rng = np.random.default_rng(13)
+  out, batch, c = _outputs(rng), _batch(rng), _config()
+  s, t = out['student'], out['teacher']
+  ctx = losses.Context(c.loss, c.fepm, jnp.float32(0.0))
+  bn = losses.kd_feature_term(out, batch, ctx).value
+  np.testing.assert_allclose(bn, losses.kd_feature_loss(s['bn_feat'], t['bn_feat'], 'cos'),
+                             rtol=1e-6)
+  c.loss.kd_feature_input = 'feat'
+  pre = losses.kd_feature_term(out, batch, losses.Context(c.loss, c.fepm, 0.0)).value
+  np.testing.assert_allclose(pre, losses.kd_feature_loss(s['feat'], t['feat'], 'cos'),
+                             rtol=1e-6)
+  assert abs(float(pre) - float(bn)) > 1e-6
+
+
+def test_pattern_term():
+  rng = np.random.default_rng(14)
+  out, batch, c = _outputs(rng), _batch(rng), _config()
+  v = losses.pattern_term(out, batch, losses.Context(c.loss, c.fepm, 0.0))
+  np.testing.assert_allclose(v.value, losses.pattern_loss(out['student']['pattern_logits'],
+                                                          batch['pattern']), rtol=1e-6)
+
+
+def test_agent_term_self_critical():
+  rng = np.random.default_rng(15)
+  out, batch, c = _outputs(rng), _batch(rng), _config()
+  a = out['agent']
+  v = losses.agent_term(out, batch, losses.Context(c.loss, c.fepm, jnp.float32(0.3)))
+  reward = losses.agent_reward(a['lp_samples'], a['lp_clean'][None], a['sample_rates'],
+                               c.fepm.eta)
+  greedy = losses.agent_reward(a['lp_greedy'], a['lp_clean'], a['greedy_select_rate'],
+                               c.fepm.eta)
+  np.testing.assert_allclose(
+      v.value, losses.reinforce_loss(a['logp'], reward, greedy, a['entropy'],
+                                     c.fepm.entropy_weight), rtol=1e-6)
+  np.testing.assert_allclose(v.metrics['agent/reward'], np.mean(reward), rtol=1e-6)
+  assert float(v.state['baseline_ema']) == pytest.approx(0.3)
+  # Off (teacher warm-up): no loss and the average is carried unchanged.
+  c.fepm.baseline = 'moving_average'
+  off = losses.agent_term(out, batch, losses.Context(c.loss, c.fepm, jnp.float32(0.3), 0.0))
+  assert float(off.value) == 0.0 and float(off.state['baseline_ema']) == pytest.approx(0.3)
+
+
+def test_agent_term_leave_one_out_and_rate_penalty():
+  rng = np.random.default_rng(16)
+  out, batch, c = _outputs(rng, samples=3), _batch(rng), _config()
+  a = out['agent']
+  c.fepm.baseline = 'leave_one_out'
+  c.fepm.num_samples = 3
+  c.fepm.rate_weight = 2.0
+  c.fepm.rate_target = 0.1
+  v = losses.agent_term(out, batch, losses.Context(c.loss, c.fepm, jnp.float32(0.0)))
+  r = np.asarray(losses.agent_reward(a['lp_samples'], a['lp_clean'][None], a['sample_rates'],
+                                     c.fepm.eta), np.float64)
+  loo = np.stack([(r.sum(0) - r[i]) / 2 for i in range(3)])
+  expected = (-np.mean((r - loo) * np.asarray(a['logp'], np.float64))
+              - c.fepm.entropy_weight * np.mean(np.asarray(a['entropy'], np.float64))
+              + 2.0 * (np.mean(np.asarray(a['probs'], np.float64)) - 0.1) ** 2)
+  np.testing.assert_allclose(v.value, expected, rtol=1e-5)
+
+
+def test_total_loss_ablations():
   rng = np.random.default_rng(5)
   batch = _batch(rng)
   # Student only (ViT baseline): no teacher, KD or agent terms.
-  total, m, _ = ogfr_loss(_outputs(rng, teacher=False), batch, _config(), 0.0)
+  c = _config()
+  c.model.teacher = False
+  total, m, _ = total_loss(_outputs(rng, teacher=False), batch, c, 0.0)
   assert not any(k.startswith(('loss/teacher', 'loss/kd', 'loss/agent', 'agent/')) for k in m)
-  lc = _config().loss
+  lc = c.loss
   np.testing.assert_allclose(
       total, lc.student_weight * (lc.id_weight * m['loss/student_id']
                                   + lc.triplet_weight * m['loss/student_triplet'])
       + lc.pattern_weight * m['loss/pattern'], rtol=1e-6)
   # FEPM off: teacher without agent.
-  _, m, _ = ogfr_loss(_outputs(rng, agent=None), batch, _config(), 0.0)
+  c = _config()
+  c.fepm.enabled = False
+  _, m, _ = total_loss(_outputs(rng, agent=False), batch, c, 0.0)
   assert 'loss/teacher_id' in m and 'loss/agent' not in m and 'agent/reward' not in m
-  # Random selection: reward is reported, nothing is learned from it.
-  _, m, _ = ogfr_loss(_outputs(rng, agent='random'), batch, _config(), 0.0)
-  assert 'agent/reward' in m and 'loss/agent' not in m
   # No pattern embeddings: no pattern term.
-  _, m, _ = ogfr_loss(_outputs(rng, pattern=False), batch, _config(), 0.0)
+  c = _config()
+  c.model.pattern_embed = False
+  _, m, _ = total_loss(_outputs(rng, pattern=False), batch, c, 0.0)
   assert 'loss/pattern' not in m
 
 
-def test_ogfr_loss_parts_and_moving_average():
+def test_total_loss_parts_and_moving_average():
   rng = np.random.default_rng(6)
   out, batch = _outputs(rng, parts=True), _batch(rng)
   c = _config()
   c.fepm.baseline = 'moving_average'
-  total, m, ema = ogfr_loss(out, batch, c, jnp.float32(0.2))
+  total, m, ema = total_loss(out, batch, c, jnp.float32(0.2))
   s, t = out['student'], out['teacher']
   pid = batch['pid']
   expected_id = 0.5 * losses.id_loss(s['logits'], pid, 0.1) + 0.5 * losses.id_loss(
@@ -362,10 +448,10 @@ def test_triplet_reads_the_configured_feature(parts):
     expected[key] = (0.5 * glob + 0.5 * losses.part_triplet_loss(s[f'part_{key}s'], pid)
                      if parts else glob)
   c = _config()
-  _, m_default, _ = ogfr_loss(out, batch, c, 0.0)
+  _, m_default, _ = total_loss(out, batch, c, 0.0)
   np.testing.assert_allclose(m_default['loss/student_triplet'], expected['feat'], rtol=1e-6)
   c.loss.triplet_feature_input = 'bn_feat'
-  _, m_bn, _ = ogfr_loss(out, batch, c, 0.0)
+  _, m_bn, _ = total_loss(out, batch, c, 0.0)
   np.testing.assert_allclose(m_bn['loss/student_triplet'], expected['bn_feat'], rtol=1e-6)
   t_glob = losses.triplet_loss(t['bn_feat'], pid)
   if not parts:
@@ -387,10 +473,10 @@ def test_student_triplet_on_unoccluded_views(parts):
   expected = (0.5 * glob + 0.5 * losses.part_triplet_loss(s['part_feats'], pid, 0.0, unoccluded)
               if parts else glob)
   c = _config()
-  _, m_all, _ = ogfr_loss(out, batch, c, 0.0)
+  _, m_all, _ = total_loss(out, batch, c, 0.0)
   c.loss.student_triplet_views = 'unoccluded'
   run_config.validate(c)
-  _, m, _ = ogfr_loss(out, batch, c, 0.0)
+  _, m, _ = total_loss(out, batch, c, 0.0)
   np.testing.assert_allclose(m['loss/student_triplet'], expected, rtol=1e-6)
   assert abs(float(m['loss/student_triplet']) - float(m_all['loss/student_triplet'])) > 1e-4
   # The teacher sees holistic images: its triplet keeps every view.
@@ -400,14 +486,14 @@ def test_student_triplet_on_unoccluded_views(parts):
     run_config.validate(c)
 
 
-def test_ogfr_loss_gradients_never_reach_the_teacher_through_kd():
+def test_total_loss_gradients_never_reach_the_teacher_through_kd():
   rng = np.random.default_rng(7)
   out, batch = _outputs(rng), _batch(rng)
   c = _config(teacher_weight=0.0)  # leave only the KD terms touching the teacher outputs
 
   def f(teacher):
     o = dict(out, teacher=teacher)
-    return losses.ogfr_loss(o, batch, c, 0.0)[0]
+    return losses.total_loss(o, batch, c, 0.0)[0]
 
   grads = jax.grad(f)(out['teacher'])
   for key in ('feat', 'logits'):

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from ogfr_jax import config_defaults
+from ogfr_jax import config_schema
 from ogfr_jax import losses
 from ogfr_jax.models import fepm
+from ogfr_jax.models import build as build_lib
 from ogfr_jax.models import ogfr
 from ogfr_jax.models import vit
 
@@ -48,8 +50,7 @@ def make_batch(seed=0):
 
 
 def build(config):
-  return ogfr.OGFR(config=ml_collections.FrozenConfigDict(config), num_classes=NUM_CLASSES,
-                   num_cameras=NUM_CAMERAS)
+  return build_lib.build_model(config, NUM_CLASSES, NUM_CAMERAS)
 
 
 RNGS = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1),
@@ -64,26 +65,26 @@ def fast_jit(fn, *args):
 
 
 def test_token_grid_for_overlapping_strides():
-  assert ogfr.token_grid(tiny_config()) == (5, 2)
+  assert build_lib.token_grid(tiny_config()) == (5, 2)
   c = config_defaults.base_config()
-  assert ogfr.token_grid(c) == (21, 10)  # 256x128, patch 16, stride 12 (TransReID)
+  assert build_lib.token_grid(c) == (21, 10)  # 256x128, patch 16, stride 12 (TransReID)
   c.model.stride = 11
-  assert ogfr.token_grid(c) == (22, 11)
+  assert build_lib.token_grid(c) == (22, 11)
   c.model.stride = 16
-  assert ogfr.token_grid(c) == (16, 8)
+  assert build_lib.token_grid(c) == (16, 8)
   with pytest.raises(ValueError, match='input.height'):
     vit.patch_grid(8, 16, 16, 12)
 
 
 def test_fepm_layer_resolution_and_errors():
   c = tiny_config()  # tiny depth 2
-  assert ogfr.fepm_layer(c) == 1
+  assert build_lib.fepm_layer(c) == 1
   c.fepm.layer = 0
-  assert ogfr.fepm_layer(c) == 0
+  assert build_lib.fepm_layer(c) == 0
   for bad in (2, -3):
     c.fepm.layer = bad
     with pytest.raises(ValueError, match='fepm.layer'):
-      ogfr.fepm_layer(c)
+      config_schema.validate(c)
 
 
 def test_resize_pos_embed():
@@ -169,6 +170,9 @@ VARIANTS = {
                         'fepm.layer': 0},
     'no_pattern_no_sie': {'model.pattern_embed': False, 'model.sie': False},
     'moving_average': {'fepm.baseline': 'moving_average', 'model.pattern_dropout': 0.5},
+    'oracle_layer0': {'fepm.selection': 'oracle', 'fepm.layer': 0},
+    'leave_one_out_bounded': {'fepm.baseline': 'leave_one_out', 'fepm.num_samples': 3,
+                              'fepm.greedy': 'expected_count', 'fepm.prob_bounds': (0.05, 0.9)},
     'student_erase_jpm': {'model.student_erase': True, 'model.student_erase_layer': 2,
                           'model.jpm': True},
     'student_erase_separate': {'model.student_erase': True, 'model.student_erase_layer': 1,
@@ -181,14 +185,14 @@ def test_output_shapes(name):
   config = tiny_config(**VARIANTS[name])
   model = build(config)
   batch = make_batch()
-  if config.model.student_erase:
-    batch['occ_mask'] = jnp.zeros((B, H, W), jnp.uint8)
+  batch['occ_mask'] = jnp.zeros((B, H, W), jnp.uint8)
+  batch['contam_mask'] = jnp.zeros((B, H, W), jnp.uint8)
   d, n, k1, p = 64, 10, 5, 2
 
   def train_fwd():
     variables = model.init(RNGS, batch, train=False)
     out, updates = model.apply(variables, batch, train=True, rngs=RNGS, mutable=['batch_stats'])
-    loss, metrics, ema = losses.ogfr_loss(out, batch, config, jnp.zeros(()))
+    loss, metrics, ema = losses.total_loss(out, batch, config, jnp.zeros(()))
     return variables, out, loss, metrics, ema
 
   variables, out, loss, metrics, ema = jax.eval_shape(train_fwd)
@@ -213,7 +217,7 @@ def test_output_shapes(name):
       assert set(params['occluder_vit']) == {'patch_embed', 'cls_token', 'pos_embed',
                                              'sie_embed', 'blocks_0'}
   assert set(params) == expected_top
-  assert set(ogfr.backbone_names(config)) <= set(params)
+  assert set(build_lib.backbone_names(config)) <= set(params)
 
   branches = ['student'] + (['teacher'] if teacher else [])
   for branch in branches:
@@ -238,13 +242,16 @@ def test_output_shapes(name):
     a = out['agent']
     assert a['mask'].shape == (B, n) and a['mask'].dtype == jnp.bool_
     for key in ('lp_sampled', 'lp_clean', 'select_rate'):
-      assert a[key].shape == (B,)
+      if config.fepm.selection != 'oracle':
+        assert a[key].shape == (B,)
     learned = config.fepm.selection == 'agent'
     assert ('logp' in a) == learned and ('loss/agent' in metrics) == learned
     if learned:
-      for key in ('logp', 'entropy', 'lp_greedy'):
+      s = config.fepm.num_samples
+      assert a['logp'].shape == a['lp_samples'].shape == a['sample_rates'].shape == (s, B)
+      for key in ('entropy', 'lp_greedy'):
         assert a[key].shape == (B,)
-      assert a['greedy_mask'].shape == (B, n)
+      assert a['greedy_mask'].shape == (B, n) and a['probs'].shape == (B, n)
   assert loss.shape == () and ema.shape == ()
   assert all(v.shape == () for v in metrics.values())
   assert ('loss/teacher_id' in metrics) == teacher
@@ -264,11 +271,18 @@ def test_bad_config_values_name_the_field():
   for key, value, field in [('model.size', 'huge', 'model.size'),
                             ('model.dtype', 'float16', 'model.dtype'),
                             ('model.pattern_test_policy', 'hard', 'pattern_test_policy'),
+                            ('model.kernels', 'gpu', 'model.kernels'),
                             ('fepm.selection', 'greedy', 'fepm.selection'),
-                            ('fepm.baseline', 'none', 'fepm.baseline')]:
-    model = build(tiny_config(**{key: value}))
+                            ('fepm.baseline', 'none', 'fepm.baseline'),
+                            ('fepm.greedy', 'all', 'fepm.greedy'),
+                            ('fepm.prob_bounds', (0.5, 0.2), 'fepm.prob_bounds'),
+                            ('fepm.num_samples', 0, 'fepm.num_samples'),
+                            ('eval.feature', 'bn', 'eval.feature')]:
     with pytest.raises(ValueError, match=field):
-      jax.eval_shape(lambda: model.init(RNGS, batch, train=False))
+      config_schema.validate(tiny_config(**{key: value}))
+  c = tiny_config(**{'fepm.baseline': 'leave_one_out'})
+  with pytest.raises(ValueError, match='fepm.num_samples'):
+    config_schema.validate(c)
   model = build(tiny_config(**{'input.height': 40}))  # grid no longer matches the images
   with pytest.raises(ValueError, match='input.height'):
     jax.eval_shape(lambda: model.init(RNGS, batch, train=False))
@@ -291,10 +305,10 @@ def _step_fn(config, split: bool):
     def parts(p):
       out, updates = model.apply({'params': p, 'batch_stats': batch_stats}, batch, train=True,
                                  rngs=rngs, mutable=['batch_stats'])
-      total, metrics, _ = losses.ogfr_loss(out, batch, config, jnp.zeros(()))
+      total, metrics, _ = losses.total_loss(out, batch, config, jnp.zeros(()))
       if not split:
         return total[None], (out, updates['batch_stats'], metrics)
-      supervised, _, _ = losses.ogfr_loss(out, batch, supervised_only, jnp.zeros(()))
+      supervised, _, _ = losses.total_loss(out, batch, supervised_only, jnp.zeros(()))
       agent = config.loss.agent_weight * metrics['loss/agent']
       return jnp.stack([supervised, agent]), (out, updates['batch_stats'], metrics)
 
@@ -431,9 +445,6 @@ def test_extract_and_pattern_policies(default_state):
                              rtol=1e-6, atol=1e-6)
   # A fresh agent (prior logit -2) selects nothing greedily.
   assert not np.asarray(out['selection']).any()
-  with pytest.raises(ValueError, match='eval.feature'):
-    models['none'].apply(variables, batch['occluded'], batch['camid'], feature='bn',
-                         method=ogfr.OGFR.extract)
 
 
 @pytest.mark.parametrize('head_input', ['bn_feat', 'feat'])
@@ -501,11 +512,11 @@ def test_student_erase_blends_by_the_head_and_trains_it(detector):
   def occluder_loss(params):
     out, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, batch,
                          train=True, rngs=RNGS, mutable=['batch_stats'])
-    _, metrics, _ = losses.ogfr_loss(out, batch, config, jnp.zeros(()))
+    _, metrics, _ = losses.total_loss(out, batch, config, jnp.zeros(()))
     return metrics['loss/occluder_token'], out['student']['occluder_target']
 
   grads, target = jax.jit(jax.grad(occluder_loss, has_aux=True))(variables['params'])
-  gh, gw = ogfr.token_grid(config)
+  gh, gw = build_lib.token_grid(config)
   # Rows 0..11 are occluded: the first token row (pixels 0..7) and the second (6..13,
   # 6 of 8 rows) are covered; the third (12..19) is not.
   want = np.zeros((gh, gw), bool)

@@ -20,7 +20,7 @@ Policies over a mask a in {0,1}^N given logits l:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -81,25 +81,60 @@ def num_selected(fraction: float, num_tokens: int) -> int:
 
 
 # --- Bernoulli policy -----------------------------------------------------------------------
+#
+# `bounds` (lo, hi) maps the agent's logit l to the selection probability
+# p = lo + (hi - lo) * sigmoid(l), as PatchDrop bounds its policy: with lo > 0 every token keeps
+# a chance of being tried, with hi < 1 of being kept, so exploration cannot collapse however
+# far the logits move. (0, 1) is the plain sigmoid, computed through log_sigmoid for stability.
+
+UNBOUNDED = (0.0, 1.0)
 
 
-def bernoulli_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
-  return jax.random.uniform(key, logits.shape) < jax.nn.sigmoid(logits.astype(jnp.float32))
-
-
-def bernoulli_log_prob(logits: jax.Array, mask: jax.Array) -> jax.Array:
-  """log pi(mask), summed over the last axis; stable through log_sigmoid."""
+def _token_log_probs(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(log p_i, log (1 - p_i)) per token, float32."""
   logits = logits.astype(jnp.float32)
-  per_token = jnp.where(mask, jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits))
-  return jnp.sum(per_token, axis=-1)
+  if tuple(bounds) == UNBOUNDED:
+    return jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  lo, hi = bounds
+  p = lo + (hi - lo) * jax.nn.sigmoid(logits)
+  return jnp.log(p), jnp.log1p(-p)
 
 
-def bernoulli_entropy(logits: jax.Array) -> jax.Array:
+def selection_probs(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
+  """p_i of the Bernoulli policy, float32."""
+  return jnp.exp(_token_log_probs(logits, bounds)[0])
+
+
+def bernoulli_sample(key: jax.Array, logits: jax.Array,
+                     bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
+  return jax.random.uniform(key, logits.shape) < selection_probs(logits, bounds)
+
+
+def bernoulli_log_prob(logits: jax.Array, mask: jax.Array,
+                       bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
+  """log pi(mask), summed over the last axis."""
+  log_p, log_q = _token_log_probs(logits, bounds)
+  return jnp.sum(jnp.where(mask, log_p, log_q), axis=-1)
+
+
+def bernoulli_entropy(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
   """Exact entropy of the joint (independent) policy: the sum of per-token entropies."""
-  logits = logits.astype(jnp.float32)
-  p = jax.nn.sigmoid(logits)
-  per_token = -(p * jax.nn.log_sigmoid(logits) + (1 - p) * jax.nn.log_sigmoid(-logits))
+  log_p, log_q = _token_log_probs(logits, bounds)
+  per_token = -(jnp.exp(log_p) * log_p + jnp.exp(log_q) * log_q)
   return jnp.sum(per_token, axis=-1)
+
+
+def expected_count_mask(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
+                        ) -> jax.Array:
+  """The greedy action that selects as many tokens as the policy does on average: the
+  round(sum_i p_i) highest-scored tokens of each row. Unlike `logits > 0` it is not empty
+  while the agent starts from a low prior, so a self-critical baseline built on it compares
+  two purifications of the same size from the first step on."""
+  logits = logits.astype(jnp.float32)
+  count = jnp.round(jnp.sum(selection_probs(logits, bounds), axis=-1, keepdims=True))
+  rank = jnp.argsort(jnp.argsort(-logits, axis=-1), axis=-1)
+  return rank < count
 
 
 # --- Plackett-Luce (top-k without replacement) policy -----------------------------------------
@@ -160,16 +195,28 @@ def random_mask(key: jax.Array, shape: tuple[int, ...], k: int) -> jax.Array:
 # --- One policy step --------------------------------------------------------------------------
 
 
-def select(logits: jax.Array, *, action: str, k: int, key: Optional[jax.Array]) -> Selection:
+GREEDY_RULES = ('positive', 'expected_count')
+
+
+def select(logits: jax.Array, *, action: str, k: int, key: Optional[jax.Array],
+           bounds: tuple[float, float] = UNBOUNDED, greedy: str = 'positive') -> Selection:
   """Samples an action (when `key` is given) or takes the greedy one (key None), with log pi.
 
   logits [B, N] float32. With key None the returned mask is the greedy action and log_prob is
-  its log-probability, which is what an evaluation pass reports.
+  its log-probability, which is what an evaluation pass reports. `greedy` (Bernoulli only):
+  'positive' takes the tokens with p > 1/2 of the unbounded policy (logit > 0);
+  'expected_count' the round(sum p) best-scored tokens (`expected_count_mask`).
   """
   if action == 'bernoulli':
-    greedy = logits > 0
-    mask = greedy if key is None else bernoulli_sample(key, logits)
-    return Selection(mask, greedy, bernoulli_log_prob(logits, mask), bernoulli_entropy(logits))
+    if greedy == 'positive':
+      greedy_mask = logits > 0
+    elif greedy == 'expected_count':
+      greedy_mask = expected_count_mask(logits, bounds)
+    else:
+      raise ValueError(f'fepm.greedy={greedy!r}: use one of {list(GREEDY_RULES)}')
+    mask = greedy_mask if key is None else bernoulli_sample(key, logits, bounds)
+    return Selection(mask, greedy_mask, bernoulli_log_prob(logits, mask, bounds),
+                     bernoulli_entropy(logits, bounds))
   if action == 'topk':
     greedy_order = jax.lax.top_k(logits.astype(jnp.float32), k)[1]
     order = greedy_order if key is None else gumbel_topk(key, logits, k)
@@ -213,15 +260,3 @@ class TokenReplacement(nn.Module):
     if mask.dtype == jnp.bool_:
       return replace_tokens(tokens, mask, token, pos_embed)
     return blend_tokens(tokens, mask, token, pos_embed)
-
-
-def describe(config: Any) -> dict[str, Any]:
-  """The FEPM choices of a config, validated (one place that names the bad field)."""
-  f = config.fepm
-  if f.selection not in ('agent', 'random'):
-    raise ValueError(f"fepm.selection={f.selection!r}: use 'agent' or 'random'")
-  if f.action not in ('bernoulli', 'topk'):
-    raise ValueError(f"fepm.action={f.action!r}: use 'bernoulli' or 'topk'")
-  if f.baseline not in ('self_critical', 'moving_average'):
-    raise ValueError(f"fepm.baseline={f.baseline!r}: use 'self_critical' or 'moving_average'")
-  return {'selection': f.selection, 'action': f.action, 'baseline': f.baseline}

@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from ogfr_jax import config_schema
+
 # Top-level parameter names that hold the student's backbone (see models/ogfr.py).
 _STUDENT_BACKBONES = ('student_vit', 'vit')
 
@@ -34,9 +36,14 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
                             "run's config explicitly where the tool allows it)")
   with open(path) as f:
     try:
-      return ml_collections.ConfigDict(json.load(f))
+      values = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path} is not valid JSON: {e}') from e
+  try:
+    # Onto the base config: fields added since the run was written read as their defaults.
+    return config_schema.from_json(values)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
 
 
 def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict[str, Any], int]:
@@ -127,11 +134,11 @@ class TrainedModel:
 def load_trained(workdir: str, step: Optional[int] = None,
                  config: Optional[ml_collections.ConfigDict] = None) -> TrainedModel:
   """The model of a training workdir at its latest (or the given) checkpoint."""
-  from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   config = workdir_config(workdir) if config is None else config
   state, step = restore_state(workdir, step)
   num_classes, num_cameras = model_sizes(state['params'])
-  model = train.build_model(config, num_classes, num_cameras)
+  model = build.build_model(config, num_classes, num_cameras)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   return TrainedModel(config=config, model=model, variables=variables, step=step,
                       num_classes=num_classes, num_cameras=num_cameras,
@@ -155,26 +162,18 @@ def round_batch(batch_size: int, num_devices: int) -> int:
 def read_split(config: ml_collections.ConfigDict, which: str, root: str = ''):
   """DatasetSplits of the run's training ('train') or test ('test') dataset.
 
-  Mirrors train.load_data but reads only the dataset that is asked for, so that the test set
+  Like data.loading.load_data but reads only the dataset that is asked for, so that the test set
   can be used on a machine without the training set (cross-domain protocols). `root`
   replaces the folder recorded in the config (datasets move between machines).
   """
-  from ogfr_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import loading  # pylint: disable=g-import-not-at-top
   d = config.dataset
   if which == 'test' and d.test_name and d.test_name != d.name:
-    name, root = d.test_name, root or d.test_root
-  elif which in ('train', 'test'):
-    name, root = d.name, root or d.root
-  else:
-    raise ValueError(f"which={which!r}: use 'train' or 'test'")
-  if name == 'synthetic':
-    root = synthetic.ensure(config.synthetic, root or None)
-  elif not root:
-    raise ValueError(f'the run\'s config has no folder for dataset {name!r}: pass '
-                     '--dataset-root')
-  options = {'merge_train_val': d.merge_train_val} if name == 'msmt17' else {}
-  return datasets.get_dataset(name, root, **options)
+    return loading.read_dataset(config, d.test_name, root or d.test_root)
+  if which in ('train', 'test'):
+    return loading.read_dataset(config, d.name, root or d.root,
+                                merge_train_val=bool(d.merge_train_val))
+  raise ValueError(f"which={which!r}: use 'train' or 'test'")
 
 
 def to_uint8(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

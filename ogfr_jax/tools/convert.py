@@ -78,11 +78,11 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
 def backbone_module(config: Any):
   """The ViT of one OGFR backbone for `config`, without SIE (camera tables are per dataset)."""
-  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
-  dim, depth, heads = ogfr_lib.vit_size(config)
+  dim, depth, heads = build.vit_size(config)
   m = config.model
-  return vit_lib.ViT(dim=dim, depth=depth, num_heads=heads, grid=ogfr_lib.token_grid(config),
+  return vit_lib.ViT(dim=dim, depth=depth, num_heads=heads, grid=build.token_grid(config),
                      patch_size=m.patch_size, stride=m.stride, mlp_ratio=m.mlp_ratio,
                      jpm=bool(m.jpm), jpm_shift=m.jpm_shift,
                      jpm_shuffle_groups=m.jpm_shuffle_groups, jpm_parts=m.jpm_parts)
@@ -118,11 +118,11 @@ def convert(input_path: str, output_dir: str, config: Any, *, fmt: str = 'auto',
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from ogfr_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   checkpoint = pretrained.read_checkpoint(input_path, fmt)
-  grid = ogfr_lib.token_grid(config)
+  grid = build.token_grid(config)
   values, rows, naming = pretrained.map_vit(
-      checkpoint, backbone_shapes(config), grid=grid, num_heads=ogfr_lib.vit_size(config)[2],
+      checkpoint, backbone_shapes(config), grid=grid, num_heads=build.vit_size(config)[2],
       source_grid=source_grid)
   report = pretrained.ImportReport(checkpoint.path, checkpoint.fmt, naming, ('vit',), rows,
                                    checkpoint.note)

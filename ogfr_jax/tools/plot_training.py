@@ -116,8 +116,7 @@ def main(argv: Sequence[str]) -> str:
   last = max((int(r['step']) for r in rows if 'step' in r), default=0)
   skip = []
   if os.path.isfile(os.path.join(args.workdir, 'config.json')):
-    fepm = common.workdir_config(args.workdir).get('fepm', {})
-    if fepm.get('baseline', 'moving_average') != 'moving_average':
+    if common.workdir_config(args.workdir).fepm.baseline != 'moving_average':
       # The logged moving average is carried unchanged (zero) under the self-critical baseline.
       skip.append('train/agent/baseline')
   panels = plot(rows, out, title=f'{name}: {last} steps', skip=skip)

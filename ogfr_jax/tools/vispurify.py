@@ -44,8 +44,9 @@ def teacher_selection_fn(trained: common.TrainedModel):
   """jit(pixels, camid) -> {'mask', 'scores'} of the teacher's agent (evaluation mode); the
   pixels are the train pipeline's uint8 images, normalised on the device."""
   import jax  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
-  if not ogfr_lib.has_fepm(trained.config):
+  if not build.has_fepm(trained.config):
     raise ValueError(f'{trained.workdir} was trained without a purification agent '
                      '(model.teacher or fepm.enabled is off): nothing to show')
   variables = jax.device_put(trained.variables)
@@ -130,9 +131,9 @@ def clutter_tokens(paths: Sequence[str], indices: np.ndarray, side: dict[str, di
                    config) -> tuple[np.ndarray, np.ndarray]:
   """(token mask [B, N] bool, pixel mask [B, H, W] bool at the input size) of planted clutter."""
   from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   h, w = int(config.input.height), int(config.input.width)
-  gh, gw = ogfr_lib.token_grid(config)
+  gh, gw = build.token_grid(config)
   tokens = np.zeros((len(indices), gh * gw), bool)
   pixels = np.zeros((len(indices), h, w), bool)
   for row, index in enumerate(indices):
@@ -247,12 +248,12 @@ def parse_args(argv: Sequence[str]):
 
 
 def run(args) -> dict[str, Any]:
-  from ogfr_jax.models import ogfr as ogfr_lib  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   trained = common.load_trained(args.workdir, args.checkpoint_step)
   config = trained.config
   data = common.read_split(config, 'train', args.dataset_root)
   select = teacher_selection_fn(trained)
-  grid = ogfr_lib.token_grid(config)
+  grid = build.token_grid(config)
   patch, stride = int(config.model.patch_size), int(config.model.stride)
   h = int(config.input.height)
   side = None

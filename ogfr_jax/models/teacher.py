@@ -1,0 +1,212 @@
+"""The holistic teacher: a ViT whose Feature Erasing and Purification Module (FEPM) replaces
+the patch tokens its selection picks after block L by a learnable token, plus the reward
+passes that train the agent.
+
+The teacher holds no parameters of its own: its backbone, head, replacement token and agent
+are modules created (and named) by `models.ogfr.OGFR`, which keeps the parameter paths that
+checkpoints, pretrained import and export use. Everything that decides how the teacher
+behaves is an explicit field; `models.build` is the only place that reads the config.
+
+Selections (`FEPMSpec.selection`):
+- 'agent': the REINFORCE policy over per-token actions (models/fepm.py);
+- 'random': k tokens uniformly at random (ablation; nothing is learned);
+- 'oracle': exactly the tokens covered by the planted contamination of the batch (key
+  `contam_mask`, at least `min_cover` of a token's window): the upper bound of what a perfect
+  agent could do on the synthetic benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from ogfr_jax.models import fepm as fepm_lib
+from ogfr_jax.models import vit as vit_lib
+
+SELECTIONS = ('agent', 'random', 'oracle')
+# Which mask the teacher's own forward pass (the one its ID/triplet losses and the
+# distillation read) purifies with: the sampled action, the greedy one, or none.
+TEACHER_INPUTS = ('sampled', 'greedy', 'clean')
+
+
+@dataclasses.dataclass(frozen=True)
+class FEPMSpec:
+  """The purification module's choices (documented field by field in config_defaults)."""
+  layer: int  # blocks that run before the selection acts, in [0, depth)
+  selection: str = 'agent'
+  action: str = 'bernoulli'
+  k: int = 1  # tokens for 'topk' and 'random'
+  greedy: str = 'positive'
+  prob_bounds: tuple[float, float] = fepm_lib.UNBOUNDED
+  num_samples: int = 1  # sampled actions per image (leave-one-out baseline when > 1)
+  greedy_pass: bool = True  # run the greedy action's reward pass (self-critical baseline)
+  teacher_input: str = 'sampled'
+  patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
+  stride: int = 16
+  min_cover: float = 0.5
+
+
+def true_class_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def branch_outputs(head: vit_lib.ReIDHead, part_head: Optional[vit_lib.ReIDHead],
+                   feat: jax.Array, parts: Optional[jax.Array], *, train: bool
+                   ) -> tuple[dict[str, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The outputs every branch reports (`feat`, `bn_feat`, `logits`, and with JPM the part
+  versions) and the BNNeck statistics used."""
+  out = head(feat, train=train)
+  res = {'feat': feat, 'bn_feat': out['bn_feat'], 'logits': out['logits']}
+  if parts is not None:
+    part_out = part_head(parts, train=train)
+    res.update(part_feats=parts, part_bn_feats=part_out['bn_feat'],
+               part_logits=part_out['logits'])
+  return res, out['stats']
+
+
+def _f32(x: Optional[jax.Array]) -> Optional[jax.Array]:
+  return None if x is None else x.astype(jnp.float32)
+
+
+class Teacher(nn.Module):
+  """Holistic branch with FEPM (`fepm` None: a plain ViT branch)."""
+  vit: vit_lib.ViT
+  head: vit_lib.ReIDHead
+  part_head: Optional[vit_lib.ReIDHead] = None
+  fepm: Optional[FEPMSpec] = None
+  replacement: Optional[fepm_lib.TokenReplacement] = None
+  agent: Optional[fepm_lib.Agent] = None
+
+  # --- selection ------------------------------------------------------------------------------
+
+  def planted_tokens(self, contam_mask: Optional[jax.Array]) -> jax.Array:
+    if contam_mask is None:
+      raise ValueError("fepm.selection='oracle' reads the planted contamination of the batch "
+                       "('contam_mask', pixels of the model input), which this batch lacks")
+    f = self.fepm
+    return fepm_lib.covered_tokens(contam_mask, f.patch_size, f.stride, f.min_cover)
+
+  def _select(self, mid: jax.Array, contam_mask: Optional[jax.Array], *, sample: bool,
+              num_samples: int = 1) -> tuple[list[fepm_lib.Selection], Optional[jax.Array]]:
+    """Selections over the patch tokens of `mid` (tokens after block L): `num_samples`
+    sampled actions when `sample`, else the greedy one. Returns (selections, agent logits)."""
+    f = self.fepm
+    b, n = mid.shape[0], mid.shape[1] - 1
+    if f.selection == 'oracle':
+      return [fepm_lib.Selection(self.planted_tokens(contam_mask), None, None, None)], None
+    if f.selection == 'random':
+      key = self.make_rng('agent') if self.has_rng('agent') else jax.random.PRNGKey(0)
+      mask = fepm_lib.random_mask(key, (b, n), f.k)
+      return [fepm_lib.Selection(mask, None, None, None)], None
+    scores = self.agent(mid[:, 1:])
+    k = f.k if f.action == 'topk' else 0
+    keys = (jax.random.split(self.make_rng('agent'), num_samples) if sample
+            else [None] * num_samples)
+    return [fepm_lib.select(scores, action=f.action, k=k, key=key, bounds=f.prob_bounds,
+                            greedy=f.greedy) for key in keys], scores
+
+  # --- forward passes -----------------------------------------------------------------------
+
+  def _plain(self, image, camid, *, train: bool):
+    out, parts = self.vit.tail(self.vit.embed(image, camid), 0, train=train, cls_only=True)
+    return branch_outputs(self.head, self.part_head, _f32(out[:, 0]), _f32(parts), train=train)
+
+  def __call__(self, image: jax.Array, camid: jax.Array, pid: jax.Array, *, train: bool,
+               contam_mask: Optional[jax.Array] = None, purify: Any = True
+               ) -> dict[str, Any]:
+    """{'teacher': branch outputs[, 'agent': what the agent's loss and metrics read]}.
+
+    `purify` (a bool, possibly traced) switches the replacement off while keeping every
+    shape: a teacher warm-up phase trains on the clean sequence with the same program.
+    """
+    if self.fepm is None:
+      res, _ = self._plain(image, camid, train=train)
+      return {'teacher': res}
+    f, vit = self.fepm, self.vit
+    mid = vit.run_blocks(vit.embed(image, camid), 0, f.layer, train=train)
+    sels, scores = self._select(mid, contam_mask, sample=train,
+                                num_samples=f.num_samples if train else 1)
+    sel = sels[0]
+    purify = jnp.asarray(purify, jnp.bool_)
+    if f.teacher_input == 'clean':
+      own = jnp.zeros_like(sel.mask)
+    elif f.teacher_input == 'greedy' and sel.greedy_mask is not None:
+      own = sel.greedy_mask
+    else:
+      own = sel.mask
+    pos = vit.patch_pos_embed()
+    out, parts = vit.tail(self.replacement(mid, own & purify, pos), f.layer, train=train,
+                          cls_only=True)
+    res, stats = branch_outputs(self.head, self.part_head, _f32(out[:, 0]), _f32(parts),
+                                train=train)
+    agent = {'mask': sel.mask, 'select_rate': jnp.mean(sel.mask.astype(jnp.float32), axis=-1)}
+    if f.selection == 'oracle' or not train:
+      return {'teacher': res, 'agent': agent}
+
+    # Reward passes, batched into one call through blocks [L, depth): purified with each
+    # sampled action, clean, and (for a self-critical baseline) purified with the greedy
+    # action. They are deterministic (no stochastic depth: the reward is a difference of
+    # log-probabilities and must not carry drop-path noise) and use the global branch only.
+    # Their BNNeck normalises with the statistics of the real teacher batch so the reward
+    # scores exactly the classifier the ID loss trains, while the concatenated rows never
+    # enter the batch statistics or the running averages.
+    frozen = jax.lax.stop_gradient(mid)
+    masks = [s.mask for s in sels]
+    with_greedy = sel.greedy_mask is not None and f.greedy_pass
+    if with_greedy:
+      masks.append(sel.greedy_mask)
+    rows = [self.replacement(frozen, m, pos) for m in masks] + [frozen]
+    batch = mid.shape[0]
+    reward_tokens = jax.lax.stop_gradient(jnp.concatenate(rows, axis=0))
+    reward_out = vit.final_norm(vit.run_blocks(reward_tokens, f.layer, vit.depth, train=False,
+                                               cls_only=True))
+    reward_logits = self.head.logits_with_stats(reward_out[:, 0].astype(jnp.float32),
+                                                jax.lax.stop_gradient(stats))
+    lp = jax.lax.stop_gradient(true_class_log_prob(reward_logits, jnp.tile(pid, len(rows))))
+    lp = lp.reshape(len(rows), batch)
+    num = len(sels)
+    agent.update(lp_sampled=lp[0], lp_clean=lp[-1])
+    if sel.log_prob is not None:
+      agent.update(
+          logp=jnp.stack([s.log_prob for s in sels]), lp_samples=lp[:num],
+          sample_rates=jnp.stack([jnp.mean(s.mask.astype(jnp.float32), axis=-1)
+                                  for s in sels]),
+          entropy=sel.entropy, scores=scores, greedy_mask=sel.greedy_mask,
+          greedy_select_rate=jnp.mean(sel.greedy_mask.astype(jnp.float32), axis=-1),
+          probs=fepm_lib.selection_probs(scores, f.prob_bounds) if f.action == 'bernoulli'
+          else jax.nn.softmax(scores, axis=-1) * f.k)
+      if with_greedy:
+        agent['lp_greedy'] = lp[num]
+    return {'teacher': res, 'agent': agent}
+
+  def selection(self, image: jax.Array, camid: jax.Array,
+                contam_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """The evaluation-time (greedy) selection: {'mask' [B, N] bool, 'scores' [B, N]}."""
+    if self.fepm is None:
+      raise ValueError('the teacher has no FEPM (model.teacher and fepm.enabled)')
+    mid = self.vit.run_blocks(self.vit.embed(image, camid), 0, self.fepm.layer, train=False)
+    sels, scores = self._select(mid, contam_mask, sample=False)
+    if scores is None:
+      scores = jnp.zeros(sels[0].mask.shape, jnp.float32)
+    return {'mask': sels[0].mask, 'scores': scores}
+
+  def features(self, image: jax.Array, camid: jax.Array, *, purify: bool,
+               contam_mask: Optional[jax.Array] = None, feature: str = 'pre_bn'
+               ) -> jax.Array:
+    """The teacher's inference feature [B, D], with the greedy purification or without."""
+    if self.fepm is None or not purify:
+      res, _ = self._plain(image, camid, train=False)
+    else:
+      vit, f = self.vit, self.fepm
+      mid = vit.run_blocks(vit.embed(image, camid), 0, f.layer, train=False)
+      mask = self._select(mid, contam_mask, sample=False)[0][0].mask
+      out, parts = vit.tail(self.replacement(mid, mask, vit.patch_pos_embed()), f.layer,
+                            train=False, cls_only=True)
+      res, _ = branch_outputs(self.head, self.part_head, _f32(out[:, 0]), _f32(parts),
+                              train=False)
+    return res['feat'] if feature == 'pre_bn' else res['bn_feat']

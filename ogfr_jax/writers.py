@@ -1,0 +1,132 @@
+"""What a run writes as it goes: TensorBoard events and metrics.jsonl (process 0 only),
+the host summary of a logging window, and the small formatting helpers of the progress line.
+
+A resumed run first drops what an interrupted run logged after the checkpoint it resumes
+from (`truncate_metrics`, TensorBoard purge_step), so every step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], int]:
+  """(rows, number of unreadable lines) of a metrics.jsonl; a kill can cut the last line."""
+  rows, broken = [], 0
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        broken += 1
+  return rows, broken
+
+
+def truncate_metrics(path: str, resume_step: int, *, redo_eval: bool = False) -> int:
+  """Drops the lines of metrics.jsonl logged after `resume_step`; returns how many went.
+
+  A run killed after its last checkpoint logged steps that the resumed run computes (and logs)
+  again; without this the file would hold two values for those steps. Lines cut short by the
+  kill go too, and with `redo_eval` the evaluation logged at `resume_step` itself (the final
+  one, which follows the last checkpoint and runs again). The file is replaced atomically.
+  """
+  rows, broken = _read_jsonl(path)
+
+  def kept(row: dict) -> bool:
+    step = int(row.get('step', 0))
+    if redo_eval and step == resume_step and any(k.startswith('eval/') for k in row):
+      return False
+    return step <= resume_step
+
+  keep = [r for r in rows if kept(r)]
+  dropped = len(rows) - len(keep) + broken
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in keep)
+    os.replace(tmp, path)
+  return dropped
+
+
+class Writer:
+  """TensorBoard events (tensorboardX) and a metrics.jsonl, written by process 0 only.
+
+  `resume_step`: the step the run continues from. Anything logged after it by an earlier,
+  interrupted run is dropped from metrics.jsonl and hidden in TensorBoard (purge_step), since
+  those steps are about to be logged again; `redo_eval`: so is an evaluation at resume_step.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0, *, redo_eval: bool = False):
+    self._active = jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self._active:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path):
+        dropped = truncate_metrics(path, resume_step, redo_eval=redo_eval)
+        if dropped:
+          logging.info('%s: dropped %d lines logged after step %d by an interrupted run; those '
+                       'steps are run and logged again', path, dropped, resume_step)
+      tb_dir = os.path.join(workdir, 'tensorboard')
+      purge_step = resume_step + 1 if os.path.isdir(tb_dir) else None
+      self._tb = SummaryWriter(logdir=tb_dir, purge_step=purge_step)
+      self._jsonl = open(path, 'a')
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self._active:
+      return
+    for k, v in values.items():
+      self._tb.add_scalar(k, float(v), step)
+    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}})
+                      + '\n')
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._active and self._jsonl is not None:
+      self._tb.close()
+      self._jsonl.close()
+      self._jsonl = None
+
+
+def summarize(history: list[dict]) -> dict[str, float]:
+  """Host summary of a logging window of per-step metrics.
+
+  Means over the window, leaving out steps whose update was skipped as non-finite (their loss
+  is NaN and says nothing about the others); 'guard/nonfinite_steps' counts those steps and
+  'guard/nonfinite_total' is the run's count so far.
+  """
+  host = jax.device_get(history)
+  bad = np.array([float(h.get('guard/nonfinite', 0.0)) > 0 for h in host])
+  use = ~bad if (~bad).any() else np.ones_like(bad)
+  out = {}
+  for key in host[0]:
+    values = np.array([float(h[key]) for h in host], np.float64)
+    if key == 'guard/nonfinite':
+      out['guard/nonfinite_steps'] = float(values.sum())
+    elif key == 'guard/nonfinite_total':
+      out[key] = float(values[-1])
+    else:
+      out[key] = float(np.mean(values[use]))
+  return out
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def global_sum(local: int) -> int:
+  """Sum of a host integer over processes (collective when there are several)."""
+  if jax.process_count() == 1:
+    return int(local)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.int32(local))))
