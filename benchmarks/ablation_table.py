@@ -31,20 +31,33 @@ sys.path.insert(0, REPO)
 from configs import ablations  # noqa: E402  pylint: disable=g-import-not-at-top
 
 METRICS = ('mAP', 'rank1', 'rank5', 'mINP')
+# From results.json's `fepm` object, for rows with a purification module.
+FEPM_METRICS = ('teacher_mAP', 'teacher_clean_mAP', 'gallery_precision', 'gallery_recall',
+                'gallery_chance')
 
 
-def run_step(root: str, step: str, seed: int, extra: list[str]) -> dict:
+def run_step(root: str, step: str, seed: int, extra: list[str],
+             config: str = 'configs/ablations.py', arg: str = 'step') -> dict:
   workdir = os.path.join(root, f'{step}_seed{seed}')
   results = os.path.join(workdir, 'results.json')
   if not os.path.exists(results):
     cmd = [sys.executable, '-m', 'ogfr_jax.main', '--config',
-           f'configs/ablations.py:step={step}', '--workdir', workdir,
+           f'{config}:{arg}={step}', '--workdir', workdir,
            f'--config.seed={seed}', *extra]
     print('+', ' '.join(cmd), flush=True)
     with open(os.path.join(root, f'{step}_seed{seed}.log'), 'w') as log:
       subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
   with open(results) as f:
-    return json.load(f)['synthetic']
+    results = json.load(f)
+  row = dict(results['synthetic'])
+  fepm = results.get('fepm')
+  if fepm:  # what the purification did (evaluator.fepm_report)
+    row.update({'teacher_mAP': fepm['teacher_purified']['mAP'],
+                'teacher_clean_mAP': fepm['teacher_clean']['mAP'],
+                'gallery_precision': fepm['gallery']['precision'] or 0.0,
+                'gallery_recall': fepm['gallery']['recall'] or 0.0,
+                'gallery_chance': fepm['gallery']['chance']})
+  return row
 
 
 def pretrain(root: str) -> str:
@@ -101,6 +114,11 @@ def main(argv=None) -> dict:
   p.add_argument('--root', required=True, help='folder for the runs and the table')
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--steps', nargs='+', default=list(ablations.STEPS))
+  p.add_argument('--config', default='configs/ablations.py',
+                 help='the config file whose rows are the steps')
+  p.add_argument('--arg', default='step', help="the config arg naming the row ('row' for "
+                 'configs/fepm_rows.py)')
+  p.add_argument('--no-random-init', action='store_true', help='leave out the random_init row')
   p.add_argument('--pretrain', action='store_true',
                  help='start every trained row from a source-pretrained student')
   p.add_argument('--json', action='store_true')
@@ -111,23 +129,26 @@ def main(argv=None) -> dict:
     _random_init_child(args.random_init_child, args.root, args.seeds[0], extra)
     return {}
 
-  rows: dict[str, list[dict]] = {'random_init': [random_init(args.root, s, extra)
-                                                 for s in args.seeds]}
+  rows: dict[str, list[dict]] = {} if args.no_random_init else {
+      'random_init': [random_init(args.root, s, extra) for s in args.seeds]}
   if args.pretrain:
     extra = extra + [f'--config.init_from={pretrain(args.root)}']
     rows['source_only'] = [random_init(args.root, s, extra, 'source_only') for s in args.seeds]
   for step in args.steps:
-    rows[step] = [run_step(args.root, step, s, extra) for s in args.seeds]
+    rows[step] = [run_step(args.root, step, s, extra, args.config, args.arg)
+                  for s in args.seeds]
 
   table = {}
   print(f'\nOccluded queries vs gallery, {len(args.seeds)} seeds {args.seeds}; '
         'mean +- std (min..max)')
-  print(f"{'row':15s} " + ' '.join(f'{m:>22s}' for m in METRICS))
+  columns = METRICS + tuple(m for m in FEPM_METRICS
+                            if any(m in r for results in rows.values() for r in results))
+  print(f"{'row':15s} " + ' '.join(f'{m:>22s}' for m in columns))
   for name, results in rows.items():
     table[name] = {}
     cells = []
-    for m in METRICS:
-      vals = np.array([r[m] for r in results])
+    for m in columns:
+      vals = np.array([r.get(m, np.nan) for r in results])
       table[name][m] = {'mean': float(vals.mean()), 'std': float(vals.std()),
                         'values': vals.tolist()}
       cells.append(f'{vals.mean():.3f}+-{vals.std():.3f} ({vals.min():.2f}..{vals.max():.2f})')

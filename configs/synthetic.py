@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.model.patch_size = 16
   c.model.stride = 12
   c.model.drop_path = 0.0
+  c.model.kernels = 'cpu'  # the XLA:CPU formulations (models/cpu_kernels.py): same values
   c.model.pattern_dropout = 0.3
 
   c.fepm.entropy_weight = 0.001

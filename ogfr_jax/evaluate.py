@@ -43,23 +43,35 @@ _EVAL_KEYS = ('image', 'camid', 'index', 'valid')
 # Features
 
 
-def student_features(model, variables, image, camid, *, eval_cfg) -> jax.Array:
-  """Student inference feature per config.eval (pre/post-BN, flip averaging, L2 norm).
+# Whose features an extract function computes: the student (inference), or the teacher with
+# or without its purification (the FEPM report of a run).
+BRANCHES = ('student', 'teacher_clean', 'teacher_purified')
+
+
+def student_features(model, variables, image, camid, *, eval_cfg, branch: str = 'student',
+                     contam_mask=None) -> jax.Array:
+  """Inference feature per config.eval (pre/post-BN, flip averaging, L2 norm) of `branch`.
 
   `image` is model input (already normalised); see `make_extract_fn` for pixels.
   """
-  extract = functools.partial(model.apply, variables, camid=camid, feature=eval_cfg.feature,
-                              method=ogfr_model.OGFR.extract)
+  if branch == 'student':
+    extract = functools.partial(model.apply, variables, camid=camid, feature=eval_cfg.feature,
+                                method=ogfr_model.OGFR.extract)
+  else:
+    extract = functools.partial(model.apply, variables, camid=camid, feature=eval_cfg.feature,
+                                purify=branch == 'teacher_purified', contam_mask=contam_mask,
+                                method=ogfr_model.OGFR.teacher_features)
   feats = extract(image).astype(jnp.float32)
-  if eval_cfg.flip:
+  if eval_cfg.flip and contam_mask is None:
     feats = 0.5 * (feats + extract(image[:, :, ::-1, :]).astype(jnp.float32))
   if eval_cfg.normalize:
     feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
   return feats
 
 
-def make_extract_fn(model, config: ml_collections.ConfigDict, mesh):
-  """jit(variables, pixels [b, H, W, 3], camid [b]) -> features [b, D], sharded over the batch.
+def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str = 'student'):
+  """jit(variables, pixels [b, H, W, 3], camid [b][, contam_mask [b, H, W]]) -> features
+  [b, D], sharded over the batch (contam_mask: for the teacher's oracle purification).
 
   Pixels are uint8 (or floats on the 0..255 scale) and are normalised with config.input.mean
   and std inside the jitted function.
@@ -67,9 +79,10 @@ def make_extract_fn(model, config: ml_collections.ConfigDict, mesh):
   mean, std = tuple(config.input.mean), tuple(config.input.std)
   eval_cfg = config.eval
 
-  def fn(variables, image, camid):
+  def fn(variables, image, camid, contam_mask=None):
     x = augment.normalize_on_device(image, mean, std)
-    return student_features(model, variables, x, camid, eval_cfg=eval_cfg)
+    return student_features(model, variables, x, camid, eval_cfg=eval_cfg, branch=branch,
+                            contam_mask=contam_mask)
 
   return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
 
@@ -92,12 +105,14 @@ def _first_rows(x: jax.Array, n: int, sharding) -> jax.Array:
   return lax.with_sharding_constraint(x[:n], sharding)
 
 
-def _eval_to_devices(batch: dict, mesh) -> dict[str, jax.Array]:
-  return parallel.global_batch({k: batch[k] for k in _EVAL_KEYS}, mesh)
+def _eval_to_devices(batch: dict, mesh, keys: tuple[str, ...] = _EVAL_KEYS
+                     ) -> dict[str, jax.Array]:
+  return parallel.global_batch({k: batch[k] for k in keys}, mesh)
 
 
 def extract_features(extract_fn, variables: Any, split: records.Split,
-                     config: ml_collections.ConfigDict, mesh) -> jax.Array:
+                     config: ml_collections.ConfigDict, mesh, *,
+                     with_contam: bool = False) -> jax.Array:
   """Features [len(split), D] float32 in split order, replicated over the mesh.
 
   Every device and process extracts its share; the rows are gathered on the devices (each
@@ -111,10 +126,12 @@ def extract_features(extract_fn, variables: Any, split: records.Split,
   it = pipeline.make_eval_iterator(split, config, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   buf = None
-  with prefetch.DevicePrefetcher(it, functools.partial(_eval_to_devices, mesh=mesh),
+  keys = _EVAL_KEYS + (('contam_mask',) if with_contam else ())
+  with prefetch.DevicePrefetcher(it, functools.partial(_eval_to_devices, mesh=mesh, keys=keys),
                                  size=config.input.device_prefetch) as batches:
     for arrays in batches:
-      out = extract_fn(variables, arrays['image'], arrays['camid'])
+      extra = (arrays['contam_mask'],) if with_contam else ()
+      out = extract_fn(variables, arrays['image'], arrays['camid'], *extra)
       if buf is None:
         buf = _zeros(n + 1, int(out.shape[-1]), replicated)
       buf = _scatter_rows(buf, out, arrays['index'], arrays['valid'], replicated)

@@ -291,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # from the checkpoint before and evaluates again, so no evaluation is ever lost.
         if done % eval_every == 0 and done != total_steps:
           progress.verify(done)
-          results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, done, writer)
+          results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, done,
+                                             writer)
         stopping = done == stop_at_step
         if done % config.train.checkpoint_every == 0 or done == total_steps or stopping:
           progress.save(done, state, force=stopping)
@@ -299,7 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           return {}
     manager.wait_until_finished()
     final_step = int(jax.device_get(state.step))
-    results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, final_step, writer)
+    results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, final_step,
+                                       writer)
+    if config.eval.fepm_report and build.has_fepm(config):
+      results['fepm'] = evaluator.fepm_report(model, state, s['train_data'], s['test_data'],
+                                              config, mesh)
     results['manifest'] = manifest.run_manifest(config, wall_time_s=time.time() - t_start,
                                                 start_time=t_start)
     evaluator.write_results(workdir, results)
@@ -314,7 +319,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, _, step = restore_latest(s)
     if step == 0:
       raise FileNotFoundError(f'no checkpoint to evaluate in {s["manager"].directory}')
-    results = evaluator.run_evaluation(s['model'], state, s['test_data'], config, s['mesh'], step, None)
+    results = evaluator.run_evaluation(s['model'], state, s['test_data'], config, s['mesh'],
+                                       step)
+    if config.eval.fepm_report and build.has_fepm(config):
+      results['fepm'] = evaluator.fepm_report(s['model'], state, s['train_data'],
+                                              s['test_data'], config, s['mesh'])
     evaluator.write_results(workdir, results)
   finally:
     s['manager'].close()

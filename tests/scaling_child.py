@@ -121,6 +121,9 @@ def main(argv=None) -> None:
   from ogfr_jax import optim  # pylint: disable=g-import-not-at-top
   from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
   from ogfr_jax import train  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import train_state  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import loading  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = scaling_config(args.cache, args.steps, args.mesh)
   run_config.validate(config)
@@ -129,14 +132,14 @@ def main(argv=None) -> None:
 
   # The state as a later run sees it: the last two checkpoints restored into this layout's
   # shardings (shapes from eval_shape as in train.setup, without compiling another init).
-  train_data, test_data = train.load_data(config)
+  train_data, test_data = loading.load_data(config)
   mesh = parallel.make_mesh(config.mesh)
-  steps_per_epoch, total_steps = train.schedule_lengths(config, train_data.train)
-  model = train.build_model(config, train_data.num_train_ids,
+  steps_per_epoch, total_steps = loading.schedule_lengths(config, train_data.train)
+  model = build.build_model(config, train_data.num_train_ids,
                             max(train_data.num_cameras, test_data.num_cameras))
   tx, _ = optim.make_optimizer(config, config.input.ids_per_batch * config.input.images_per_id,
                                steps_per_epoch, total_steps)
-  abstract = jax.eval_shape(functools.partial(train.init_state, model, tx, config),
+  abstract = jax.eval_shape(functools.partial(train_state.init_state, model, tx, config),
                             jax.random.PRNGKey(config.seed))
   shardings = parallel.state_shardings(abstract, mesh)
   target = checkpoints.abstract_with_shardings(abstract, shardings)

@@ -35,6 +35,10 @@ from PIL import Image
 
 import dataset_fixtures as fx
 from ogfr_jax import checkpoints
+from ogfr_jax.data import loading
+from ogfr_jax.models import build
+from ogfr_jax import train_state
+from ogfr_jax import writers
 from ogfr_jax import guards
 from ogfr_jax import losses
 from ogfr_jax import optim
@@ -431,7 +435,7 @@ def _progress(tmp_path, policy: str):
 
   s = {'manager': checkpoints.make_manager(str(tmp_path / 'wd')), 'total_steps': 10,
        'steps_per_epoch': 5, 'global_batch': 8}
-  writer = train.Writer(str(tmp_path / 'wd'))
+  writer = writers.Writer(str(tmp_path / 'wd'))
   progress_cls = train._Progress  # pylint: disable=protected-access
   return progress_cls(config, s, writer, Iterator(), 0, None), writer
 
@@ -481,7 +485,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   rows = [{'step': s, 'train/loss/total': float(s)} for s in range(1, 7)]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 7, "train/lo')
-  writer = train.Writer(str(tmp_path), resume_step=4)  # killed mid-line after step 6
+  writer = writers.Writer(str(tmp_path), resume_step=4)  # killed mid-line after step 6
   writer.scalars(5, {'x': 1.0})
   writer.close()
   steps = [json.loads(l)['step'] for l in path.read_text().splitlines()]
@@ -489,7 +493,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
   # Killed during the final evaluation, after the last checkpoint (step 5): it runs again.
   with open(path, 'a') as f:
     f.write(json.dumps({'step': 5, 'eval/synthetic/mAP': 0.5}) + '\n')
-  train.Writer(str(tmp_path), resume_step=5, redo_eval=True).close()
+  writers.Writer(str(tmp_path), resume_step=5, redo_eval=True).close()
   rows = [json.loads(l) for l in path.read_text().splitlines()]
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5] and 'x' in rows[-1]
 
@@ -554,9 +558,9 @@ def test_unfinished_checkpoint_folder_is_ignored_and_removed(tmp_path):
 def _restore_into(workdir, num_classes: int):
   """train.restore_latest with the model of the tiny config and `num_classes` identities."""
   config = tiny_config(pathlib.Path('unused'))
-  model = train.build_model(config, num_classes, 4)
+  model = build.build_model(config, num_classes, 4)
   tx, _ = optim.make_optimizer(config, 8, 4, 8)
-  abstract = jax.eval_shape(lambda r: train.init_state(model, tx, config, r),
+  abstract = jax.eval_shape(lambda r: train_state.init_state(model, tx, config, r),
                             jax.random.PRNGKey(0))
   s = {'manager': checkpoints.make_manager(str(workdir)), 'abstract': abstract,
        'shardings': parallel.state_shardings(abstract, parallel.make_mesh(config.mesh)),
@@ -667,7 +671,7 @@ def test_names_modes_and_small_identities_through_the_train_pipeline(tmp_path, m
     img.save(path.with_suffix('.png'))
   config = _market_config(tree.root, tmp_path)
   with caplog.at_level(std_logging.INFO):
-    train_data, _ = train.load_data(config)
+    train_data, _ = loading.load_data(config)
     it = pipeline.make_train_iterator(train_data.train, config)
     batch = next(it)
     it.close()

@@ -20,11 +20,11 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from ogfr_jax import checkpoints
+from ogfr_jax.models import build
+from ogfr_jax import train_state
 from ogfr_jax import config_defaults
 from ogfr_jax import pretrained
 from ogfr_jax import run_config
-from ogfr_jax import train
-from ogfr_jax.models import ogfr
 from ogfr_jax.models import vit as vit_lib
 from ogfr_jax.tools import convert
 
@@ -47,9 +47,9 @@ def make_config(height=64, width=64, stride=16, **model):
 
 def zero_params(config, num_cameras=2):
   """The OGFR 'params' tree for `config`, as numpy zeros (shapes from eval_shape: no compute)."""
-  model = ogfr.OGFR(config=config, num_classes=3, num_cameras=num_cameras)
+  model = build.build_model(config, 3, num_cameras)
   shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.PRNGKey(0)}, train.dummy_batch(config, 1), train=False))['params']
+      {'params': jax.random.PRNGKey(0)}, train_state.dummy_batch(config, 1), train=False))['params']
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
@@ -64,8 +64,8 @@ def flat(tree):
 
 
 def plain_vit(config):
-  dim, depth, heads = ogfr.vit_size(config)
-  return vit_lib.ViT(dim=dim, depth=depth, num_heads=heads, grid=ogfr.token_grid(config),
+  dim, depth, heads = build.vit_size(config)
+  return vit_lib.ViT(dim=dim, depth=depth, num_heads=heads, grid=build.token_grid(config),
                      patch_size=config.model.patch_size, stride=config.model.stride,
                      mlp_ratio=config.model.mlp_ratio)
 
@@ -87,7 +87,7 @@ def test_forward_matches_timm(case):
   spec = MANIFEST['cases'][case]
   config = make_config(spec['height'], spec['width'], spec['stride'], sie=False,
                        pattern_embed=False, teacher=False)
-  assert list(ogfr.token_grid(config)) == spec['grid']
+  assert list(build.token_grid(config)) == spec['grid']
   params, report = pretrained.load_backbone(zero_params(config), WEIGHTS, config)
   rows = rows_by_key(report)
   assert rows['head.weight'].status == 'unexpected'
@@ -583,7 +583,7 @@ def test_convert_then_load(tmp_path):
 
 def make_workdir(tmp_path, config, params, step=7):
   """A training workdir as train.py leaves it: config.json and an orbax train state."""
-  state = train.TrainState(step=jnp.array(step), params=params, batch_stats={}, opt_state={},
+  state = train_state.TrainState(step=jnp.array(step), params=params, batch_stats={}, opt_state={},
                            baseline=jnp.zeros(()), rng=jax.random.PRNGKey(0))
   wd = str(tmp_path / 'run')
   run_config.prepare_workdir(wd, config)

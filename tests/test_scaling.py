@@ -37,6 +37,8 @@ import numpy as np
 import pytest
 
 from ogfr_jax import parallel
+from ogfr_jax.models import build
+from ogfr_jax import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, 'tests', 'scaling_child.py')
@@ -315,13 +317,12 @@ def test_devices_are_grouped_by_process():
 def _abstract_state(size: str, optimizer: str):
   from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
   from ogfr_jax import optim  # pylint: disable=g-import-not-at-top
-  from ogfr_jax import train  # pylint: disable=g-import-not-at-top
   c = config_defaults.base_config()  # 256 x 128, stride 12: 211 tokens
   c.model.size = size
   c.optim.name = optimizer
-  model = train.build_model(c, 702, 8)
+  model = build.build_model(c, 702, 8)
   tx, _ = optim.make_optimizer(c, 64, 100, 1000)
-  return jax.eval_shape(functools.partial(train.init_state, model, tx, c),
+  return jax.eval_shape(functools.partial(train_state.init_state, model, tx, c),
                         jax.random.PRNGKey(0))
 
 

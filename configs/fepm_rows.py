@@ -1,0 +1,44 @@
+"""The purification ablation: the README recipe (configs/synthetic.py) with the teacher's FEPM
+off, replacing random tokens, driven by the agent, or replacing exactly the planted
+contamination (the oracle upper bound).
+
+Command (one run per row and seed; the table over seeds with benchmarks/ablation_table.py):
+  python -m ogfr_jax.main --config configs/fepm_rows.py:row=agent --workdir runs/fepm/agent
+  python benchmarks/ablation_table.py --config configs/fepm_rows.py --arg row \
+      --steps none random agent oracle --seeds 0 1 2 --root runs/fepm
+
+Args: `row=none|random|agent|oracle`; `protocol=holdout` starts from
+configs/synthetic_holdout.py (query occluder types never synthesised in training) instead;
+`runlocal` for smoke tests. Figures: WORKSPACE.md / docs/results.md ("Purification").
+"""
+
+import importlib.util
+import os
+
+ROWS = ('none', 'random', 'agent', 'oracle')
+
+
+def apply_row(c, row):
+  if row not in ROWS:
+    raise ValueError(f'unknown FEPM row {row!r}; one of {ROWS}')
+  c.fepm.enabled = row != 'none'
+  if row != 'none':
+    c.fepm.selection = row
+  return c
+
+
+def _base(protocol, runlocal):
+  name = {'standard': 'synthetic.py', 'holdout': 'synthetic_holdout.py'}.get(protocol)
+  if name is None:
+    raise ValueError(f"protocol={protocol!r}: use 'standard' or 'holdout'")
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+  spec = importlib.util.spec_from_file_location(f'ogfr_config_{protocol}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('runlocal' if runlocal else None)
+
+
+def get_config(arg=None):
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  arg = config_defaults.parse_arg(arg, row='agent', protocol='standard', runlocal=False)
+  return apply_row(_base(arg.protocol, arg.runlocal), arg.row)
