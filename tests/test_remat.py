@@ -1,5 +1,6 @@
 """Rematerialisation of the transformer blocks (config.model.remat) and the CPU formulations of
-the backbone's products: each must give the numbers of the plain formulation.
+the backbone's products (model.kernels='cpu', models/cpu_kernels.py): each must give the
+numbers of the plain formulation. All in float64 (see TOL).
 
 - remat 'dots' and 'block' leave parameters, loss and gradients as without remat (training
   mode with drop-path, so the dropout rng under remat is covered too);
@@ -19,9 +20,29 @@ import pytest
 
 from ogfr_jax import config_defaults
 from ogfr_jax import run_config
+from ogfr_jax.models import cpu_kernels
 from ogfr_jax.models import vit
 
-TOL = 1e-5
+# Every comparison runs in float64, where the two formulations differ only by rounding: each
+# value is a sum of at most a few hundred products here (n <= 512), so their difference is
+# bounded by about 2 n eps_64 ~ 2.3e-13 times the sum of the terms' magnitudes. The terms'
+# magnitudes exceed the largest result by at most a few hundred times on these random inputs
+# (cancellation), so 1e-9 relative to the largest result holds with margin on any machine and
+# thread count, while a wrong formula (an O(1) relative error) cannot pass.
+TOL = 1e-9
+# jax.nn.dot_product_attention (the plain path) rounds the attention logits to float32 even
+# for float64 inputs: one rounding of relative size eps_32 = 6e-8 on logits of magnitude
+# <= 10 here moves the softmax by <= 6e-7, and two blocks compound that to about 1.2e-6.
+# That rounding is a fixed function of the float64 inputs (not of thread count or load);
+# comparisons through a whole ViT take 1e-5.
+ATTN_TOL = 1e-5
+F64 = jnp.float64
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _float64():
+  with jax.enable_x64(True):
+    yield
 
 
 def assert_trees_close(a, b, tol=TOL):
@@ -33,16 +54,17 @@ def assert_trees_close(a, b, tol=TOL):
     assert np.max(np.abs(x - y)) <= tol * scale, (np.max(np.abs(x - y)), scale)
 
 
-def tiny_vit(remat: str) -> vit.ViT:
+def tiny_vit(remat: str, kernels: str = 'plain') -> vit.ViT:
   return vit.ViT(dim=32, depth=2, num_heads=2, grid=(3, 2), patch_size=8, stride=8,
-                 drop_path=0.3, remat=remat)
+                 drop_path=0.3, remat=remat, dtype=F64, kernels=kernels)
 
 
 @pytest.fixture(scope='module')
-def remat_results():
+def remat_results(_float64):
   """(params, loss, grads, rematerialised?) per remat mode, from the same parameters and rngs."""
-  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), jnp.float32)
-  params = tiny_vit('none').init(jax.random.PRNGKey(1), images)['params']
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), F64)
+  params = jax.tree.map(lambda p: p.astype(F64),
+                        tiny_vit('none').init(jax.random.PRNGKey(1), images)['params'])
   out = {}
   for mode in vit.REMAT_CHOICES:
     model = tiny_vit(mode)
@@ -53,7 +75,8 @@ def remat_results():
       return jnp.sum(jnp.square(feat))
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-    own_params = model.init(jax.random.PRNGKey(1), images)['params']
+    own_params = jax.tree.map(lambda p: p.astype(F64),
+                              model.init(jax.random.PRNGKey(1), images)['params'])
     jaxpr = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
     rematerialised = re.search(r'\b(remat2|checkpoint)\[', jaxpr) is not None
     out[mode] = (own_params, loss, grads, rematerialised)
@@ -66,12 +89,12 @@ def test_remat_keeps_parameters_loss_and_gradients(remat_results, mode):
   params, loss, grads, remat = remat_results[mode]
   assert remat and not ref_remat  # the blocks are (only) rematerialised when asked to
   assert_trees_close(params, ref_params, tol=0.0)  # same names, shapes and initial values
-  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=TOL)
-  assert_trees_close(grads, ref_grads)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=ATTN_TOL)
+  assert_trees_close(grads, ref_grads, ATTN_TOL)
   # Drop-path is active: some sample's branch was dropped, so the loss is not the
   # deterministic one (which would make the rng handling under remat untested).
   det, _ = tiny_vit(mode).apply({'params': ref_params},
-                                jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3)),
+                                jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), F64),
                                 train=False)
   assert abs(float(jnp.sum(jnp.square(det))) - float(ref_loss)) > 1e-3
 
@@ -89,15 +112,15 @@ def test_bad_remat_names_the_field():
                          ids=['input_smaller', 'output_smaller'])
 def test_cpu_dense_product_matches_dot_general(shape):
   b, t, k, n = shape
-  x = jax.random.normal(jax.random.PRNGKey(0), (b, t, k))
-  w = jax.random.normal(jax.random.PRNGKey(1), (k, n))
-  cot = jax.random.normal(jax.random.PRNGKey(2), (b, t, n))
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, t, k), F64)
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, n), F64)
+  cot = jax.random.normal(jax.random.PRNGKey(2), (b, t, n), F64)
   dims = (((2,), (0,)), ((), ()))
 
   def loss(fn, x, w):
     return jnp.sum(fn(x, w, dims) * cot)
 
-  ours = jax.jit(jax.value_and_grad(lambda x, w: loss(vit._cpu_dense_dot_general, x, w),
+  ours = jax.jit(jax.value_and_grad(lambda x, w: loss(cpu_kernels.cpu_dense_dot_general, x, w),
                                     argnums=(0, 1)))(x, w)
   ref = jax.jit(jax.value_and_grad(lambda x, w: loss(jax.lax.dot_general, x, w),
                                    argnums=(0, 1)))(x, w)
@@ -106,40 +129,68 @@ def test_cpu_dense_product_matches_dot_general(shape):
 
 def test_heads_major_attention_matches_dot_product_attention():
   b, t, h, hd = 2, 7, 3, 8
-  qkv = jax.random.normal(jax.random.PRNGKey(0), (b, t, 3, h, hd))
-  cot = jax.random.normal(jax.random.PRNGKey(1), (b, t, h * hd))
+  qkv = jax.random.normal(jax.random.PRNGKey(0), (b, t, 3, h, hd), F64)
+  cot = jax.random.normal(jax.random.PRNGKey(1), (b, t, h * hd), F64)
 
   def ref_attention(qkv):
-    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                     implementation='xla')
-    return y.reshape(b, t, h * hd)
+    # softmax(q k^T / sqrt(hd)) v, written out in the input dtype (float64 here).
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    p = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd), axis=-1)
+    return jnp.einsum('bhqk,bkhd->bqhd', p, v).reshape(b, t, h * hd)
 
   ours = jax.jit(jax.value_and_grad(
-      lambda x: jnp.sum(vit.heads_major_attention(x) * cot)))(qkv)
+      lambda x: jnp.sum(cpu_kernels.heads_major_attention(x) * cot)))(qkv)
   ref = jax.jit(jax.value_and_grad(lambda x: jnp.sum(ref_attention(x) * cot)))(qkv)
   assert_trees_close(ours, ref)
 
 
 def test_gelu_matches_jax_gelu():
   # Spans the negative tail, where erf and erfc formulations differ most in relative terms.
-  x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32)
+  x = jnp.linspace(-8.0, 8.0, 4001, dtype=F64)
   cot = jnp.cos(x)
-  ours = jax.jit(jax.value_and_grad(lambda x: jnp.sum(vit.gelu(x) * cot)))(x)
+  ours = jax.jit(jax.value_and_grad(lambda x: jnp.sum(cpu_kernels.gelu(x) * cot)))(x)
   ref = jax.jit(jax.value_and_grad(
       lambda x: jnp.sum(jax.nn.gelu(x, approximate=False) * cot)))(x)
   assert_trees_close(ours, ref)
-  np.testing.assert_allclose(vit.gelu(x), jax.nn.gelu(x, approximate=False), rtol=0,
-                             atol=1e-6)
+  np.testing.assert_allclose(cpu_kernels.gelu(x), jax.nn.gelu(x, approximate=False), rtol=0,
+                             atol=1e-12)
 
 
-@pytest.mark.parametrize('remat', ['none', 'block'])
-def test_cls_only_last_block_matches_the_full_block(remat):
+def test_cpu_kernels_match_the_plain_vit():
+  """model.kernels='cpu' (models/cpu_kernels.py) and 'plain' (what accelerators run): the
+  same features and gradients of a whole ViT with JPM, in training mode with drop-path."""
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), F64)
+  models = {k: vit.ViT(dim=32, depth=2, num_heads=2, grid=(3, 2), patch_size=8, stride=8,
+                       drop_path=0.3, jpm=True, jpm_parts=2, dtype=F64, kernels=k)
+            for k in vit.KERNEL_CHOICES}
+  params = jax.tree.map(lambda p: p.astype(F64),
+                        models['plain'].init(jax.random.PRNGKey(1), images)['params'])
+
+  def loss(p, kernels):
+    feat, parts = models[kernels].apply({'params': p}, images, train=True,
+                                        rngs={'dropout': jax.random.PRNGKey(2)})
+    return jnp.sum(jnp.square(feat)) + jnp.sum(jnp.square(parts)), feat
+
+  (cpu_loss, cpu_feat), cpu_grads = jax.value_and_grad(loss, has_aux=True)(params, 'cpu')
+  (ref_loss, ref_feat), ref_grads = jax.value_and_grad(loss, has_aux=True)(params, 'plain')
+  assert_trees_close(cpu_feat, ref_feat, ATTN_TOL)
+  np.testing.assert_allclose(float(cpu_loss), float(ref_loss), rtol=ATTN_TOL)
+  assert_trees_close(cpu_grads, ref_grads, ATTN_TOL)
+  with pytest.raises(ValueError, match='model.kernels'):
+    vit.ViT(dim=32, depth=1, num_heads=2, grid=(3, 2), patch_size=8, stride=8,
+            kernels='fast').init(jax.random.PRNGKey(0), images)
+
+
+@pytest.mark.parametrize('remat,kernels', [('none', 'plain'), ('block', 'plain'),
+                                           ('none', 'cpu')])
+def test_cls_only_last_block_matches_the_full_block(remat, kernels):
   """tail(cls_only=True) gives the CLS row of the full tail: values and gradients, training
   mode with drop-path (the same per-sample drops) and JPM reading the pre-last tokens."""
   model = vit.ViT(dim=32, depth=2, num_heads=2, grid=(3, 2), patch_size=8, stride=8,
-                  drop_path=0.3, jpm=True, jpm_parts=2, remat=remat)
-  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), jnp.float32)
-  params = model.init(jax.random.PRNGKey(1), images)['params']
+                  drop_path=0.3, jpm=True, jpm_parts=2, remat=remat, dtype=F64, kernels=kernels)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 16, 3), F64)
+  params = jax.tree.map(lambda p: p.astype(F64),
+                        model.init(jax.random.PRNGKey(1), images)['params'])
 
   def run(p, cls_only):
     def fn(module):
@@ -151,14 +202,14 @@ def test_cls_only_last_block_matches_the_full_block(remat):
   full, full_parts = run(params, False)
   cls, cls_parts = run(params, True)
   assert full.shape == (4, 7, 32) and cls.shape == (4, 1, 32)
-  np.testing.assert_allclose(cls[:, 0], full[:, 0], rtol=TOL, atol=TOL)
-  np.testing.assert_allclose(cls_parts, full_parts, rtol=TOL, atol=TOL)
+  assert_trees_close(cls[:, 0], full[:, 0], ATTN_TOL)
+  assert_trees_close(cls_parts, full_parts, ATTN_TOL)
 
   def loss(p, cls_only):
     out, parts = run(p, cls_only)
     return jnp.sum(jnp.square(out[:, 0])) + jnp.sum(jnp.square(parts))
 
-  assert_trees_close(jax.grad(loss)(params, True), jax.grad(loss)(params, False))
+  assert_trees_close(jax.grad(loss)(params, True), jax.grad(loss)(params, False), ATTN_TOL)
   # Drop-path drew the same per-sample masks in both forms and did drop something.
   det, _ = nn.apply(lambda m: m.tail(m.embed(images), 0, train=False, cls_only=True),
                     model)({'params': params})

@@ -11,7 +11,6 @@ row-major grid order.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional
 
 import jax
@@ -19,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
+
+from ogfr_jax.models import cpu_kernels
 
 Dtype = Any
 
@@ -29,6 +30,7 @@ TRUNC_INIT = nn.initializers.truncated_normal(stddev=0.02)
 CLASSIFIER_INIT = nn.initializers.normal(stddev=0.001)
 # config.model.remat: what the transformer blocks keep for the backward pass (see `remat_block`).
 REMAT_CHOICES = ('none', 'dots', 'block')
+KERNEL_CHOICES = ('plain', 'cpu')  # models/cpu_kernels.py
 # Checkpoint name of the linear layers' outputs inside a block, kept by model.remat='dots'.
 DENSE_OUTPUT = 'dense_output'
 
@@ -90,89 +92,22 @@ def shift_and_shuffle(patches: jax.Array, shift: int, groups: int) -> jax.Array:
   return jnp.swapaxes(x, 1, 2).reshape(b, n + pad, d)
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact GELU, x * Phi(x), written with erf as PyTorch's nn.GELU and timm compute it.
-
-  `jax.nn.gelu(approximate=False)` uses erfc, which XLA:CPU expands into a longer polynomial
-  with an exp; erf is cheaper there and differs from it only by float rounding (it loses
-  relative precision far in the negative tail, where GELU is below 1e-6 in magnitude). The
-  gradient is written out (`_gelu_bwd`) so that the forward pass keeps only x for it, not the
-  intermediate products that differentiating the formula would store.
-  """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(math.sqrt(0.5), x.dtype)))
+def dense_dot_general(kernels: str):
+  """The contraction for the backbone's Dense layers: the CPU form with kernels='cpu', else
+  None (flax's default, lax.dot_general)."""
+  return cpu_kernels.cpu_dense_dot_general if kernels == 'cpu' else None
 
 
-def _gelu_fwd(x):
-  return gelu(x), x
+def activation(kernels: str):
+  """Exact GELU: the erf form with its own backward for kernels='cpu', else jax.nn.gelu."""
+  if kernels == 'cpu':
+    return cpu_kernels.gelu
+  return functools.partial(jax.nn.gelu, approximate=False)
 
 
-def _gelu_bwd(x, dy):
-  # The barrier keeps XLA from sharing erf(x / sqrt 2) with the forward pass, which would
-  # store it as one more [B, T, 4D] array; recomputing it here is cheaper than that pass.
-  x = jax.lax.optimization_barrier(x)
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * np.asarray(math.sqrt(0.5), x.dtype)))
-  pdf = jnp.exp(-0.5 * x * x) * np.asarray(1.0 / math.sqrt(2.0 * math.pi), x.dtype)
-  return (dy * (cdf + x * pdf),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-# --- Linear layers: the weight gradient on CPU -----------------------------------------------
-#
-# The weight gradient of y = x @ W is dW = x^T @ dy, a contraction over the token axis, which
-# is the leading axis of both operands. XLA:CPU hands that "transposed" form to Eigen, which
-# runs it at one half to two thirds of the speed of a plain row-major product (the forward and
-# input-gradient products go to YNNPACK at full speed); on a ViT-B/16 block with 211 tokens and
-# batch 8 the four weight gradients took 1.5x the time of the forward's four products.
-# Transposing the smaller operand explicitly (behind an optimization barrier, so that XLA does
-# not fold it back into the dot) turns dW into a plain product, at the price of one copy of
-# that operand. GPUs and TPUs multiply transposed operands at full speed, so only the CPU gets
-# this form (`dense_dot_general`).
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_matmul(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-
-
-def _dense_matmul_fwd(x, kernel, precision):
-  return _dense_matmul(x, kernel, precision), (x, kernel)
-
-
-def _dense_matmul_bwd(precision, residuals, dy):
-  x, kernel = residuals
-  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
-  x2 = x.reshape(-1, x.shape[-1])
-  dy2 = dy.reshape(-1, dy.shape[-1])
-  barrier = jax.lax.optimization_barrier
-  plain = (((1,), (0,)), ((), ()))
-  if x2.shape[1] <= dy2.shape[1]:
-    dkernel = jax.lax.dot_general(barrier(x2.T), dy2, plain, precision=precision)
-  else:  # the output side is the smaller one: dW^T = dy^T @ x, then transpose the result
-    dkernel = barrier(jax.lax.dot_general(barrier(dy2.T), x2, plain, precision=precision)).T
-  return dx, dkernel.astype(kernel.dtype)
-
-
-_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
-
-
-def _cpu_dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                           preferred_element_type=None):
-  """`nn.Dense`'s contraction with the CPU-friendly weight gradient (same values)."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if (tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch
-      or rhs_batch or rhs.ndim != 2 or preferred_element_type is not None):
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  return _dense_matmul(lhs, rhs, precision)
-
-
-def dense_dot_general():
-  """The contraction for the backbone's Dense layers: the CPU form when tracing for the CPU
-  backend (the default one), else None (flax's default, lax.dot_general)."""
-  return _cpu_dense_dot_general if jax.default_backend() == 'cpu' else None
+def check_kernels(kernels: str) -> None:
+  if kernels not in KERNEL_CHOICES:
+    raise ValueError(f'model.kernels={kernels!r}: use one of {list(KERNEL_CHOICES)}')
 
 
 def remat_block(block_cls, remat: str):
@@ -200,50 +135,6 @@ def remat_block(block_cls, remat: str):
   return nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
 
 
-@jax.custom_vjp
-def heads_major_attention(qkv: jax.Array) -> jax.Array:
-  """Softmax attention of a fused projection qkv [B, T, 3, H, hd] -> [B, T, H * hd].
-
-  The same function as `jax.nn.dot_product_attention` (logits and softmax in float32), laid
-  out for XLA:CPU: one transpose puts q, k and v heads-major ([B, H, T, hd]), the 1/sqrt(hd)
-  scale goes on q (T x hd values) instead of on the T x T logits, and the backward pass
-  (written out, `_attention_bwd`) needs no transpose of a T x T tensor and returns the
-  gradient of qkv in one piece. On a ViT-B/16 block with 211 tokens and batch 8 its forward
-  and backward take 93 ms of CPU time on one core against 151 ms for
-  `jax.nn.dot_product_attention`.
-  """
-  return _attention_fwd(qkv)[0]
-
-
-def _attention_fwd(qkv):
-  b, t, _, h, hd = qkv.shape
-  x = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-  q = x[0] * jnp.asarray(hd ** -0.5, qkv.dtype)
-  k, v = x[1], x[2]
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
-  out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
-  return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, t, h * hd), (q, k, v, probs, out)
-
-
-def _attention_bwd(residuals, dy):
-  q, k, v, probs, out = residuals
-  b, h, t, hd = q.shape
-  f32 = jnp.float32
-  dout = jnp.transpose(dy.reshape(b, t, h, hd), (0, 2, 1, 3))
-  dprobs = jnp.einsum('bhqd,bhkd->bhqk', dout, v, preferred_element_type=f32)
-  # Softmax backward: sum_k P_qk dP_qk = dO_q . O_q, a T x hd product instead of a T x T one.
-  rowdot = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-  dlogits = (probs.astype(f32) * (dprobs - rowdot)).astype(q.dtype)
-  dq = jnp.einsum('bhqk,bhkd->bhqd', dlogits, k) * jnp.asarray(hd ** -0.5, q.dtype)
-  dk = jnp.einsum('bhqk,bhqd->bhkd', dlogits, q)  # q is scaled: d(logits)/dk = scaled q
-  dv = jnp.einsum('bhqk,bhqd->bhkd', probs, dout)
-  return (jnp.transpose(jnp.stack([dq, dk, dv]), (1, 3, 0, 2, 4)),)
-
-
-heads_major_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (with bias).
 
@@ -254,20 +145,21 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None  # jax.nn.dot_product_attention's: None/'xla'/'cudnn'
+  kernels: str = 'plain'
 
   @nn.compact
   def __call__(self, x: jax.Array, cls_only: bool = False) -> jax.Array:
     b, t, _ = x.shape
     head_dim = self.dim // self.num_heads
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=TRUNC_INIT,
-                              dot_general=dense_dot_general())
+                              dot_general=dense_dot_general(self.kernels))
     qkv = checkpoint_name(dense(3 * self.dim, name='qkv')(x), DENSE_OUTPUT)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     if cls_only:  # one query row: the plain XLA form is as fast as any
       y = jax.nn.dot_product_attention(qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2])
       t = 1
-    elif self.implementation in (None, 'xla') and jax.default_backend() == 'cpu':
-      y = heads_major_attention(qkv)
+    elif self.implementation in (None, 'xla') and self.kernels == 'cpu':
+      y = cpu_kernels.heads_major_attention(qkv)
     else:
       # The XLA implementation runs everywhere; 'cudnn' (fused, bf16/fp16 on NVIDIA GPUs only)
       # is opt-in through model.attention_impl.
@@ -290,21 +182,22 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  kernels: str = 'plain'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, cls_only: bool = False) -> jax.Array:
     # Dropout broadcast over tokens and channels drops a whole sample's branch: drop-path.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=TRUNC_INIT,
-                              dot_general=dense_dot_general())
+                              dot_general=dense_dot_general(self.kernels))
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm1')(x)
-    y = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl,
+    y = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl, self.kernels,
                   name='attn')(y, cls_only)
     if cls_only:
       x = x[:, :1]
     x = x + drop(y, deterministic=not train)
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm2')(x)
-    y = gelu(checkpoint_name(dense(int(self.dim * self.mlp_ratio), name='fc1')(y), DENSE_OUTPUT))
+    y = activation(self.kernels)(checkpoint_name(dense(int(self.dim * self.mlp_ratio), name='fc1')(y), DENSE_OUTPUT))
     y = checkpoint_name(dense(self.dim, name='fc2')(y), DENSE_OUTPUT)
     return x + drop(y, deterministic=not train)
 
@@ -335,8 +228,10 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = 'none'
+  kernels: str = 'plain'  # 'cpu': models/cpu_kernels.py (same values, faster on XLA:CPU)
 
   def setup(self):
+    check_kernels(self.kernels)
     if self.dim % self.num_heads:
       raise ValueError(f'width {self.dim} is not divisible by {self.num_heads} heads')
     n = self.grid[0] * self.grid[1]
@@ -350,7 +245,8 @@ class ViT(nn.Module):
     rates = np.linspace(0.0, self.drop_path, self.depth)  # stochastic depth grows with depth
     block_cls = remat_block(Block, self.remat)
     self.blocks = [block_cls(self.dim, self.num_heads, self.mlp_ratio, float(rates[i]),
-                             self.dtype, self.attention_impl) for i in range(self.depth)]
+                             self.dtype, self.attention_impl, self.kernels)
+                   for i in range(self.depth)]
     self.norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
     if self.jpm:
       if not 1 <= self.jpm_parts <= n:
@@ -358,7 +254,7 @@ class ViT(nn.Module):
       if self.jpm_shuffle_groups < 1:
         raise ValueError(f'model.jpm_shuffle_groups={self.jpm_shuffle_groups} must be >= 1')
       self.jpm_block = block_cls(self.dim, self.num_heads, self.mlp_ratio, float(rates[-1]),
-                                 self.dtype, self.attention_impl)
+                                 self.dtype, self.attention_impl, self.kernels)
       self.jpm_norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
 
   @property
