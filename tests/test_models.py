@@ -249,8 +249,11 @@ def test_output_shapes(name):
     if learned:
       s = config.fepm.num_samples
       assert a['logp'].shape == a['lp_samples'].shape == a['sample_rates'].shape == (s, B)
-      for key in ('entropy', 'lp_greedy'):
-        assert a[key].shape == (B,)
+      assert a['entropy'].shape == (B,)
+      # The greedy action's reward pass runs only for the self-critical baseline.
+      assert ('lp_greedy' in a) == (config.fepm.baseline == 'self_critical')
+      if 'lp_greedy' in a:
+        assert a['lp_greedy'].shape == (B,)
       assert a['greedy_mask'].shape == (B, n) and a['probs'].shape == (B, n)
   assert loss.shape == () and ema.shape == ()
   assert all(v.shape == () for v in metrics.values())
@@ -262,6 +265,7 @@ def test_output_shapes(name):
   assert feat.shape == (B, d * (1 + p) if m.jpm else d) and feat.dtype == jnp.float32
   if teacher and config.fepm.enabled:
     sel = jax.eval_shape(lambda v: model.apply(v, batch['image'], batch['camid'],
+                                               batch['contam_mask'],
                                                method=ogfr.OGFR.teacher_selection), variables)
     assert sel['mask'].shape == (B, n) and sel['scores'].shape == (B, n)
 

@@ -1,0 +1,92 @@
+"""The FEPM modes: bounded Bernoulli policy, the expected-count greedy action, the oracle
+selection, and the staged schedule of the train step."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ogfr_jax import config_defaults
+from ogfr_jax import train_step
+from ogfr_jax.models import build
+from ogfr_jax.models import fepm
+
+
+def _enumerate_masks(n):
+  return np.array(list(itertools.product([False, True], repeat=n)))
+
+
+@pytest.mark.parametrize('bounds', [(0.0, 1.0), (0.05, 0.8)])
+def test_bounded_bernoulli_log_prob_and_entropy_are_exact(bounds):
+  logits = jnp.asarray([[-2.0, 0.3, 1.5, -0.7]], jnp.float32)
+  masks = _enumerate_masks(4)
+  logp = np.array([float(fepm.bernoulli_log_prob(logits, m[None], bounds)[0]) for m in masks])
+  # A distribution: the probabilities of all 16 masks sum to one.
+  np.testing.assert_allclose(np.exp(logp).sum(), 1.0, rtol=1e-5)
+  p = bounds[0] + (bounds[1] - bounds[0]) / (1 + np.exp(-np.asarray(logits[0], np.float64)))
+  expected = np.log(np.where(masks, p, 1 - p)).sum(-1)
+  np.testing.assert_allclose(logp, expected, rtol=1e-5)
+  np.testing.assert_allclose(float(fepm.bernoulli_entropy(logits, bounds)[0]),
+                             -np.sum(np.exp(expected) * expected), rtol=1e-5)
+  # Bounds hold however far the logits go.
+  extreme = jnp.asarray([[-50.0, 50.0]])
+  probs = np.asarray(fepm.selection_probs(extreme, bounds))[0]
+  # (up to the float32 rounding of exp(log p): a few eps_32 relative)
+  eps = 4 * np.finfo(np.float32).eps
+  assert probs[0] >= bounds[0] * (1 - eps) and probs[1] <= bounds[1] * (1 + eps)
+
+
+def test_expected_count_greedy_selects_the_policy_mean_number_of_best_tokens():
+  logits = jnp.full((2, 20), -2.0).at[0, 3].set(1.0).at[1, :5].set(0.5)
+  mask = np.asarray(fepm.expected_count_mask(logits))
+  p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  np.testing.assert_array_equal(mask.sum(-1), np.round(p.sum(-1)))
+  assert mask[0, 3]  # the best-scored token comes first
+  sel = fepm.select(logits, action='bernoulli', k=0, key=None, greedy='expected_count')
+  np.testing.assert_array_equal(sel.mask, mask)
+  # The 'positive' rule is empty at the prior, the point of the new rule.
+  assert not np.asarray(fepm.select(jnp.full((1, 20), -2.0), action='bernoulli', k=0,
+                                    key=None).mask).any()
+  with pytest.raises(ValueError, match='fepm.greedy'):
+    fepm.select(logits, action='bernoulli', k=0, key=None, greedy='all')
+
+
+def _tiny_config(**fepm_fields):
+  c = config_defaults.base_config()
+  c.model.size = 'tiny'
+  c.input.height, c.input.width = 32, 16
+  c.model.patch_size, c.model.stride = 8, 6  # a 5 x 2 grid
+  c.model.drop_path = 0.0
+  c.fepm.update(fepm_fields)
+  return c
+
+
+def test_oracle_selection_replaces_exactly_the_planted_tokens():
+  c = _tiny_config(selection='oracle', layer=0)
+  model = build.build_model(c, 4, 2)
+  image = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 16, 3))
+  camid = jnp.zeros((2,), jnp.int32)
+  contam = np.zeros((2, 32, 16), np.uint8)
+  contam[0, :8, :8] = 1  # the window of token (0, 0) only
+  contam[1, 12:20, 6:14] = 1  # token (2, 1): rows 12..19, columns 6..13
+  variables = model.init(jax.random.PRNGKey(1), image, camid, jnp.asarray(contam),
+                         method=model.teacher_selection)
+  sel = model.apply(variables, image, camid, jnp.asarray(contam),
+                    method=model.teacher_selection)
+  mask = np.asarray(sel['mask']).reshape(2, 5, 2)
+  assert mask[0, 0, 0] and mask.sum(axis=(1, 2)).tolist() == [1, 1] and mask[1, 2, 1]
+  assert 'agent' not in variables['params']  # nothing to learn
+
+
+def test_staged_schedule_phases():
+  c = _tiny_config(teacher_warmup_epochs=2.0, agent_only_epochs=1.0)
+  phases = [tuple(bool(x) for x in train_step.fepm_phase(jnp.int32(s), c, steps_per_epoch=10))
+            for s in (0, 19, 20, 29, 30, 100)]
+  # (purify, teacher trains): warm-up, agent against the held teacher, joint.
+  assert phases == [(False, True), (False, True), (True, False), (True, False), (True, True),
+                    (True, True)]
+  held = train_step._hold_teacher(jnp.bool_(False), {'teacher_vit': 1.0, 'agent': 2.0},
+                                  {'teacher_vit': 0.0, 'agent': 0.0})
+  assert float(held['teacher_vit']) == 0.0 and float(held['agent']) == 2.0
