@@ -217,13 +217,75 @@ def test_empty_query_or_gallery_is_an_error(tmp_path):
   tree = fx.make_partial_ilids(tmp_path)
   for p in (tree.root / 'partial_body_images').glob('*.jpg'):
     p.unlink()
-  with pytest.raises(ValueError, match='query is empty.*partial_body_images'):
+  with pytest.raises(datasets.DatasetError) as e:
     datasets.get_dataset('partial_ilids', tree.root)
+  # The folder, what was expected there, and what was found instead.
+  assert f'query is empty: no usable images in {tree.root / "partial_body_images"} ' \
+      '(expected image files named like <pid>.jpg; found none)' in str(e.value)
   tree = fx.make_dukemtmc(tmp_path / 'duke')
   for p in (tree.root / 'bounding_box_test').iterdir():
     p.unlink()
-  with pytest.raises(ValueError, match='gallery is empty'):
+  with pytest.raises(datasets.DatasetError, match='gallery is empty'):
     datasets.get_dataset('dukemtmc', tree.root)
+  # A query folder of junk images only: empty after the protocol's drops, and says why.
+  tree = fx.make_market1501(tmp_path / 'market')
+  for p in (tree.root / 'query').iterdir():
+    p.unlink()
+  fx.write_image(tree.root / 'query' / '-1_c1s1_000001_01.jpg')
+  with pytest.raises(datasets.DatasetError) as e:
+    datasets.get_dataset('market1501', tree.root)
+  assert str(tree.root / 'query') in str(e.value)
+  assert 'found 1 junk image(s) (pid -1)' in str(e.value)
+  assert '0002_c1s1_000451_03.jpg' in str(e.value)
+
+
+def test_folder_of_foreign_names_is_an_error_naming_folder_pattern_and_names(tmp_path):
+  """DukeMTMC-reID read as Market-1501: no name parses. The reader says so for the first
+  folder, instead of an empty training split that fails later in the sampler."""
+  tree = fx.make_dukemtmc(tmp_path)
+  with pytest.raises(datasets.DatasetError) as e:
+    datasets.get_dataset('market1501', tree.root)
+  msg = str(e.value)
+  assert str(tree.root / 'bounding_box_train') in msg
+  assert '<pid>_c<camera>s<sequence>_<frame>_<box>.jpg, e.g. 0002_c1s1_000451_03.jpg' in msg
+  first = sorted(p.name for p in (tree.root / 'bounding_box_train').glob('*.jpg'))[:3]
+  assert first and all(name in msg for name in first), (first, msg)
+  assert '\n' not in msg
+  # Only the training folder renamed (query and gallery fine): still named, still an error.
+  tree = fx.make_market1501(tmp_path / 'market')
+  for i, p in enumerate(sorted((tree.root / 'bounding_box_train').glob('*.jpg'))):
+    p.rename(p.with_name(f'person{i:03d}.jpg'))
+  with pytest.raises(datasets.DatasetError, match=r'bounding_box_train.*person000\.jpg'):
+    datasets.get_dataset('market1501', tree.root)
+  # Test-only layouts too.
+  tree = fx.make_partial_reid(tmp_path / 'partial')
+  for p in (tree.root / 'whole_body_images').glob('*.jpg'):
+    p.rename(p.with_name('img_' + p.name))
+  with pytest.raises(datasets.DatasetError, match=r'whole_body_images.*<pid>_<k>\.jpg.*img_'):
+    datasets.get_dataset('partial_reid', tree.root)
+
+
+def test_data_errors_are_dataset_errors(tmp_path):
+  """Every user-facing reader error is a DatasetError (so entry points print one line) and
+  keeps its older type (ValueError, FileNotFoundError) for callers that catch those."""
+  tree = fx.make_market1501(tmp_path)
+  shutil.rmtree(tree.root / 'query')
+  with pytest.raises(datasets.DatasetNotFoundError) as e:
+    datasets.get_dataset('market1501', tree.root)
+  assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, datasets.DatasetError)
+  for name, root, kwargs in (('market', tmp_path, {}), ('market1501', '', {}),
+                             ('market1501', tmp_path / 'none', {}),
+                             ('market1501', tree.root, {'merge_train_val': True})):
+    with pytest.raises(datasets.DatasetError):
+      datasets.get_dataset(name, root, **kwargs)
+
+
+def test_sampler_on_an_empty_or_too_small_train_split():
+  from ogfr_jax.data import sampler
+  with pytest.raises(datasets.DatasetError, match='train split has no images'):
+    sampler.steps_per_epoch(np.zeros((0,), np.int64), 4, 2)
+  with pytest.raises(datasets.DatasetError, match=r'3 identities .*P = 4'):
+    sampler.steps_per_epoch(np.array([0, 1, 2, 2]), 4, 2)
 
 
 def test_unknown_dataset_lists_known_names(tmp_path):

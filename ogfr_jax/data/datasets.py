@@ -20,6 +20,11 @@ Conventions shared by all readers, because evaluation protocols depend on them:
   with an image extension whose name does not parse is also ignored and counted, with a warning
   that names a few examples. Junk (-1) images are dropped by convention and only logged.
   MSMT17 reads its lists, so only non-image files under its image folders count as ignored.
+- A folder whose image files all fail to parse (a dataset read with the wrong reader, or a
+  renamed copy) is an error naming the folder, the expected pattern and some of the names, and
+  so is a query or gallery folder without usable images. Every such error about what is on disk
+  is a `DatasetError` (a ValueError; `DatasetNotFoundError`, also a FileNotFoundError, for a
+  missing folder, file or root): entry points print it as one line, without a traceback.
 
 Layouts (root is the dataset's own folder):
   market1501, dukemtmc, occluded_duke, synthetic:
@@ -62,6 +67,19 @@ NameParser = Callable[[str], Optional[tuple[int, int]]]
 _READERS: dict[str, Reader] = {}
 
 
+class DatasetError(ValueError):
+  """A dataset folder that does not hold what its reader expects, or a bad dataset request.
+
+  User-facing: the message names the folder (or file) and what was expected, so an entry
+  point prints it as one line `error: <message>` and exits with status 2, without a
+  traceback (see ogfr_jax.tools.cli).
+  """
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+  """A folder, list file or image that the layout requires is missing."""
+
+
 def register(name: str) -> Callable[[Reader], Reader]:
   """Decorator adding a reader `fn(root, **options) -> DatasetSplits` under `name`."""
   def add(fn: Reader) -> Reader:
@@ -79,19 +97,19 @@ def dataset_names() -> tuple[str, ...]:
 def get_dataset(name: str, root: str | os.PathLike, **options) -> DatasetSplits:
   """Reads dataset `name` from its own folder `root` (see the module docstring for layouts)."""
   if name not in _READERS:
-    raise ValueError(f'unknown dataset {name!r}; known datasets: {", ".join(dataset_names())}')
+    raise DatasetError(f'unknown dataset {name!r}; known datasets: {", ".join(dataset_names())}')
   reader = _READERS[name]
   accepted = [p for p in inspect.signature(reader).parameters if p != 'root']
   unknown = sorted(set(options) - set(accepted))
   if unknown:
-    raise ValueError(f'dataset {name!r} does not take option(s) {", ".join(unknown)}; '
+    raise DatasetError(f'dataset {name!r} does not take option(s) {", ".join(unknown)}; '
                      f'it accepts: {", ".join(accepted) or "none"}')
   root = os.fspath(root)
   if not root:
-    raise ValueError(f'dataset {name!r}: no root folder given')
+    raise DatasetError(f'dataset {name!r}: no root folder given')
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f'dataset {name!r}: root folder {root} does not exist')
+    raise DatasetNotFoundError(f'dataset {name!r}: root folder {root} does not exist')
   return reader(root, **options)
 
 
@@ -139,7 +157,7 @@ def _nesting_hint(root: str, expected: str) -> str:
 def _require_dir(dataset: str, root: str, folder: str, layout: str) -> str:
   path = os.path.join(root, folder)
   if not os.path.isdir(path):
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f'dataset {dataset!r}: expected folder {path} is missing (layout: {layout})'
         f'{_nesting_hint(root, folder)}')
   return path
@@ -148,7 +166,7 @@ def _require_dir(dataset: str, root: str, folder: str, layout: str) -> str:
 def _require_file(dataset: str, root: str, filename: str, layout: str) -> str:
   path = os.path.join(root, filename)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f'dataset {dataset!r}: expected file {path} is missing (layout: {layout})'
         f'{_nesting_hint(root, filename)}')
   return path
@@ -227,9 +245,38 @@ def _train_split(paths: list[str], pids: list[int], camids: list[int]) -> Split:
   return Split(split.paths, labels, split.camids)
 
 
-def _require_nonempty(dataset: str, where: str, split: Split, subset: str) -> None:
+def _examples(names: list[str]) -> str:
+  more = len(names) - _EXAMPLES_IN_WARNINGS
+  return ', '.join(names[:_EXAMPLES_IN_WARNINGS]) + (f' (and {more} more)' if more > 0 else '')
+
+
+def _require_parsed(dataset: str, folder: str, scan: _Scan, pattern: str) -> None:
+  """A folder whose image files all fail to parse holds another dataset (or renamed copies):
+  an error naming the folder, the pattern and some of the names, rather than an empty split
+  that fails later, far from its cause."""
+  if scan.unparsed and not scan.paths:
+    raise DatasetError(
+        f'dataset {dataset!r}: none of the {len(scan.unparsed)} image file(s) in {folder} '
+        f'is named like {pattern}: found {_examples(scan.unparsed)} (another dataset\'s '
+        f'folder, or renamed files?)')
+
+
+def _require_nonempty(dataset: str, where: str, split: Split, subset: str, expected: str,
+                      found: str = '') -> None:
+  """`where` (a folder or list file) must give at least one `subset` image."""
   if not len(split):
-    raise ValueError(f'dataset {dataset!r}: {subset} is empty: no images found in {where}')
+    raise DatasetError(f'dataset {dataset!r}: {subset} is empty: no usable images in {where} '
+                       f'(expected {expected}; found {found or "none"})')
+
+
+def _found(scan: _Scan, dropped: dict[str, int]) -> str:
+  """What a scan found besides usable images, for an error message."""
+  parts = [f'{n} {what}' for what, n in dropped.items() if n]
+  if scan.unparsed:
+    parts.append(f'{len(scan.unparsed)} image file(s) with other names')
+  if scan.stray:
+    parts.append(f'{scan.stray} other entr(ies)')
+  return ', '.join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,6 +284,8 @@ def _require_nonempty(dataset: str, where: str, split: Split, subset: str) -> No
 
 _MARKET_NAME = re.compile(r'(-1|\d+)_c(\d+)s\d+_\d+_\d+')
 _DUKE_NAME = re.compile(r'(-1|\d+)_c(\d+)_f\d+')
+_MARKET_PATTERN = '<pid>_c<camera>s<sequence>_<frame>_<box>.jpg, e.g. 0002_c1s1_000451_03.jpg'
+_DUKE_PATTERN = '<pid>_c<camera>_f<frame>.jpg, e.g. 0001_c2_f0046182.jpg'
 _BOUNDING_BOX_FOLDERS = (('train', 'bounding_box_train'), ('query', 'query'),
                          ('gallery', 'bounding_box_test'))
 
@@ -252,6 +301,7 @@ def _camera_name_parser(pattern: re.Pattern) -> NameParser:
 
 def _read_bounding_box_layout(dataset: str, root: str, pattern: re.Pattern,
                               example: str) -> DatasetSplits:
+  """`example`: the name pattern in words, '<pid>_c<camera>_f<frame>.jpg, e.g. ...'."""
   layout = 'bounding_box_train/, query/, bounding_box_test/ with names like ' + example
   folders = {subset: _require_dir(dataset, root, folder, layout)
              for subset, folder in _BOUNDING_BOX_FOLDERS}
@@ -261,10 +311,12 @@ def _read_bounding_box_layout(dataset: str, root: str, pattern: re.Pattern,
   for subset, folder in _BOUNDING_BOX_FOLDERS:
     scan = _scan_flat(folders[subset], parse)
     _report_ignored(dataset, folder, scan, f'the pattern {example}', ignored)
+    _require_parsed(dataset, folders[subset], scan, example)
     keep = [i for i, pid in enumerate(scan.pids) if pid != JUNK_PID]
     junk = len(scan.pids) - len(keep)
     if junk:
       logging.info('%s: dropped %d junk image(s) (pid -1) in %s', dataset, junk, folder)
+    distractors = 0
     if subset != 'gallery':
       distractors = sum(1 for i in keep if scan.pids[i] == DISTRACTOR_PID)
       if distractors:
@@ -280,39 +332,42 @@ def _read_bounding_box_layout(dataset: str, root: str, pattern: re.Pattern,
         logging.warning('%s: no training images in %s', dataset, folders[subset])
     else:
       splits[subset] = _split(paths, pids, camids)
-      _require_nonempty(dataset, folders[subset], splits[subset], subset)
+      _require_nonempty(dataset, folders[subset], splits[subset], subset,
+                        f'image files named like {example}',
+                        _found(scan, {'junk image(s) (pid -1)': junk,
+                                      'distractor(s) (pid 0)': distractors}))
   return DatasetSplits(name=dataset, root=root, ignored=ignored, **splits)
 
 
 def _no_merge(dataset: str, merge_train_val: bool) -> None:
   if merge_train_val:
-    raise ValueError(f'dataset {dataset!r}: merge_train_val applies to msmt17 only '
+    raise DatasetError(f'dataset {dataset!r}: merge_train_val applies to msmt17 only '
                      '(this dataset has no validation list)')
 
 
 @register('market1501')
 def read_market1501(root: str, merge_train_val: bool = False) -> DatasetSplits:
   _no_merge('market1501', merge_train_val)
-  return _read_bounding_box_layout('market1501', root, _MARKET_NAME, '0002_c1s1_000451_03.jpg')
+  return _read_bounding_box_layout('market1501', root, _MARKET_NAME, _MARKET_PATTERN)
 
 
 @register('dukemtmc')
 def read_dukemtmc(root: str, merge_train_val: bool = False) -> DatasetSplits:
   _no_merge('dukemtmc', merge_train_val)
-  return _read_bounding_box_layout('dukemtmc', root, _DUKE_NAME, '0001_c2_f0046182.jpg')
+  return _read_bounding_box_layout('dukemtmc', root, _DUKE_NAME, _DUKE_PATTERN)
 
 
 @register('occluded_duke')
 def read_occluded_duke(root: str, merge_train_val: bool = False) -> DatasetSplits:
   _no_merge('occluded_duke', merge_train_val)
-  return _read_bounding_box_layout('occluded_duke', root, _DUKE_NAME, '0001_c2_f0046182.jpg')
+  return _read_bounding_box_layout('occluded_duke', root, _DUKE_NAME, _DUKE_PATTERN)
 
 
 @register('synthetic')
 def read_synthetic(root: str, merge_train_val: bool = False) -> DatasetSplits:
   """The embedded benchmark, which is written to disk in the Market-1501 layout."""
   _no_merge('synthetic', merge_train_val)
-  return _read_bounding_box_layout('synthetic', root, _MARKET_NAME, '0002_c1s1_000451_03.jpg')
+  return _read_bounding_box_layout('synthetic', root, _MARKET_NAME, _MARKET_PATTERN)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,8 +400,10 @@ def _read_test_only(dataset: str, root: str, query_folder: str, gallery_folder: 
     path = paths[folder]
     scan = scan_fn(path, parse)
     _report_ignored(dataset, folder, scan, example, ignored)
+    _require_parsed(dataset, path, scan, example)
     splits[subset] = _split(scan.paths, scan.pids, [camid] * len(scan.paths))
-    _require_nonempty(dataset, path, splits[subset], subset)
+    _require_nonempty(dataset, path, splits[subset], subset, f'image files named like {example}',
+                      _found(scan, {}))
   return DatasetSplits(name=dataset, root=root, train=Split.from_lists([], [], []),
                        ignored=ignored, **splits)
 
@@ -387,7 +444,7 @@ def _msmt_image_folders(root: str) -> tuple[str, str]:
       _require_dir('msmt17', root, test, f'{version}: {train}/ and {test}/')
       logging.info('msmt17: %s layout (%s/, %s/) in %s', version, train, test, root)
       return train, test
-  raise FileNotFoundError(
+  raise DatasetNotFoundError(
       f"dataset 'msmt17': neither {os.path.join(root, 'train')} (MSMT17_V1) nor "
       f"{os.path.join(root, 'mask_train_v2')} (MSMT17_V2) exists (layout: {_MSMT_LAYOUT})"
       f'{_nesting_hint(root, "list_train.txt")}')
@@ -424,12 +481,12 @@ def _read_msmt_list(list_path: str, image_folder: str,
       if not fields:
         continue
       if len(fields) != 2 or not re.fullmatch(r'-?\d+', fields[1]):
-        raise ValueError(f'{list_path}, line {lineno}: expected "<relative image path> <pid>", '
+        raise DatasetError(f'{list_path}, line {lineno}: expected "<relative image path> <pid>", '
                          f'got {line.strip()!r}')
       relpath = fields[0]
       camid = _msmt_camera(relpath)
       if camid is None:
-        raise ValueError(f'{list_path}, line {lineno}: cannot read the camera from file name '
+        raise DatasetError(f'{list_path}, line {lineno}: cannot read the camera from file name '
                          f'{os.path.basename(relpath)!r} (expected the 1-based camera as its '
                          f'third "_" field, e.g. 0000_011_01_0303morning_0015_0.jpg)')
       if os.path.normpath(relpath) not in existing:
@@ -441,7 +498,7 @@ def _read_msmt_list(list_path: str, image_folder: str,
   if missing:
     lineno, relpath = missing[0]
     more = f' ({len(missing) - 1} more entries are missing too)' if len(missing) > 1 else ''
-    raise FileNotFoundError(f'{list_path}, line {lineno}: image '
+    raise DatasetNotFoundError(f'{list_path}, line {lineno}: image '
                             f'{os.path.join(image_folder, relpath)} does not exist{more}')
   return paths, pids, camids
 
@@ -453,7 +510,7 @@ def _dedupe(paths: list[str], pids: list[int], camids: list[int],
   for path, pid, camid in zip(paths, pids, camids):
     if path in seen:
       if seen[path] != pid:
-        raise ValueError(f'{source}: {path} is listed with two pids, {seen[path]} and {pid}')
+        raise DatasetError(f'{source}: {path} is listed with two pids, {seen[path]} and {pid}')
       continue
     seen[path] = pid
     out[0].append(path)
@@ -493,6 +550,7 @@ def read_msmt17(root: str, merge_train_val: bool = False) -> DatasetSplits:
   if not len(splits['train']):
     logging.warning('msmt17: %s lists no training images', lists['train'])
   for subset in ('query', 'gallery'):
-    _require_nonempty('msmt17', lists[subset], splits[subset], subset)
+    _require_nonempty('msmt17', lists[subset], splits[subset], subset,
+                      'lines "<relative image path> <pid>"')
   return DatasetSplits(name='msmt17', root=root, ignored=ignored, **splits)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
+from ogfr_jax.data.datasets import DatasetError
+
 # Separates the sampler's random stream from the per-example augmentation streams that are
 # seeded from the same config seed.
 _SAMPLER_STREAM = 0x5A4D
@@ -60,9 +62,15 @@ def _max_batches(groups: np.ndarray, P: int) -> int:
 
 
 def _check_ids(pids: np.ndarray, P: int) -> None:
+  """Too few identities is a fact about the data on disk (or the choice of P): a
+  `DatasetError`, which entry points print as one line."""
   num_ids = int(np.unique(pids).size)
+  if not pids.size:
+    raise DatasetError(
+        'the train split has no images: nothing to train on (is the training folder of '
+        'config.dataset.root empty?)')
   if num_ids < P:
-    raise ValueError(
+    raise DatasetError(
         f'the train split has {num_ids} identities ({pids.size} images) but each batch needs '
         f'P = {P} distinct identities (config.input.ids_per_batch)')
 
