@@ -1,15 +1,27 @@
-"""XLA:CPU formulations of the ViT's products (model.kernels='cpu').
+"""XLA:CPU formulations of the ViT's products, used with model.kernels='cpu'.
 
-Each computes the same function as the plain flax/jax form the ViT uses otherwise
-(`tests/test_kernels.py` checks values and gradients against it); they exist because XLA:CPU
-runs these forms faster. GPUs and TPUs run the plain forms, which is also the default, so the
-path accelerators take is the one the tests take by default.
+Each computes the same function as the plain flax/jax form that the ViT uses by default
+(models/vit.py, kernels='plain'); they differ only by float rounding, and
+tests/test_kernels.py checks values and gradients of each, and of a whole ViT, against the
+plain form. They exist because XLA:CPU runs these forms faster. GPUs and TPUs run the plain
+forms at full speed, and the plain form is the default, so the path accelerators take is the
+one the tests take by default.
 
-- `gelu`: exact GELU through erf, with a written-out backward that keeps only x;
-- `cpu_dense_dot_general`: nn.Dense's contraction with the weight gradient as a plain product
-  of an explicitly transposed operand;
-- `heads_major_attention`: softmax attention laid out heads-major, with a backward that needs
-  no transpose of a T x T tensor.
+- `gelu`: exact GELU through erf (as PyTorch's nn.GELU), with a written-out backward that keeps
+  only x. jax.nn.gelu(approximate=False) uses erfc, which XLA:CPU expands into a longer
+  polynomial with an exp.
+- `cpu_dense_dot_general`: nn.Dense's contraction (its `dot_general` argument) with the weight
+  gradient dW = x^T dy computed as a plain product of an explicitly transposed operand. XLA:CPU
+  runs the transposed-operand form at one half to two thirds of the speed of a row-major
+  product: on a ViT-B/16 block with 211 tokens and batch 8 the four weight gradients took 1.5x
+  the time of the forward's four products.
+- `heads_major_attention`: softmax attention of the fused qkv projection laid out heads-major,
+  with the scale on q and a written-out backward that needs no transpose of a T x T tensor. On
+  a ViT-B/16 block with 211 tokens and batch 8, forward and backward take 93 ms of CPU time on
+  one core against 151 ms for jax.nn.dot_product_attention.
+
+All three work in float32, bfloat16 and float64 (the attention accumulates logits and softmax
+in float32, or in float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -62,7 +74,7 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 # Transposing the smaller operand explicitly (behind an optimization barrier, so that XLA does
 # not fold it back into the dot) turns dW into a plain product, at the price of one copy of
 # that operand. GPUs and TPUs multiply transposed operands at full speed, so only the CPU gets
-# this form (`dense_dot_general`).
+# this form (models/vit.py `dense_dot_general` with kernels='cpu').
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -92,7 +104,7 @@ _dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
 def cpu_dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                           preferred_element_type=None):
+                          preferred_element_type=None):
   """`nn.Dense`'s contraction with the CPU-friendly weight gradient (same values)."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   if (tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch
@@ -112,8 +124,9 @@ def _accum(dtype):
 def heads_major_attention(qkv: jax.Array) -> jax.Array:
   """Softmax attention of a fused projection qkv [B, T, 3, H, hd] -> [B, T, H * hd].
 
-  The same function as `jax.nn.dot_product_attention` (logits and softmax in float32), laid
-  out for XLA:CPU: one transpose puts q, k and v heads-major ([B, H, T, hd]), the 1/sqrt(hd)
+  The same function as `jax.nn.dot_product_attention` (logits and softmax in float32; in
+  float64 for float64 inputs, which jax.nn.dot_product_attention rounds to float32), laid out
+  for XLA:CPU: one transpose puts q, k and v heads-major ([B, H, T, hd]), the 1/sqrt(hd)
   scale goes on q (T x hd values) instead of on the T x T logits, and the backward pass
   (written out, `_attention_bwd`) needs no transpose of a T x T tensor and returns the
   gradient of qkv in one piece. On a ViT-B/16 block with 211 tokens and batch 8 its forward

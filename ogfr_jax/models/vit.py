@@ -106,6 +106,7 @@ def activation(kernels: str):
 
 
 def check_kernels(kernels: str) -> None:
+  """Raises ValueError unless `kernels` (config.model.kernels) is one of KERNEL_CHOICES."""
   if kernels not in KERNEL_CHOICES:
     raise ValueError(f'model.kernels={kernels!r}: use one of {list(KERNEL_CHOICES)}')
 
@@ -140,6 +141,11 @@ class Attention(nn.Module):
 
   With `cls_only` only the first token (CLS) queries: the output is [B, 1, D], keys and values
   still come from every token. Same parameters, same CLS output.
+
+  `kernels` (KERNEL_CHOICES): 'plain' runs nn.Dense and jax.nn.dot_product_attention as they
+  are; 'cpu' uses the XLA:CPU formulations of models/cpu_kernels.py (the Dense weight gradient,
+  and the heads-major attention when `implementation` is None or 'xla'). Same parameters and
+  values either way.
   """
   dim: int
   num_heads: int
@@ -149,6 +155,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, cls_only: bool = False) -> jax.Array:
+    check_kernels(self.kernels)
     b, t, _ = x.shape
     head_dim = self.dim // self.num_heads
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=TRUNC_INIT,
@@ -186,6 +193,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, cls_only: bool = False) -> jax.Array:
+    check_kernels(self.kernels)
     # Dropout broadcast over tokens and channels drops a whole sample's branch: drop-path.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=TRUNC_INIT,
@@ -197,7 +205,8 @@ class Block(nn.Module):
       x = x[:, :1]
     x = x + drop(y, deterministic=not train)
     y = nn.LayerNorm(LN_EPS, dtype=self.dtype, name='norm2')(x)
-    y = activation(self.kernels)(checkpoint_name(dense(int(self.dim * self.mlp_ratio), name='fc1')(y), DENSE_OUTPUT))
+    y = checkpoint_name(dense(int(self.dim * self.mlp_ratio), name='fc1')(y), DENSE_OUTPUT)
+    y = activation(self.kernels)(y)
     y = checkpoint_name(dense(self.dim, name='fc2')(y), DENSE_OUTPUT)
     return x + drop(y, deterministic=not train)
 
@@ -207,8 +216,9 @@ class ViT(nn.Module):
 
   `grid` is the token grid the position embedding is shaped for (see `patch_grid`). With `jpm`,
   a copy of the last block and norm (`jpm_block`, `jpm_norm`) forms the TransReID part branch.
-  `remat` trades activation memory for recomputation (`remat_block`); parameters and results
-  do not depend on it.
+  `remat` trades activation memory for recomputation (`remat_block`), and `kernels` selects the
+  formulation of the blocks' products (`Attention`, models/cpu_kernels.py); parameters and
+  results depend on neither.
   """
   dim: int
   depth: int
@@ -228,7 +238,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = 'none'
-  kernels: str = 'plain'  # 'cpu': models/cpu_kernels.py (same values, faster on XLA:CPU)
+  kernels: str = 'plain'  # KERNEL_CHOICES; 'cpu': models/cpu_kernels.py, faster on XLA:CPU
 
   def setup(self):
     check_kernels(self.kernels)
