@@ -19,7 +19,6 @@ import pytest
 
 from ogfr_jax import config_defaults
 from ogfr_jax import run_config
-from ogfr_jax.models import cpu_kernels
 from ogfr_jax.models import vit
 
 # Every comparison runs in float64, where the two formulations differ only by rounding: each
