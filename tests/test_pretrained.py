@@ -532,10 +532,15 @@ def test_safetensors_round_trip(tmp_path):
   path = str(tmp_path / 'student.safetensors')
   meta = pretrained.export_timm_safetensors(params, config, path, fold_pattern_embed=False)
   assert meta['ogfr.grid'] == '5x3' and meta['ogfr.timm_img_size'] == '80x48'
+  assert meta['reid.sie_weight'] == '3.0' and meta['ogfr.lossy'] == 'no'
   exported = load_file(path)
-  assert set(exported) == set(timm_tensors()) - {'head.weight', 'head.bias'}
+  extras = {'reid.sie_embed', 'reid.pattern_embed_0'}  # SIE on, E[0] not folded
+  assert set(exported) == set(timm_tensors()) - {'head.weight', 'head.bias'} | extras
+  np.testing.assert_array_equal(exported['reid.sie_embed'], params['student_vit']['sie_embed'])
+  np.testing.assert_array_equal(exported['reid.pattern_embed_0'], params['pattern_embed'][0])
   back, report = pretrained.load_backbone(zero_params(config), path, config)
-  assert report.count('missing') == 0 and report.count('unexpected') == 0
+  assert report.count('missing') == 0
+  assert {r.key for r in report.rows if r.status == 'unexpected'} == extras
   ours, orig = flat(back['student_vit']), flat(params['student_vit'])
   for key in orig:
     if key != 'sie_embed':
@@ -547,6 +552,11 @@ def test_safetensors_round_trip(tmp_path):
   np.testing.assert_array_equal(
       load_file(folded)['pos_embed'],
       params['student_vit']['pos_embed'] + params['pattern_embed'][0])
+  assert 'reid.pattern_embed_0' not in load_file(folded)
+  # Without SIE there is no camera table to export.
+  no_sie = make_config(64, 48, 12, sie=False)
+  meta = pretrained.export_timm_safetensors(random_params(no_sie), no_sie, folded)
+  assert 'reid.sie_embed' not in load_file(folded) and meta['ogfr.sie'] == 'off'
 
   # The recorded grid (5x3) is used to resample for another config, not a guess.
   other = make_config(64, 64, 16)
@@ -554,13 +564,19 @@ def test_safetensors_round_trip(tmp_path):
   assert rows_by_key(report)['pos_embed'].note == 'grid 5x3 -> 4x4 (bilinear)'
 
 
-def test_export_of_a_shared_backbone_with_its_own_occluder_classifier(tmp_path):
+def test_export_of_a_shared_backbone_with_its_own_occluder_classifier(tmp_path, capfd):
   config = make_config(64, 48, 12, shared_backbone=True, student_erase=True,
                        student_erase_detector='separate')
   params = random_params(config, seed=4)
   path = str(tmp_path / 'student.safetensors')
-  meta = pretrained.export_timm_safetensors(params, config, path, fold_pattern_embed=False)
+  with pytest.raises(pretrained.LossyExportError, match='model.student_erase.*allow-lossy'):
+    pretrained.export_timm_safetensors(params, config, path)
+  assert not os.path.exists(path)
+  meta = pretrained.export_timm_safetensors(params, config, path, fold_pattern_embed=False,
+                                            allow_lossy=True)
   assert meta['ogfr.student_erase'] == 'not exported'
+  assert meta['ogfr.lossy'].startswith('model.student_erase')
+  assert 'warning: the export leaves out model.student_erase' in capfd.readouterr().err
   np.testing.assert_array_equal(load_file(path)['blocks.0.mlp.fc2.weight'],
                                 params['vit']['blocks_0']['fc2']['kernel'].T)
 
@@ -623,7 +639,7 @@ def test_command_line(tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
   assert 'grid 4x4 -> 8x4 (bilinear)' in res.stdout and f'wrote {out}' in res.stdout
   res = run(args + ['--overwrite', '--config.model.size=small'])
-  assert res.returncode == 1
+  assert res.returncode == 2
   assert "error: cls_token: shape (1, 1, 64) cannot be mapped to the model's cls_token of " \
       'shape (1, 1, 384)' in res.stderr
 

@@ -17,10 +17,42 @@ Export (a trained student -> timm-compatible safetensors):
   python -m ogfr_jax.tools.convert --export-student runs/oduke --output student.safetensors
 
   Reads the latest checkpoint in WORKDIR/checkpoints and the config in WORKDIR/config.json
-  (or --config). See `pretrained.export_timm_safetensors` for how to load it in timm: the
-  position embedding is at our grid, so img_size and the patch stride must match.
+  (or --config). See `pretrained.export_timm_safetensors` for the layout: the position
+  embedding is at our grid, so img_size and the patch stride must match. Besides timm's
+  tensors the file holds what the ReID model adds to every token, under 'reid.' names:
+  `reid.sie_embed` [num_cameras, D], the camera embedding table (model.sie), with its weight
+  in the metadata as `reid.sie_weight`; and `reid.pattern_embed_0` [D] when the student's
+  test-time pattern embedding is not folded into pos_embed (--nofold_pattern_embed). In timm:
 
-Flags may be written with '-' or '_' (--export-student, --export_student).
+    import timm, torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    meta = safe_open(path, 'pt').metadata()
+    state = load_file(path)
+    extra = {k: state.pop(k) for k in list(state) if k.startswith('reid.')}
+    (gh, gw), p, s = map(int, meta['ogfr.grid'].split('x')), int(meta['ogfr.patch_size']), \
+        int(meta['ogfr.stride'])
+    m = timm.create_model('vit_base_patch16_224', num_classes=0, img_size=(gh * p, gw * p))
+    m.patch_embed.proj.stride, m.patch_embed.strict_img_size = (s, s), False
+    m.load_state_dict(state)
+    def add_extras(module, inputs, tokens):   # after pos_embed, before the blocks
+      if 'reid.sie_embed' in extra:           # camid: int64 [B], 0-based training cameras
+        tokens = tokens + float(meta['reid.sie_weight']) * extra['reid.sie_embed'][camid][:, None]
+      return tokens + extra.get('reid.pattern_embed_0', 0)
+    m.norm_pre.register_forward_hook(add_extras)
+    feat = m.forward_features(x)[:, 0]        # x: [B, 3, H, W], (x / 255 - mean) / std
+    feat = torch.nn.functional.normalize(feat, dim=-1)   # if meta['ogfr.eval_normalize']
+
+  gives the features of `python -m ogfr_jax.tools.extract` (camera: --camera; an unknown
+  camera as there: row 0, or the table's mean); with meta['ogfr.eval_flip'] == 'true' average
+  them with those of the mirrored image, as the run does. Runs whose features depend on parts
+  a timm ViT has no place for (model.student_erase, model.jpm's part features,
+  model.pattern_test_policy='soft', eval.feature='post_bn') are refused: --allow_lossy writes
+  the backbone anyway, warns on stderr and lists the parts in the metadata ('ogfr.lossy').
+
+Flags may be written with '-' or '_' (--export-student, --export_student). A user-facing
+error (a missing workdir or checkpoint, a refused file, an output that exists, a bad flag) is
+one line 'error: ...' on stderr and exit status 2; --verbosity=1 adds its traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +68,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,9 +89,12 @@ _BRANCH = flags.DEFINE_enum('branch', 'student', ['student', 'teacher'],
 _FOLD = flags.DEFINE_bool('fold_pattern_embed', True, 'Fold the test-time pattern embedding '
                           'E[0] into the exported pos_embed.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --output.')
+_ALLOW_LOSSY = flags.DEFINE_bool('allow_lossy', False, 'Export even when the run\'s features '
+                                 'depend on parts a timm ViT cannot represent (listed in the '
+                                 'metadata as ogfr.lossy).')
 
 _OWN_FLAGS = ('input', 'output', 'format', 'source_grid', 'export_student', 'branch',
-              'fold_pattern_embed', 'overwrite')
+              'fold_pattern_embed', 'overwrite', 'allow_lossy')
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -159,21 +195,29 @@ def restore_params(workdir: str, step: Optional[int] = None) -> tuple[dict, int]
 
 def export_student(workdir: str, output: str, config: Optional[Any] = None, *,
                    branch: str = 'student', fold_pattern_embed: bool = True,
-                   overwrite: bool = False) -> dict[str, str]:
+                   overwrite: bool = False, allow_lossy: bool = False) -> dict[str, str]:
   from ogfr_jax import pretrained  # pylint: disable=g-import-not-at-top
   config = workdir_config(workdir) if config is None else config
   params, step = restore_params(workdir)
-  _prepare_output(output, overwrite)
+  # Refusals first, so that a refused export leaves an existing --output alone; a file there
+  # is then replaced atomically by the write.
+  if os.path.exists(output) and not overwrite:
+    raise FileExistsError(f'--output {output} exists; pass --overwrite to replace it')
+  pretrained.check_lossless(config, branch, allow_lossy)
+  if os.path.isdir(output):
+    _prepare_output(output, overwrite)
   metadata = pretrained.export_timm_safetensors(params, config, output, branch,
-                                                fold_pattern_embed=fold_pattern_embed)
+                                                fold_pattern_embed=fold_pattern_embed,
+                                                allow_lossy=allow_lossy)
   return {**metadata, 'ogfr.step': str(step)}
 
 
 def main(argv: list[str]) -> None:
+  """Every user-facing error ends as one 'error: ...' line and exit status 2 (tools.cli)."""
   try:
     _main(argv)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    sys.exit(f'error: {e}')
+  except (app.UsageError,) + cli.USER_ERRORS as e:
+    cli.fail(e, show_traceback=flags.FLAGS.verbosity >= 1 or cli.traceback_requested())
 
 
 def _main(argv: list[str]) -> None:
@@ -186,7 +230,8 @@ def _main(argv: list[str]) -> None:
     raise app.UsageError('give exactly one of --input (import) or --export_student (export)')
   if _EXPORT.value:
     metadata = export_student(_EXPORT.value, _OUTPUT.value, _CONFIG.value, branch=_BRANCH.value,
-                              fold_pattern_embed=_FOLD.value, overwrite=_OVERWRITE.value)
+                              fold_pattern_embed=_FOLD.value, overwrite=_OVERWRITE.value,
+                              allow_lossy=_ALLOW_LOSSY.value)
     print(f'wrote {_OUTPUT.value} from {_EXPORT.value} (step {metadata["ogfr.step"]}); grid '
           f'{metadata[pretrained.GRID_KEY]}, patch {metadata["ogfr.patch_size"]}, stride '
           f'{metadata["ogfr.stride"]}: in timm use img_size={metadata["ogfr.timm_img_size"]} '
@@ -206,7 +251,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(normalise_argv(argv))
   except flags.Error as e:
-    sys.exit(f'error: {e}\nPass --helpshort for the flags.')
+    print(f'error: {cli.one_line(e)} (--helpshort lists the flags)', file=sys.stderr)
+    sys.exit(cli.EXIT_STATUS)
 
 
 def run() -> None:

@@ -28,8 +28,15 @@ calling it: resize to input_size (bilinear), scale to [0, 1], subtract `mean` an
 docs; 0 is a valid choice). The batch is symbolic ('b') unless --batch-size fixes it. The
 program runs on the --platforms it was lowered for (default: this machine's).
 
---safetensors writes the student backbone in timm's layout (`pretrained.export_timm_safetensors`;
-no SIE, heads or JPM), with or without --out.
+--safetensors writes the student backbone in timm's layout (`pretrained.export_timm_safetensors`:
+with the camera embedding table as `reid.sie_embed`; no heads; how to use it in timm: the
+docstring of tools/convert.py), with or without --out. A run whose features need parts timm
+cannot represent (the student's occluder-token erasure, JPM, a 'soft' pattern policy,
+post-BN features) is refused before any work unless --allow-lossy, which warns on stderr and
+lists them in the file's metadata.
+
+A user-facing error (missing workdir or checkpoint, existing output, bad argument) is one line
+'error: ...' on stderr and exit status 2; OGFR_TRACEBACK=1 adds the traceback (tools/cli.py).
 
 Writing and reading the program needs the 'flatbuffers' package (jax's serialiser uses it but
 does not install it); the tool says so before doing any work when it is missing.
@@ -43,6 +50,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 # Top-level parameters that only training uses (models/ogfr.py): never needed for inference.
@@ -163,6 +171,8 @@ def parse_args(argv: Sequence[str]):
   p.add('safetensors', default='', help='also write the timm-compatible student backbone here')
   p.add('step', type=int, default=None, help='checkpoint step (default: latest)')
   p.add('overwrite', action='store_true', help='replace existing outputs')
+  p.add('allow-lossy', action='store_true', help='write --safetensors even when the run\'s '
+        'features depend on parts timm cannot represent (listed in its metadata)')
   args = p.parse_args(list(argv))
   if not args.out and not args.safetensors:
     raise common.UsageError('give --out (the program), --safetensors (timm weights) or both')
@@ -178,6 +188,9 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     require_serializer()
   for path in outputs:
     _check_output(path, args.overwrite)
+  if args.safetensors:  # refuse a lossy export before any work
+    from ogfr_jax import pretrained  # pylint: disable=g-import-not-at-top
+    pretrained.check_lossless(common.workdir_config(args.workdir), 'student', args.allow_lossy)
   trained = common.load_trained(args.workdir, args.step)
   meta: dict[str, Any] = {}
   if args.out:
@@ -200,7 +213,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   if args.safetensors:
     from ogfr_jax import pretrained  # pylint: disable=g-import-not-at-top
     st = pretrained.export_timm_safetensors(trained.params, trained.config, args.safetensors,
-                                            'student')
+                                            'student', allow_lossy=args.allow_lossy)
     meta['safetensors'] = {'path': args.safetensors, **st}
     print(f'wrote {args.safetensors} (timm layout, grid {st[pretrained.GRID_KEY]}, stride '
           f'{st["ogfr.stride"]}, step {trained.step})')
@@ -208,4 +221,4 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  cli.run_cli(main)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 # Images decoded in parallel with the model's work on the previous batches.
@@ -234,4 +235,4 @@ def main(argv: Sequence[str]) -> Features:
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  cli.run_cli(main)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 # (panel title, y label, [(metric key, legend label)], log scale)
@@ -125,4 +126,4 @@ def main(argv: Sequence[str]) -> str:
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  cli.run_cli(main)

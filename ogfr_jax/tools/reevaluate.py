@@ -17,12 +17,12 @@ are JSON (`true`, `3`, `"x"`) or, failing that, plain strings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 from typing import Any, Optional, Sequence
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 # Fields that change what the evaluation computes from a trained state, not the state.
@@ -88,14 +88,14 @@ def reevaluate(workdir: str, overrides: Sequence[tuple[str, Any]],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(prog='python -m ogfr_jax.tools.reevaluate',
-                              description=__doc__.splitlines()[0])
+  p = common.ArgumentParser(prog='python -m ogfr_jax.tools.reevaluate',
+                            description=__doc__.splitlines()[0])
   p.add_argument('--workdir', required=True)
   p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                  help='test-time override (repeatable)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
   p.add_argument('--out', default='', help='JSON output (default: WORKDIR/results_<...>.json)')
-  args = p.parse_args(argv)
+  args = p.parse_args(argv)  # a bad command line is a common.UsageError
   overrides = [parse_override(s) for s in args.set]
   out = args.out or default_out(args.workdir, overrides)
   if os.path.abspath(out) == os.path.abspath(os.path.join(args.workdir, 'results.json')):
@@ -111,4 +111,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_cli(main)

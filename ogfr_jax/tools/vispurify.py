@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 _SELECTED = (230, 30, 30)
@@ -341,4 +342,4 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  cli.run_cli(main)

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 # Datasets whose queries are all occluded (or partial) by construction of the benchmark.
@@ -280,4 +281,4 @@ def main(argv: Sequence[str]) -> dict:
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  cli.run_cli(main)

@@ -1,0 +1,177 @@
+"""User-facing errors of the command-line tools: one line `error: ...` on stderr, exit status 2,
+the traceback only when asked for (OGFR_TRACEBACK=1 for the argparse tools, --verbosity=1 for
+tools.convert, which parses absl flags); a bug keeps its traceback.
+
+The argparse tools run in-process through `cli.run_cli` (what their `__main__` does); a few
+cases run as `python -m ...` subprocesses to cover that wiring and the absl tool. Nothing here
+trains: workdirs hold a config.json and at most a checkpoint-less folder.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from ogfr_jax import config_defaults
+from ogfr_jax import run_config
+from ogfr_jax.data import datasets
+from ogfr_jax.tools import cli
+from ogfr_jax.tools import export
+from ogfr_jax.tools import extract
+from ogfr_jax.tools import plot_training
+from ogfr_jax.tools import reevaluate
+from ogfr_jax.tools import visrank
+
+import dataset_fixtures as fx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(main_fn, argv, capsys):
+  """(exit status, stderr lines) of `cli.run_cli(main_fn, argv)`."""
+  with pytest.raises(SystemExit) as e:
+    cli.run_cli(main_fn, argv)
+  return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_line_error(status, lines, *needles):
+  assert status == 2, (status, lines)
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def config_only_workdir(tmp_path):
+  """A workdir as training leaves it before its first checkpoint: config.json only."""
+  wd = str(tmp_path / 'run')
+  run_config.prepare_workdir(wd, config_defaults.base_config())
+  return wd
+
+
+def test_missing_workdir(tmp_path, capsys):
+  missing = str(tmp_path / 'no_such_run')
+  status, lines = run_tool(extract.main, ['--workdir', missing, '--images', str(tmp_path),
+                                          '--out', str(tmp_path / 'f.npz')], capsys)
+  assert_one_line_error(status, lines, os.path.join(missing, 'config.json'), 'not found')
+
+
+def test_missing_checkpoint(config_only_workdir, tmp_path, capsys):
+  status, lines = run_tool(export.main, ['--workdir', config_only_workdir, '--safetensors',
+                                         str(tmp_path / 's.safetensors')], capsys)
+  assert_one_line_error(status, lines, os.path.join(config_only_workdir, 'checkpoints'))
+
+
+def test_existing_output_and_lossy_export(config_only_workdir, tmp_path, capsys):
+  out = tmp_path / 's.safetensors'
+  out.write_bytes(b'keep me')
+  status, lines = run_tool(export.main, ['--workdir', config_only_workdir, '--safetensors',
+                                         str(out)], capsys)
+  assert_one_line_error(status, lines, str(out), '--overwrite')
+  # A run whose features the export cannot represent: refused before any work.
+  config = config_defaults.base_config()
+  config.model.jpm = True
+  lossy_wd = str(tmp_path / 'jpm_run')
+  run_config.prepare_workdir(lossy_wd, config)
+  status, lines = run_tool(export.main, ['--workdir', lossy_wd, '--safetensors', str(out),
+                                         '--overwrite'], capsys)
+  assert_one_line_error(status, lines, 'model.jpm', '--allow-lossy')
+  assert out.read_bytes() == b'keep me'
+
+
+def test_bad_arguments(tmp_path, capsys):
+  status, lines = run_tool(visrank.main, ['--workdir'], capsys)
+  assert_one_line_error(status, lines, 'python -m ogfr_jax.tools.visrank', '--workdir')
+  status, lines = run_tool(plot_training.main, [], capsys)
+  assert_one_line_error(status, lines, 'the following arguments are required: --workdir')
+  status, lines = run_tool(reevaluate.main, ['--workdir', str(tmp_path), '--bogus'], capsys)
+  assert_one_line_error(status, lines, 'unrecognized arguments: --bogus')
+  status, lines = run_tool(reevaluate.main, ['--workdir', str(tmp_path), '--set',
+                                             'model.size=base'], capsys)
+  assert_one_line_error(status, lines, 'only test-time fields')
+  status, lines = run_tool(extract.main, ['--workdir', str(tmp_path), '--images', 'x', '--out',
+                                          'y', '--batch-size', 'many'], capsys)
+  assert_one_line_error(status, lines, "invalid int value: 'many'")
+
+
+def test_dataset_error_is_one_line(tmp_path, capsys):
+  tree = fx.make_dukemtmc(tmp_path)  # read with the wrong reader: no name parses
+  status, lines = run_tool(lambda argv: datasets.get_dataset('market1501', tree.root), [],
+                           capsys)
+  assert_one_line_error(status, lines, str(tree.root / 'bounding_box_train'),
+                        '0002_c1s1_000451_03.jpg')
+
+
+def test_traceback_on_request_and_for_bugs(tmp_path, capsys, monkeypatch):
+  argv = ['--workdir', str(tmp_path / 'none'), '--images', '.', '--out', 'f.npz']
+  monkeypatch.setenv(cli.TRACEBACK_ENV, '1')
+  status, lines = run_tool(extract.main, argv, capsys)
+  assert status == 2 and lines[0] == 'Traceback (most recent call last):'
+  assert lines[-1].startswith('error: ') and 'config.json' in lines[-1]
+  monkeypatch.setenv(cli.TRACEBACK_ENV, '0')
+  status, lines = run_tool(extract.main, argv, capsys)
+  assert_one_line_error(status, lines, 'config.json')
+
+  def buggy(argv):
+    del argv
+    return {}['no such key']
+  with pytest.raises(KeyError):  # not user-facing: Python's traceback and status
+    cli.run_cli(buggy, [])
+
+
+def test_multi_line_messages_become_one_line():
+  assert cli.one_line(ValueError('first\n  second\n\nthird')) == 'first; second; third'
+  assert cli.one_line(FileNotFoundError()) == 'FileNotFoundError'
+
+
+# ---------------------------------------------------------------------------------------------
+# As programs
+
+
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+def _python_m(module, args, traceback=False):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env.pop(cli.TRACEBACK_ENV, None)
+  if traceback:
+    env[cli.TRACEBACK_ENV] = '1'
+  res = subprocess.run([sys.executable, '-m', module] + args, capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=120)
+  return res.returncode, res.stderr.strip().splitlines()
+
+
+def test_convert_refuses_a_malicious_file_in_one_line(tmp_path):
+  marker = tmp_path / 'MARKER'
+  evil = tmp_path / 'evil.pth'
+  evil.write_bytes(pickle.dumps({'state_dict': {'w': _RunsCode(marker)}}, protocol=2))
+  args = ['--input', str(evil), '--output', str(tmp_path / 'out'), '--config',
+          os.path.join(ROOT, 'configs', 'synthetic.py')]
+  status, lines = _python_m('ogfr_jax.tools.convert', args)
+  assert_one_line_error(status, lines, str(evil), 'arbitrary Python objects')
+  status, lines = _python_m('ogfr_jax.tools.convert', args + ['--verbosity=1'])
+  assert status == 2 and 'Traceback (most recent call last):' in lines
+  assert lines[-1].startswith('error: ') and 'UnsafeCheckpointError' in '\n'.join(lines)
+  assert not marker.exists() and not (tmp_path / 'out').exists()
+  status, lines = _python_m('ogfr_jax.tools.convert', ['--export-student', str(tmp_path),
+                                                       '--output', str(tmp_path / 'x'),
+                                                       '--no-such-flag'])
+  assert_one_line_error(status, lines, 'no-such-flag', '--helpshort')
+  status, lines = _python_m('ogfr_jax.tools.convert', ['--export-student', str(tmp_path)])
+  assert_one_line_error(status, lines, '--output is required')
+
+
+def test_argparse_tool_as_a_program(tmp_path):
+  args = ['--workdir', str(tmp_path / 'none'), '--images', str(tmp_path), '--out',
+          str(tmp_path / 'f.npz')]
+  status, lines = _python_m('ogfr_jax.tools.extract', args)
+  assert_one_line_error(status, lines, 'config.json')
+  status, lines = _python_m('ogfr_jax.tools.extract', args, traceback=True)
+  assert status == 2 and 'Traceback (most recent call last):' in lines
