@@ -5,6 +5,7 @@ torch and timm elsewhere); these tests need neither.
 """
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -597,11 +598,12 @@ def test_convert_then_load(tmp_path):
     np.testing.assert_array_equal(flat(via['student_vit'])[key], value, err_msg=key)
 
 
-def make_workdir(tmp_path, config, params, step=7):
+def make_workdir(tmp_path, config, params, step=7, batch_stats=None, name='run'):
   """A training workdir as train.py leaves it: config.json and an orbax train state."""
-  state = train_state.TrainState(step=jnp.array(step), params=params, batch_stats={}, opt_state={},
-                           baseline=jnp.zeros(()), rng=jax.random.PRNGKey(0))
-  wd = str(tmp_path / 'run')
+  state = train_state.TrainState(step=jnp.array(step), params=params,
+                                 batch_stats=batch_stats or {}, opt_state={},
+                                 baseline=jnp.zeros(()), rng=jax.random.PRNGKey(0))
+  wd = str(tmp_path / name)
   run_config.prepare_workdir(wd, config)
   manager = checkpoints.make_manager(wd)
   checkpoints.save(manager, step, state, {}, force=True)
@@ -651,3 +653,186 @@ def test_command_line(tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
   assert 'img_size=80x48 and patch_embed.proj.stride=12' in res.stdout
   np.testing.assert_array_equal(load_file(model)['pos_embed'], params['student_vit']['pos_embed'])
+
+
+# ---------------------------------------------------------------------------------------------
+# The export as a timm user reads it: features, lossy parts, file mode
+
+
+def timm_vit_features(state, meta, images, camid):
+  """timm's VisionTransformer.forward_features(x)[:, 0] with the extras added as the recipe in
+  tools/convert.py says, written out in float64 numpy from the exported tensors alone (torch
+  layouts: Linear weights [out, in], the patch conv OIHW). images: [B, H, W, 3] model input."""
+  sd = {k: np.asarray(v, np.float64) for k, v in state.items()}
+  p, s = int(meta['ogfr.patch_size']), int(meta['ogfr.stride'])
+  gh, gw = map(int, meta['ogfr.grid'].split('x'))
+  heads = int(meta['ogfr.num_heads'])
+  x = np.asarray(images, np.float64)
+  b = x.shape[0]
+  w = sd['patch_embed.proj.weight']
+  tokens = np.stack([np.einsum('buvc,dcuv->bd', x[:, i * s:i * s + p, j * s:j * s + p], w)
+                     for i in range(gh) for j in range(gw)], axis=1)
+  tokens = tokens + sd['patch_embed.proj.bias']
+  tokens = np.concatenate([np.broadcast_to(sd['cls_token'], (b, 1, w.shape[0])), tokens], 1)
+  tokens = tokens + sd['pos_embed']
+  if 'reid.sie_embed' in sd:  # the recipe's hook on norm_pre
+    tokens = tokens + float(meta['reid.sie_weight']) * sd['reid.sie_embed'][camid][:, None]
+  tokens = tokens + sd.get('reid.pattern_embed_0', 0.0)
+
+  def ln(v, name):
+    mu = v.mean(-1, keepdims=True)
+    var = ((v - mu) ** 2).mean(-1, keepdims=True)
+    return (v - mu) / np.sqrt(var + 1e-6) * sd[f'{name}.weight'] + sd[f'{name}.bias']
+
+  def linear(v, name):
+    return v @ sd[f'{name}.weight'].T + sd[f'{name}.bias']
+
+  erf = np.vectorize(math.erf)
+  depth = int(meta['ogfr.depth'])
+  n, d = tokens.shape[1], tokens.shape[2]
+  for i in range(depth):
+    blk = f'blocks.{i}'
+    qkv = linear(ln(tokens, f'{blk}.norm1'), f'{blk}.attn.qkv')
+    q, k, v = qkv.reshape(b, n, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(0, 1, 3, 2) * (d // heads) ** -0.5
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn = attn / attn.sum(-1, keepdims=True)
+    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+    tokens = tokens + linear(out, f'{blk}.attn.proj')
+    h = linear(ln(tokens, f'{blk}.norm2'), f'{blk}.mlp.fc1')
+    tokens = tokens + linear(0.5 * h * (1.0 + erf(h / math.sqrt(2.0))), f'{blk}.mlp.fc2')
+  feat = ln(tokens, 'norm')[:, 0]
+  if meta['ogfr.eval_normalize'] == 'true':
+    feat = feat / np.linalg.norm(feat, axis=-1, keepdims=True)
+  return feat
+
+
+def float32_feature_tol(config, computations: int = 1) -> float:
+  """Bound on the float32 rounding error of a unit-norm ViT feature of `config`, against the
+  exact value (computations=1) or between two float32 computations of it (2) that may sum in
+  other orders (another batch size, program, machine or thread count).
+
+  Each stage (the patch embedding, then each of the depth blocks) ends in dot products of
+  length at most n = max(3 p^2, 4 D), each within gamma_n ~ n u (u = 2^-24) of exact relative
+  to the sum of its terms' magnitudes, for any summation order (Higham, Accuracy and Stability
+  of Numerical Algorithms, Thm 3.1). LayerNorm rescales each stage's output to unit scale, so
+  the relative errors of the depth + 1 stages add; a factor 4 covers the sum of |terms|
+  exceeding the result (cancellation) and the softmax and GELU roundings.
+  """
+  dim, depth, _ = build.vit_size(config)
+  n = max(3 * int(config.model.patch_size) ** 2, 4 * dim)
+  return computations * 4 * (depth + 1) * n * 2.0 ** -24
+
+
+def init_variables(config, num_cameras, seed=0):
+  """The OGFR variables at initialisation, with the camera and pattern tables drawn at unit
+  scale so that leaving either out changes the features far beyond rounding."""
+  model = build.build_model(config, 3, num_cameras)
+  variables = jax.tree.map(np.asarray, dict(model.init(
+      {'params': jax.random.PRNGKey(seed)}, train_state.dummy_batch(config, 1), train=False)))
+  rng = np.random.default_rng(seed)
+  params = dict(variables['params'])
+  params['student_vit'] = dict(params['student_vit'])
+  for tree, key in ((params['student_vit'], 'sie_embed'), (params, 'pattern_embed')):
+    tree[key] = rng.normal(0.0, 0.3, tree[key].shape).astype(np.float32)
+  return params, dict(variables.get('batch_stats', {}))
+
+
+def test_export_reproduces_the_extract_tools_features(tmp_path):
+  from PIL import Image
+  from ogfr_jax.tools import extract
+  config = make_config(64, 48, 12)
+  params, batch_stats = init_variables(config, num_cameras=4)
+  wd = make_workdir(tmp_path, config, params, batch_stats=batch_stats)
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (5, 64, 48, 3), dtype=np.uint8)
+  for i, image in enumerate(pixels):  # PNG at the input size: read back unchanged, no resize
+    Image.fromarray(image).save(folder / f'{i}.png')
+  camid = 2
+  extracted = extract.main(['--workdir', wd, '--images', str(folder), '--out',
+                            str(tmp_path / 'f.npz'), '--camera', str(camid), '--no-progress'])
+  assert extracted.names == [f'{i}.png' for i in range(5)]
+
+  path = str(tmp_path / 'student.safetensors')
+  meta = convert.export_student(wd, path)
+  from safetensors import safe_open
+  with safe_open(path, 'np') as f:
+    assert f.metadata() == {k: v for k, v in meta.items() if k != 'ogfr.step'}
+  state = load_file(path)
+  extras = {k: state.pop(k) for k in list(state) if k.startswith('reid.')}
+  assert set(extras) == {'reid.sie_embed'}  # E[0] is folded into pos_embed by default
+  mean, std = np.array(config.input.mean), np.array(config.input.std)
+  x = (pixels / 255.0 - mean) / std
+  cams = np.full(len(pixels), camid)
+  ours = timm_vit_features({**state, **extras}, meta, x, cams)
+
+  # The reference is float64, so the difference is the float32 rounding of the extract path
+  # (5e-8 when this was written), bounded from the arithmetic in float32_feature_tol.
+  tol = float32_feature_tol(config)
+  err = float(np.abs(extracted.features - ours).max())
+  print(f'max |extract - export read as timm| = {err:.3g} (bound {tol:.3g})')
+  assert err <= tol, (err, tol)
+  # The extras matter: without the camera embedding, or at another camera, or without E[0],
+  # the features are far outside the bound (so the comparison above can fail).
+  no_sie = timm_vit_features(state, meta, x, cams)
+  other_cam = timm_vit_features({**state, **extras}, meta, x, cams - 1)
+  assert float(np.abs(extracted.features - no_sie).max()) > 100 * tol
+  assert float(np.abs(extracted.features - other_cam).max()) > 100 * tol
+  unfolded = str(tmp_path / 'unfolded.safetensors')
+  meta = convert.export_student(wd, unfolded, fold_pattern_embed=False)
+  state = load_file(unfolded)
+  assert meta['ogfr.pattern_embed_folded'].startswith('no: E[0] is reid.pattern_embed_0')
+  # Same model; only the float32 rounding of the folded pos_embed + E[0] differs.
+  np.testing.assert_allclose(timm_vit_features(state, meta, x, cams), ours, rtol=0, atol=tol)
+  del state['reid.pattern_embed_0']
+  assert float(np.abs(timm_vit_features(state, meta, x, cams) - ours).max()) > 100 * tol
+
+
+@pytest.mark.parametrize('field,value,part', [
+    ('model.jpm', True, 'model.jpm'),
+    ('model.pattern_test_policy', 'soft', 'model.pattern_test_policy=soft'),
+    ('eval.feature', 'post_bn', 'eval.feature=post_bn'),
+    ('model.student_erase', True, 'model.student_erase')])
+def test_lossy_exports_are_refused_unless_allowed(tmp_path, capfd, field, value, part):
+  config = make_config(64, 48, 12)
+  section, name = field.split('.')
+  config[section][name] = value
+  params = random_params(config)
+  path = str(tmp_path / 'student.safetensors')
+  with pytest.raises(pretrained.LossyExportError) as e:
+    pretrained.export_timm_safetensors(params, config, path)
+  assert part in str(e.value) and '--allow-lossy' in str(e.value)
+  assert not os.path.exists(path)
+  capfd.readouterr()
+  meta = pretrained.export_timm_safetensors(params, config, path, allow_lossy=True)
+  assert meta['ogfr.lossy'].startswith(part)
+  assert f'warning: the export leaves out {part}' in capfd.readouterr().err
+  from safetensors import safe_open
+  with safe_open(path, 'np') as f:
+    assert f.metadata()['ogfr.lossy'] == meta['ogfr.lossy']
+  # The same config without the part exports silently, and says so.
+  config[section][name] = config_defaults.base_config()[section][name]
+  assert pretrained.lossy_parts(config) == []
+  assert pretrained.export_timm_safetensors(params, config, path)['ogfr.lossy'] == 'no'
+  assert 'warning' not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077, 0o002])
+def test_exports_honour_the_umask(tmp_path, umask):
+  config = make_config(64, 48, 12)
+  params = random_params(config)
+  wd = make_workdir(tmp_path, config, params)
+  old = os.umask(umask)
+  try:
+    paths = [str(tmp_path / 'direct.safetensors'), str(tmp_path / 'via_tool.safetensors')]
+    pretrained.export_timm_safetensors(params, config, paths[0])
+    convert.export_student(wd, paths[1])
+    convert.export_student(wd, paths[1], overwrite=True)  # replacing keeps the rule
+  finally:
+    os.umask(old)
+  for path in paths:
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, (path, oct(os.stat(path).st_mode))
+  assert sorted(os.listdir(tmp_path)) == sorted(['direct.safetensors', 'via_tool.safetensors',
+                                                 'run'])  # no temporary file left behind
