@@ -9,11 +9,16 @@ occluded queries against the gallery with features that need no deep training:
   - the last two after a Fisher LDA learnt on the train split ('+lda'): how much identity
     signal a linear learner finds,
 and, for reference, holistic gallery images used as queries ('_gallery_as_query'; same-camera
-matches dropped as always), which shows what the occluders cost.
+matches dropped as always), which shows what the occluders cost. With --twin the same scores
+are computed on the dataset's clean twin too (the same config with
+contaminated_gallery_fraction=0: every image identical except that the contaminated gallery
+images are drawn without their contamination), which shows what the gallery contamination
+costs.
 A useful benchmark scores low without learning (raw pixels well under 0.5 mAP) yet has signal
 to learn. Optionally writes a contact sheet of train / query / gallery images to look at.
 
   .venv/bin/python benchmarks/synthetic_gen.py --sheet /tmp/sheet.png
+  .venv/bin/python benchmarks/synthetic_gen.py --set num_train_ids=160 --twin
   .venv/bin/python benchmarks/synthetic_gen.py --set num_train_ids=750 --set num_test_ids=750 \
       --set images_per_id=20 --set height=256 --set width=128 --no-eval
 """
@@ -42,7 +47,10 @@ def _parse_sets(items: list[str]) -> dict:
     key, sep, value = item.partition('=')
     if not sep:
       raise SystemExit(f'--set expects key=value, got {item!r}')
-    out[key] = float(value) if key.endswith('fraction') else int(value)
+    if key in ('contamination_types', 'holdout_occluders'):
+      out[key] = [v for v in value.split(',') if v]
+    else:
+      out[key] = float(value) if key.endswith('fraction') else int(value)
   return out
 
 
@@ -119,7 +127,8 @@ def _scores(root: str) -> dict:
   _, t_img, t_pid, _ = _read_split(root, 'bounding_box_train')
   _, q_img, q_pid, q_cam = _read_split(root, 'query')
   g_names, g_img, g_pid, g_cam = _read_split(root, 'bounding_box_test')
-  occluded = synthetic.load_side_info(root, splits=('gallery',))
+  side = synthetic.load_side_info(root, splits=('gallery',))
+  occluded = {n for n, e in side.items() if e['occluder_mask'] is not None}
   holistic = np.array([p > 0 and n not in occluded for n, p in zip(g_names, g_pid)])
   scores = {}
   for label, feat in (('raw_pixels', _raw_pixels), ('stripe_colours', _stripe_colours),
@@ -141,7 +150,7 @@ def _scores(root: str) -> dict:
 
 
 def _sheet(root: str, path: str, per_row: int = 12) -> None:
-  """Rows: train images of a few ids (two rows with clutter outlined), queries, gallery."""
+  """Rows: train images of a few ids (two rows, contamination outlined), queries, gallery."""
   rows = []
   for folder, count in (('bounding_box_train', 2 * per_row), ('query', per_row),
                         ('bounding_box_test', 2 * per_row)):
@@ -187,6 +196,8 @@ def main() -> None:
   ap.add_argument('--out', default='', help='dataset folder (default: a temporary one)')
   ap.add_argument('--sheet', default='', help='write a PNG contact sheet here')
   ap.add_argument('--no-eval', action='store_true', help='skip the hand-crafted feature mAP')
+  ap.add_argument('--twin', action='store_true',
+                  help='also score the clean twin (contaminated_gallery_fraction=0)')
   ap.add_argument('--workers', type=int, default=None,
                   help='generation processes (default: the generator decides)')
   args = ap.parse_args()
@@ -214,6 +225,13 @@ def main() -> None:
 
   if not args.no_eval:
     report['query_vs_gallery'] = _scores(root)
+    if args.twin:
+      twin_root = root.rstrip('/') + '_clean_twin'
+      synthetic.generate(twin_root, dict(cfg, contaminated_gallery_fraction=0.0),
+                         workers=args.workers)
+      report['query_vs_gallery_clean_twin'] = _scores(twin_root)
+      if tmp is None:
+        report['clean_twin'] = twin_root
   if args.sheet:
     _sheet(root, args.sheet)
     report['sheet'] = args.sheet

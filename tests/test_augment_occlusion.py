@@ -37,6 +37,60 @@ def test_train_augment_is_a_function_of_the_generator():
   assert not np.array_equal(a, augment.train_augment(image, spec, np.random.default_rng(5)))
 
 
+def _mask_image(seed, h=H, w=W):
+  """A random blob mask and an image whose pixels are that mask (255 on it, 0 elsewhere)."""
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((h, w), bool)
+  for _ in range(3):
+    y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
+    mask[y:y + int(rng.integers(3, h // 2)), x:x + int(rng.integers(3, w // 2))] = True
+  return mask, np.repeat(mask[..., None] * np.uint8(255), 3, axis=-1)
+
+
+@pytest.mark.parametrize('stored', [(H, W), (2 * H, 2 * W), (45, 19)])
+def test_the_mask_follows_resize_flip_and_crop_exactly(stored):
+  spec = augment.AugmentSpec(height=H, width=W, pad=4, flip_prob=0.5, erase_prob=0.0)
+  flipped = shifted = 0
+  for seed in range(24):
+    mask, image = _mask_image(seed, *stored)
+    x, m = augment.train_augment_pair(image, mask, spec, np.random.default_rng(seed))
+    assert m.shape == (H, W) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+    # The image is its own mask: wherever its pixels went, the mask went with them.
+    np.testing.assert_array_equal(m, x[..., 0] >= 128)
+    # And exactly as the draws say: flip, then the window of the zero-padded mask.
+    rng = np.random.default_rng(seed)
+    flip = rng.random() < 0.5
+    dy, dx = (int(v) - 4 for v in rng.integers(0, 9, size=2))
+    want = np.pad(augment.resize_mask(mask, H, W)[:, ::-1 if flip else 1], 4)
+    np.testing.assert_array_equal(m, want[4 + dy:4 + dy + H, 4 + dx:4 + dx + W])
+    flipped += flip
+    shifted += (dy, dx) != (0, 0)
+  assert 0 < flipped < 24 and shifted  # both transforms were exercised
+
+
+def test_the_pair_draws_exactly_what_train_augment_draws():
+  spec = augment.AugmentSpec(height=H, width=W, pad=3, erase_prob=1.0)
+  mask, _ = _mask_image(0)
+  image = _images(1)[0]
+  for seed in range(6):
+    a_rng, b_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    x, m = augment.train_augment_pair(image, mask, spec, a_rng)
+    np.testing.assert_array_equal(x, augment.train_augment(image, spec, b_rng))
+    assert a_rng.random() == b_rng.random()  # the same number of draws
+    assert augment.train_augment_pair(image, None, spec, np.random.default_rng(seed))[1] is None
+
+
+def test_random_erasing_leaves_the_mask_alone():
+  mask, image = _mask_image(1)
+  erase = augment.AugmentSpec(height=H, width=W, pad=2, erase_prob=1.0, erase_area=(.2, .4))
+  keep = augment.AugmentSpec(height=H, width=W, pad=2, erase_prob=0.0)
+  for seed in range(6):
+    xe, me = augment.train_augment_pair(image, mask, erase, np.random.default_rng(seed))
+    xk, mk = augment.train_augment_pair(image, mask, keep, np.random.default_rng(seed))
+    np.testing.assert_array_equal(me, mk)
+    assert not np.array_equal(xe, xk)  # the image was erased
+
+
 def test_resize_is_bilinear_to_height_width():
   image = np.zeros((4, 2, 3), np.uint8)
   image[2:] = 200

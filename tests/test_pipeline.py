@@ -74,7 +74,7 @@ def test_batch_layout_and_paired_views(train_split):
   b = 8
   expected = {'image': ((b, H, W, 3), np.uint8), 'occluded': ((b, H, W, 3), np.uint8),
               'pattern': ((b,), np.int32), 'occ_mask': ((b, H, W), np.uint8),
-              'pid': ((b,), np.int32), 'camid': ((b,), np.int32), 'index': ((b,), np.int32),
+              'contam_mask': ((b, H, W), np.uint8), 'pid': ((b,), np.int32), 'camid': ((b,), np.int32), 'index': ((b,), np.int32),
               'num_skipped': ((b,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   ids = batch['pid'].reshape(4, 2)
@@ -322,3 +322,119 @@ def test_eval_batch_must_divide_over_processes(tmp_path):
   split = _write_split(str(tmp_path), [2, 2])
   with pytest.raises(ValueError, match='config.input.eval_batch_size'):
     pipeline.make_eval_iterator(split, _config(), process_index=0, process_count=3)
+
+
+def _write_contaminated_split(root):
+  """A training folder whose images are white exactly on their planted mask (black
+  elsewhere), with the masks in the side file next to it, as the synthetic benchmark writes
+  them; two images have no entry (clean)."""
+  folder = os.path.join(root, 'bounding_box_train')
+  os.makedirs(folder)
+  rng = np.random.default_rng(5)
+  paths, pids, camids, names, masks = [], [], [], [], []
+  for pid in range(4):
+    for k in range(2):
+      name = f'{pid + 1:04d}_c{k + 1}_f{k:07d}.png'
+      mask = np.zeros((H, W), bool)
+      if (pid, k) not in ((0, 0), (2, 1)):
+        y, x = rng.integers(0, H - 8), rng.integers(0, W - 6)
+        mask[y:y + 8, x:x + 6] = True
+        names.append(name)
+        masks.append(np.packbits(mask, axis=-1))
+      Image.fromarray(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, -1)).save(
+          os.path.join(folder, name))
+      paths.append(os.path.join(folder, name))
+      pids.append(pid)
+      camids.append(k)
+  np.savez(os.path.join(root, pipeline.CONTAMINATION_FILE), names=np.array(names),
+           masks=np.stack(masks), types=np.array(['shapes'] * len(names)), height=H, width=W)
+  return records.Split.from_lists(paths, pids, camids)
+
+
+def test_contamination_mask_follows_the_augmentation(tmp_path):
+  split = _write_contaminated_split(str(tmp_path))
+  # Flips and shifts on; erasing off (the mask does not follow random erasing).
+  config = _config(flip_prob=0.5, pad=4, erase_prob=0.0)
+  config.occlusion.enabled = False
+  it = pipeline.make_train_iterator(split, config)
+  seen = 0
+  for batch in _take(it, 6):
+    assert batch['contam_mask'].shape == (8, H, W) and batch['contam_mask'].dtype == np.uint8
+    # The image is its own mask: wherever the view moved, the mask moved with it.
+    np.testing.assert_array_equal(batch['contam_mask'], batch['image'][..., 0] >= 128)
+    seen += int(batch['contam_mask'].any(axis=(1, 2)).sum())
+  assert seen > 0
+  it.close()
+  ev = next(pipeline.make_eval_iterator(split, config))
+  np.testing.assert_array_equal(ev['contam_mask'], ev['image'][..., 0] >= 128)
+  assert ev['contam_mask'][ev['index'] == 0].sum() == 0  # no entry: clean
+
+
+def test_no_side_file_means_no_contamination(train_split):
+  batch = next(pipeline.make_train_iterator(train_split, _config()))
+  assert batch['contam_mask'].shape == (8, H, W) and not batch['contam_mask'].any()
+
+
+def test_synthetic_contamination_reaches_train_and_eval_batches(tmp_path):
+  from ogfr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = synthetic.generate(str(tmp_path / 'syn'), dict(
+      seed=1, num_train_ids=4, num_test_ids=3, images_per_id=4, num_cameras=2, height=2 * H,
+      width=2 * W, clutter_fraction=0.5, occluded_query_fraction=1.0))
+  data = datasets.get_dataset('synthetic', root)
+  side = synthetic.load_side_info(root)
+
+  def stored(split, i):
+    return side.get(os.path.basename(split.paths[i]), {}).get('clutter_mask')
+
+  # Eval: the stored mask at the model input size, zeros for clean images and padding.
+  config = _config(eval_batch_size=8)
+  for split in (data.train, data.query, data.gallery):
+    planted = 0
+    for batch in pipeline.make_eval_iterator(split, config):
+      for row, i in enumerate(batch['index']):
+        want = stored(split, i) if i >= 0 else None
+        got = batch['contam_mask'][row]
+        if want is None:
+          assert not got.any()
+        else:
+          np.testing.assert_array_equal(got, augment.resize_mask(want, H, W))
+          planted += 1
+    assert planted == sum(stored(split, i) is not None for i in range(len(split)))
+    assert (planted > 0) == (split is not data.query)
+  # Train: rows of contaminated images carry their mask (moved with the view), others zeros.
+  config = _config(erase_prob=0.0, pad=0, flip_prob=0.0)
+  it = pipeline.make_train_iterator(data.train, config)
+  seen = 0
+  for batch in _take(it, 4):
+    for row, i in enumerate(batch['index']):
+      want = stored(data.train, i)
+      if want is None:
+        assert not batch['contam_mask'][row].any()
+      else:
+        np.testing.assert_array_equal(batch['contam_mask'][row],
+                                      augment.resize_mask(want, H, W))
+        seen += 1
+  it.close()
+  assert seen > 0
+
+
+def test_contamination_masks_survive_resume(tmp_path):
+  from ogfr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = synthetic.generate(str(tmp_path / 'syn'), dict(
+      seed=2, num_train_ids=4, num_test_ids=2, images_per_id=4, num_cameras=2, height=H,
+      width=W, clutter_fraction=1.0, occluded_query_fraction=1.0))
+  train = datasets.get_dataset('synthetic', root).train
+  config = _config()
+  first = pipeline.make_train_iterator(train, config)
+  _take(first, 2)
+  state = first.get_state()
+  expected = _take(first, 2)
+  first.close()
+  again = pipeline.make_train_iterator(train, config)
+  again.set_state(state)
+  got = _take(again, 2)
+  again.close()
+  _assert_same(expected, got)
+  assert all(b['contam_mask'].any() for b in got)

@@ -1,5 +1,6 @@
 """The embedded synthetic benchmark: determinism, Market-1501 layout, protocol promises, side
-files (occluder and clutter masks), the cache, and token scoring of clutter masks."""
+files (occluder and contamination masks), gallery contamination and its clean twin, held-out
+occluder types, the cache and its version check, and token scoring of clutter masks."""
 
 import dataclasses
 import json
@@ -78,10 +79,11 @@ def test_worker_processes_do_not_change_the_output(tmp_path, dataset):
   with open(os.path.join(dataset, 'meta.json')) as a, open(os.path.join(parallel,
                                                                         'meta.json')) as b:
     assert a.read() == b.read()
-  with np.load(os.path.join(dataset, 'masks.npz')) as a, np.load(
-      os.path.join(parallel, 'masks.npz')) as b:
-    for key in a.files:
-      np.testing.assert_array_equal(a[key], b[key])
+  for side in ('masks.npz', 'clutter.npz'):
+    with np.load(os.path.join(dataset, side)) as a, np.load(os.path.join(parallel, side)) as b:
+      assert sorted(a.files) == sorted(b.files)
+      for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_market_layout_and_counts(dataset):
@@ -153,32 +155,58 @@ def test_occluder_masks_exactly_for_occluded_images(dataset):
 
 
 def test_half_the_queries_occluded(tmp_path):
-  root = synthetic.generate(str(tmp_path / 'd'), tiny(occluded_query_fraction=0.5,
-                                                      images_per_id=8, clutter_fraction=0.0))
+  root = synthetic.generate(str(tmp_path / 'd'), tiny(
+      occluded_query_fraction=0.5, images_per_id=8, clutter_fraction=0.0,
+      contaminated_gallery_fraction=0.0))
   info = synthetic.load_side_info(root)
   queries = files(root, 'query')
   assert sum(n in info for n in queries) == round(0.5 * len(queries))
   assert not any(e['clutter_mask'] is not None for e in info.values())
 
 
-def test_clutter_recorded_for_the_configured_fraction(dataset):
+def test_contamination_recorded_for_the_configured_fractions(dataset):
   info = synthetic.load_side_info(dataset)
-  train = files(dataset, 'train')
-  cluttered = [n for n, e in info.items() if e['clutter_mask'] is not None]
-  assert len(cluttered) == round(0.5 * len(train))
-  assert set(cluttered) <= set(train)
-  for name in cluttered:
-    assert info[name]['clutter_type'] in synthetic.CLUTTER_TYPES
-    assert info[name]['occluder_mask'] is None
-    assert 0 < info[name]['clutter_mask'].mean() < 0.5
+  train, gallery = files(dataset, 'train'), files(dataset, 'gallery')
+  with open(os.path.join(dataset, 'meta.json')) as f:
+    counts = json.load(f)['counts']
+  contaminated = {n for n, e in info.items() if e['clutter_mask'] is not None}
+  in_train = contaminated & set(train)
+  in_gallery = contaminated & set(gallery)
+  assert contaminated == in_train | in_gallery  # never a query
+  assert len(in_train) == round(0.5 * len(train)) == counts['train']['contaminated']
+  holistic = [n for n in gallery if info.get(n, {}).get('occluder_mask') is None]
+  # The default fraction of the holistic gallery images, distractors included.
+  fraction = synthetic.OPTIONAL_FIELDS['contaminated_gallery_fraction']
+  assert len(in_gallery) == round(fraction * len(holistic)) == counts['gallery']['contaminated']
+  assert counts['query']['contaminated'] == 0
+  pids = {split: {int(n[:4]) for n in files(dataset, split)} - {0}
+          for split in ('train', 'gallery')}
+  for name in contaminated:
+    e = info[name]
+    assert e['split'] in ('train', 'gallery')
+    assert e['clutter_type'] in synthetic.CONTAMINATION_TYPES
+    assert e['occluder_mask'] is None  # gallery contamination only on holistic images
+    assert 0 < e['clutter_mask'].mean() < 0.5
+    if e['clutter_type'] in synthetic.IDENTITY_CONTAMINATION:
+      # Another identity of the image's own split wears it.
+      assert e['clutter_source'] in pids[e['split']] - {int(name[:4])}, name
+    else:
+      assert e['clutter_source'] == 0
+  kinds = {info[n]['clutter_type'] for n in contaminated}
+  assert kinds == set(synthetic.OPTIONAL_FIELDS['contamination_types'])  # the default mixture
 
 
 def test_masks_cover_exactly_the_pixels_that_change():
-  """An image drawn with and without its occluder / clutter differs only inside the mask."""
+  """An image drawn with and without its occluder / contamination differs only inside the
+  mask, for every contamination kind."""
   cfg = tiny(occluded_query_fraction=1.0, clutter_fraction=1.0)
-  items = [it for it in synthetic.plan(cfg) if it.occluder or it.clutter][:12]
-  kinds = {it.occluder or it.clutter for it in items}
-  assert len(kinds) >= 3
+  planned = synthetic.plan(cfg)
+  queries = [it for it in planned if it.split == 'query'][:8]
+  train = [it for it in planned if it.split == 'train']
+  items = queries + [dataclasses.replace(it, clutter=kind, source=1 + (it.pid % 5))
+                     for it, kind in zip(train[3::2], synthetic.CONTAMINATION_TYPES * 2)]
+  assert len({it.occluder for it in queries}) >= 3
+  assert {it.clutter for it in items} - {None} == set(synthetic.CONTAMINATION_TYPES)
   plain = [dataclasses.replace(it, occluder=None, clutter=None) for it in items]
   drawn = [r for _, r in synthetic.iter_images(cfg, items)]
   bare = [r for _, r in synthetic.iter_images(cfg, plain)]
@@ -198,6 +226,78 @@ def test_every_occluder_type_covers_a_part_and_leaves_the_rest():
     assert 0.15 <= r.occluder_mask.mean() <= 0.55, (it, r.occluder_mask.mean())
     hidden = np.count_nonzero(r.occluder_mask & r.person_mask) / r.person_mask.sum()
     assert hidden <= 0.7, (it, hidden)
+
+
+def test_side_pedestrian_is_cut_by_the_border_and_behind_the_target():
+  cfg = tiny()
+  train = [it for it in synthetic.plan(cfg) if it.split == 'train']
+  items = [dataclasses.replace(it, clutter='pedestrian', occluder=None,
+                               source=1 + it.pid % 5) for it in train]
+  lo, hi = synthetic._PEDESTRIAN_AREA
+  for it, r in synthetic.iter_images(cfg, items):
+    m = r.clutter_mask
+    assert not (m & r.person_mask).any(), it  # the target is never hidden by it
+    assert m[:, 0].any() or m[:, -1].any(), it  # partly outside the image
+    assert lo - 0.06 <= m.mean() <= hi + 0.06, (it, m.mean())
+
+
+def test_clean_twin_differs_only_in_the_contaminated_gallery_images(tmp_path, dataset):
+  twin = synthetic.generate(str(tmp_path / 'twin'), tiny(contaminated_gallery_fraction=0.0))
+  info = synthetic.load_side_info(dataset)
+  twin_info = synthetic.load_side_info(twin)
+  assert not any(e['clutter_mask'] is not None and e['split'] == 'gallery'
+                 for e in twin_info.values())
+  changed = 0
+  for split in SPLITS:
+    assert files(twin, split) == files(dataset, split)
+    for name in files(dataset, split):
+      path = os.path.join(synthetic.SPLIT_DIRS[split], name)
+      same = open(os.path.join(dataset, path), 'rb').read() == open(
+          os.path.join(twin, path), 'rb').read()
+      contaminated = split == 'gallery' and info.get(name, {}).get('clutter_mask') is not None
+      assert same != contaminated, path
+      changed += not same
+  assert changed > 0
+  # Where they differ: test_masks_cover_exactly_the_pixels_that_change (before JPEG).
+
+
+def test_held_out_occluders_only_in_queries(tmp_path):
+  held = ('vehicle', 'board')
+  root = synthetic.generate(str(tmp_path / 'held'), tiny(
+      holdout_occluders=held, occluded_train_fraction=0.4, occluded_gallery_fraction=0.3,
+      images_per_id=8))
+  info = synthetic.load_side_info(root)
+  by_split = {s: [e['occluder_type'] for e in info.values()
+                  if e['split'] == s and e['occluder_type']] for s in SPLITS}
+  assert by_split['query'] and set(by_split['query']) == set(held)
+  for split in ('train', 'gallery'):
+    assert by_split[split] and not set(by_split[split]) & set(held), split
+  bank = json.load(open(os.path.join(root, synthetic.OCCLUDER_BANK_DIR, 'index.json')))
+  assert bank and not {e['type'] for e in bank.values()} & set(held)
+  with open(os.path.join(root, 'meta.json')) as f:
+    assert json.load(f)['config']['holdout_occluders'] == ['vehicle', 'board']
+  # The order of the names does not make another dataset.
+  assert synthetic.config_hash(tiny(holdout_occluders=('board', 'vehicle'))) == (
+      synthetic.config_hash(tiny(holdout_occluders=held)))
+  assert synthetic.config_hash(tiny(holdout_occluders=held)) != synthetic.config_hash(tiny())
+
+
+def test_holdout_config_file():
+  import importlib.util  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'synthetic_holdout.py')
+  spec = importlib.util.spec_from_file_location('holdout_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  p = synthetic.resolve_config(c.synthetic)
+  assert p['holdout_occluders'] == ['vehicle', 'board']
+  assert p['occluded_train_fraction'] > 0  # the bank has something to paste
+  assert tuple(c.occlusion.patterns) == ('bank',)
+  assert synthetic.resolve_config(module.get_config('holdout=pole').synthetic)[
+      'holdout_occluders'] == ['pole']
+  with pytest.raises(ValueError, match='holdout_occluders'):
+    module.get_config('holdout=truck')
 
 
 def test_reader_loads_it(dataset):
@@ -220,6 +320,20 @@ def test_config_errors_name_the_field():
     synthetic.resolve_config(tiny(clutter_fraction=1.5))
   with pytest.raises(ValueError, match='colour'):
     synthetic.resolve_config(tiny(colour=1))
+  with pytest.raises(ValueError, match='contaminated_gallery_fraction'):
+    synthetic.resolve_config(tiny(contaminated_gallery_fraction=-0.1))
+  with pytest.raises(ValueError, match='contamination_types.*smoke'):
+    synthetic.resolve_config(tiny(contamination_types=('noise', 'smoke')))
+  with pytest.raises(ValueError, match='contamination_types'):
+    synthetic.resolve_config(tiny(contamination_types=()))
+  assert synthetic.resolve_config(tiny(contamination_types=(), clutter_fraction=0.0,
+                                       contaminated_gallery_fraction=0.0))
+  with pytest.raises(ValueError, match='holdout_occluders.*truck'):
+    synthetic.resolve_config(tiny(holdout_occluders=('truck',)))
+  with pytest.raises(ValueError, match='every occluder type'):
+    synthetic.resolve_config(tiny(holdout_occluders=synthetic.OCCLUDER_TYPES))
+  with pytest.raises(ValueError, match='twice'):
+    synthetic.resolve_config(tiny(holdout_occluders=('pole', 'pole')))
   cfg = tiny()
   del cfg['height']
   with pytest.raises(ValueError, match='height'):
@@ -329,6 +443,83 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
   assert synthetic.ensure(tiny(), cache) == target
   assert os.path.exists(os.path.join(target, 'winner.txt'))
   assert sorted(e for e in os.listdir(cache) if not e.endswith('.lock')) == [name]
+
+
+def _as_version_2(root: str) -> None:
+  """Rewrites a generated folder's meta.json and clutter.npz as generator version 2 wrote
+  them (train-only contamination, no `splits` or `sources`)."""
+  meta_path = os.path.join(root, 'meta.json')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta['generator_version'] = '2'
+  for key in ('contaminated_gallery_fraction', 'contamination_types', 'holdout_occluders'):
+    meta['config'].pop(key)
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  path = os.path.join(root, 'clutter.npz')
+  with np.load(path) as z:
+    keep = z['splits'] == 'train'
+    old = {'names': z['names'][keep], 'types': z['types'][keep], 'masks': z['masks'][keep],
+           'height': z['height'], 'width': z['width']}
+  np.savez_compressed(path, **old)
+
+
+def test_a_version_2_folder_is_refused_naming_the_version(tmp_path):
+  root = synthetic.generate(str(tmp_path / 'old'), tiny())
+  _as_version_2(root)
+  # config.dataset.root pointing at the dataset folder itself.
+  with pytest.raises(RuntimeError, match=r'generator version 2.*version '
+                     + re.escape(synthetic.GENERATOR_VERSION) + '.*delete'):
+    synthetic.ensure(tiny(), root)
+  # A cache entry under this version's name that holds a version 2 dataset.
+  cache = tmp_path / 'cache'
+  name = f'synthetic-v{synthetic.GENERATOR_VERSION}-{synthetic.config_hash(tiny())}'
+  cache.mkdir()
+  os.rename(root, cache / name)
+  with pytest.raises(RuntimeError, match='generator version 2'):
+    synthetic.ensure(tiny(), str(cache))
+
+
+def test_a_dataset_folder_as_root_is_used_when_it_matches(tmp_path, counting):
+  root = synthetic.ensure(tiny(), str(tmp_path / 'cache'))
+  assert synthetic.ensure(tiny(), root) == root and len(counting) == 1
+  with pytest.raises(RuntimeError, match='another config'):
+    synthetic.ensure(tiny(seed=5), root)
+
+
+def test_version_2_side_files_still_read(tmp_path):
+  root = synthetic.generate(str(tmp_path / 'old'), tiny())
+  new = synthetic.load_side_info(root)
+  _as_version_2(root)
+  old = synthetic.load_side_info(root)
+  assert {n for n, e in old.items() if e['clutter_mask'] is not None} == {
+      n for n, e in new.items() if e['clutter_mask'] is not None and e['split'] == 'train'}
+  for name, e in old.items():
+    if e['clutter_mask'] is not None:
+      np.testing.assert_array_equal(e['clutter_mask'], new[name]['clutter_mask'])
+      assert e['split'] == 'train' and e['clutter_source'] == 0
+  from ogfr_jax.data import datasets  # noqa: PLC0415
+  splits = datasets.get_dataset('synthetic', root)
+  masks = synthetic.contamination_masks(splits.train)
+  assert masks.num_masked == sum(e['clutter_mask'] is not None for e in old.values())
+  assert synthetic.contamination_masks(splits.gallery).num_masked == 0
+
+
+def test_contamination_masks_of_the_splits(dataset):
+  from ogfr_jax.data import datasets  # noqa: PLC0415
+  splits = datasets.get_dataset('synthetic', dataset)
+  info = synthetic.load_side_info(dataset)
+  for split in (splits.train, splits.query, splits.gallery):
+    masks = synthetic.contamination_masks(split)
+    assert len(masks) == len(split)
+    for i, path in enumerate(split.paths):
+      want = info.get(os.path.basename(path), {}).get('clutter_mask')
+      got = masks.mask(i)
+      assert (got is None) == (want is None), path
+      if want is not None:
+        np.testing.assert_array_equal(got, want)
+  assert synthetic.contamination_masks(splits.gallery).num_masked > 0
+  assert synthetic.contamination_masks(splits.query).num_masked == 0
 
 
 def test_incomplete_target_is_an_error_not_a_dataset(tmp_path):

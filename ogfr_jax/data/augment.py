@@ -76,11 +76,28 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.asarray(out)
 
 
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+  """A [h, w] pixel mask resized as `resize` resizes its image: bilinear on 0 / 255, then
+  kept where at least half covered. Returns uint8 0 / 1 [height, width]."""
+  m = np.asarray(mask)
+  if m.shape[:2] == (height, width):
+    return (m > 0).astype(np.uint8)
+  grey = Image.fromarray((m > 0).astype(np.uint8) * 255, mode='L')
+  out = np.asarray(grey.resize((width, height), Image.Resampling.BILINEAR))
+  return (out >= 128).astype(np.uint8)
+
+
 def random_flip(image: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
   """Mirrors left-right with probability `prob`."""
   if rng.random() < prob:
     return image[:, ::-1]
   return image
+
+
+def _draw_shift(pad: int, rng: np.random.Generator) -> tuple[int, int]:
+  """The (dy, dx) of `pad_crop`: window row r shows source row r + dy."""
+  dy, dx = (int(v) - pad for v in rng.integers(0, 2 * pad + 1, size=2))
+  return dy, dx
 
 
 def pad_crop(image: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
@@ -91,8 +108,11 @@ def pad_crop(image: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarra
   """
   if pad == 0:
     return image
+  return _shift(image, *_draw_shift(pad, rng))
+
+
+def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
   h, w = image.shape[:2]
-  dy, dx = (int(v) - pad for v in rng.integers(0, 2 * pad + 1, size=2))
   out = np.zeros_like(image)
   # Window row r shows source row r + dy.
   ys, ye = max(0, -dy), min(h, h - dy)
@@ -197,11 +217,30 @@ def train_augment(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator
   Erasing comes last, as in TransReID. The result is the holistic view x; the occlusion
   synthesiser derives occ(x) from it and both are normalised on the device.
   """
+  return train_augment_pair(image, None, spec, rng)[0]
+
+
+def train_augment_pair(image: np.ndarray, mask: np.ndarray | None, spec: AugmentSpec,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+  """`train_augment` of an image and of a pixel mask of it, with the same draws.
+
+  The mask ([h, w], at the image's stored size; None for none) follows the geometry: it is
+  resized like the image (`resize_mask`), flipped and shifted with it (pixels the crop brings
+  in from the zero padding are 0); random erasing, which replaces pixel values in place,
+  leaves it as it is. Returns (uint8 [H, W, 3], uint8 0 / 1 [H, W] or None). The image and
+  the generator's draws are exactly those of `train_augment`.
+  """
   x = resize(image, spec.height, spec.width)
-  x = random_flip(x, spec.flip_prob, rng)
-  x = pad_crop(x, spec.pad, rng)
+  m = None if mask is None else resize_mask(mask, spec.height, spec.width)
+  if rng.random() < spec.flip_prob:
+    x = x[:, ::-1]
+    m = None if m is None else m[:, ::-1]
+  if spec.pad:
+    dy, dx = _draw_shift(spec.pad, rng)
+    x = _shift(x, dy, dx)
+    m = None if m is None else _shift(m, dy, dx)
   x = random_erase(x, spec.erase_prob, spec.erase_area, spec.erase_min_aspect, rng)
-  return np.ascontiguousarray(x)
+  return np.ascontiguousarray(x), None if m is None else np.ascontiguousarray(m)
 
 
 def eval_transform(image: np.ndarray, spec: AugmentSpec) -> np.ndarray:

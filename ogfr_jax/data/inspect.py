@@ -4,8 +4,12 @@
   python -m ogfr_jax.data.inspect --dataset msmt17 --root /data/MSMT17_V1 --merge_train_val --json
 
 Prints the usual table (ids / images / cameras for train, query and gallery) and the ignored-file
-counts per folder. With --json the last line of stdout is one JSON object
-{"train": {"ids": N, "images": N, "cameras": N}, "query": {...}, "gallery": {...}} for scripts.
+counts per folder. For the synthetic benchmark (a folder with its side files masks.npz and
+clutter.npz) it adds, per split, the images with an occluder and with planted contamination,
+and their types. With --json the last line of stdout is one JSON object
+{"train": {"ids": N, "images": N, "cameras": N}, "query": {...}, "gallery": {...}} for scripts;
+with side files each split also holds "occluded", "contaminated" (image counts),
+"occluder_types" and "contamination_types" ({type: count}).
 Expected problems (unknown dataset, missing folder, bad list line, empty split) print one line
 to stderr and exit with status 1.
 """
@@ -17,7 +21,10 @@ import json
 import sys
 from typing import Optional, Sequence
 
+import os
+
 from ogfr_jax.data import datasets
+from ogfr_jax.data import synthetic
 from ogfr_jax.data.records import DatasetSplits
 
 _SUBSETS = ('train', 'query', 'gallery')
@@ -40,6 +47,56 @@ def format_table(splits: DatasetSplits) -> str:
   else:
     lines.append('  ignored files: none')
   return '\n'.join(lines)
+
+
+def side_counts(root: str) -> dict | None:
+  """Per split: images with an occluder / with planted contamination and their types, from
+  the synthetic side files in root; None where root has none."""
+  if not all(os.path.isfile(os.path.join(root, f)) for f in ('masks.npz', 'clutter.npz')):
+    return None
+  out = {s: {'occluded': 0, 'contaminated': 0, 'occluder_types': {},
+             'contamination_types': {}} for s in _SUBSETS}
+  for entry in synthetic.load_side_info(root).values():
+    c = out.get(entry['split'])
+    if c is None:
+      continue
+    if entry['occluder_type'] is not None:
+      c['occluded'] += 1
+      c['occluder_types'][entry['occluder_type']] = c['occluder_types'].get(
+          entry['occluder_type'], 0) + 1
+    if entry['clutter_type'] is not None:
+      c['contaminated'] += 1
+      c['contamination_types'][entry['clutter_type']] = c['contamination_types'].get(
+          entry['clutter_type'], 0) + 1
+  for c in out.values():
+    c['occluder_types'] = dict(sorted(c['occluder_types'].items()))
+    c['contamination_types'] = dict(sorted(c['contamination_types'].items()))
+  return out
+
+
+def format_side_counts(counts: dict, version: str | None) -> str:
+  rule = '  ' + '-' * 44
+  lines = [f'  planted by the generator (version {version or "unknown"}):', rule,
+           f'  {"subset":<8} | {"# occluded":>10} | {"# contaminated":>14}', rule]
+  for subset in _SUBSETS:
+    c = counts[subset]
+    lines.append(f'  {subset:<8} | {c["occluded"]:>10} | {c["contaminated"]:>14}')
+  lines.append(rule)
+  for subset in _SUBSETS:
+    c = counts[subset]
+    for what in ('occluder_types', 'contamination_types'):
+      if c[what]:
+        lines.append(f'  {subset} {what.replace("_", " ")}: '
+                     + ', '.join(f'{k} {v}' for k, v in c[what].items()))
+  return '\n'.join(lines)
+
+
+def _version(root: str) -> str | None:
+  try:
+    with open(os.path.join(root, 'meta.json')) as f:
+      return str(json.load(f).get('generator_version'))
+  except (OSError, ValueError):
+    return None
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -65,9 +122,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  stats = splits.stats()
   print(format_table(splits))
+  try:
+    counts = side_counts(args.root)
+  except (OSError, ValueError, KeyError) as e:
+    print(f'error: unreadable synthetic side files in {args.root}: {e}', file=sys.stderr)
+    return 1
+  if counts is not None:
+    version = _version(args.root)
+    print(format_side_counts(counts, version))
+    for subset in _SUBSETS:
+      stats[subset].update(counts[subset])
   if args.json:
-    print(json.dumps(splits.stats(), sort_keys=False))
+    print(json.dumps(stats, sort_keys=False))
   return 0
 
 

@@ -13,6 +13,13 @@ Eval: a fixed order; each process reads a contiguous share of the split in batch
 eval_batch_size / process_count, the last ones padded and flagged by `valid`, and every
 process runs the same number of batches.
 
+Planted contamination: where a split's images lie in a synthetic benchmark folder, its side
+file (`synthetic.contamination_masks`) gives each image's contamination mask, and train and
+eval batches carry it as `contam_mask` (uint8 [b, H, W], 1 on planted pixels), resized,
+flipped and shifted with the image (`augment.train_augment_pair`; random erasing replaces
+pixel values and leaves the mask as it is); all zeros for images without contamination and
+for datasets that record none.
+
 Images leave the pipeline as uint8 pixels, train and eval alike: normalisation
 ((x / 255 - mean) / std) runs on the device inside the jitted train step and feature
 extraction (`augment.normalize_on_device`), so host-to-device traffic is a quarter of float32
@@ -37,6 +44,7 @@ from ogfr_jax.data import image_io
 from ogfr_jax.data import occlusion
 from ogfr_jax.data import records
 from ogfr_jax.data import sampler
+from ogfr_jax.data import synthetic
 
 # Independent random streams of one row of one step (seeded with [seed, step, row, stream]).
 _AUGMENT_STREAM = 1
@@ -67,7 +75,7 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 def steps_per_epoch(split: records.Split, config) -> int:
   """Training steps per epoch: config.train.steps_per_epoch if set, else the sampler's count."""
-  configured = int(config.train.get('steps_per_epoch', 0) or 0)
+  configured = int(config.train.steps_per_epoch)
   if configured < 0:
     raise ValueError(f'config.train.steps_per_epoch must be >= 0, got {configured}')
   natural = sampler.steps_per_epoch(split.pids, config.input.ids_per_batch,
@@ -86,7 +94,8 @@ class TrainBatchLoader:
 
   def __init__(self, split: records.Split, *, P: int, K: int, seed: int, epoch_length: int,
                process_index: int, process_count: int, augment_spec: augment.AugmentSpec,
-               occlusion_spec: occlusion.OcclusionSpec, corrupt_policy: str):
+               occlusion_spec: occlusion.OcclusionSpec, corrupt_policy: str,
+               contam: records.PixelMasks | None = None):
     if corrupt_policy not in CORRUPT_IMAGE_POLICIES:
       raise ValueError(f'config.input.corrupt_image_policy must be one of '
                        f'{CORRUPT_IMAGE_POLICIES}, got {corrupt_policy!r}')
@@ -105,6 +114,7 @@ class TrainBatchLoader:
     self.augment_spec = augment_spec
     self.occlusion_spec = occlusion_spec
     self.corrupt_policy = corrupt_policy
+    self.contam = contam
     self._draw_cache: tuple[int, np.ndarray] | None = None
     self._members: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -162,11 +172,14 @@ class TrainBatchLoader:
         f'all {skipped} images of identity {int(self.pids[index])} are corrupt, e.g. '
         f'{self.paths[index]}; nothing can replace them')
 
-  def _row(self, step: int, row: int, index: int) -> tuple[np.ndarray, int, int]:
+  def _row(self, step: int, row: int, index: int
+           ) -> tuple[np.ndarray, int, int, np.ndarray | None]:
+    """(x, index read, corrupt files skipped, contamination mask of x or None)."""
     image, used, skipped = self._decode(step, row, index)
-    x = augment.train_augment(image, self.augment_spec,
-                              _row_rng(self.seed, step, row, _AUGMENT_STREAM))
-    return x, used, skipped
+    mask = None if self.contam is None else self.contam.mask(used)
+    x, m = augment.train_augment_pair(image, mask, self.augment_spec,
+                                      _row_rng(self.seed, step, row, _AUGMENT_STREAM))
+    return x, used, skipped, m
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
@@ -194,16 +207,25 @@ class TrainBatchLoader:
       patterns[i] = plan.pattern
     clean = np.stack([views[r][0] for r in rows])
     used = np.array([views[r][1] for r in rows], np.int32)
+    contam = np.zeros((n, H, W), np.uint8)
+    for i, r in enumerate(rows):
+      if views[r][3] is not None:
+        contam[i] = views[r][3]
     return {
         'image': clean,
         'occluded': occluded,
         'pattern': patterns,
         'occ_mask': masks,
+        'contam_mask': contam,
         'pid': self.pids[used],
         'camid': self.camids[used],
         'index': used,
         'num_skipped': np.array([views[r][2] for r in rows], np.int32),
     }
+
+
+# The side file of the planted contamination (written by data/synthetic.py).
+CONTAMINATION_FILE = synthetic.CONTAMINATION_FILE
 
 
 def _read_options(num_workers: int, prefetch: int) -> grain.ReadOptions:
@@ -312,6 +334,8 @@ def make_train_iterator(split: records.Split, config, *, process_index: int = 0,
     occluded uint8 [b, H, W, 3]    occ(x), pixel-aligned with x
     pattern int32 [b]              occlusion pattern id (0 = none)
     occ_mask uint8 [b, H, W]       1 on occluder pixels
+    contam_mask uint8 [b, H, W]    1 on the planted contamination of x (zeros where none is
+                                   recorded: see the module docstring)
     pid, camid, index int32 [b]    of the image actually read (see num_skipped)
     num_skipped int32 [b]          corrupt files replaced for that row ('skip' policy), else 0
   """
@@ -326,7 +350,8 @@ def make_train_iterator(split: records.Split, config, *, process_index: int = 0,
       epoch_length=steps_per_epoch(split, config), process_index=process_index,
       process_count=process_count, augment_spec=augment.augment_spec(config),
       occlusion_spec=occlusion.occlusion_spec(config),
-      corrupt_policy=str(c.get('corrupt_image_policy', 'fail')))
+      corrupt_policy=str(c.corrupt_image_policy),
+      contam=synthetic.contamination_masks(split))
   if start_epoch < 0:
     raise ValueError(f'start_epoch must be >= 0, got {start_epoch}')
   if c.num_workers < 0 or c.prefetch < 0:
@@ -357,8 +382,9 @@ class EvalBatchLoader:
   """Batch i of one process's contiguous share of an eval split, padded to a fixed size."""
 
   def __init__(self, split: records.Split, spec: augment.AugmentSpec, *, begin: int, end: int,
-               batch: int):
+               batch: int, contam: records.PixelMasks | None = None):
     self.paths = split.paths
+    self.contam = contam
     self.pids = np.asarray(split.pids, np.int32)
     self.camids = np.asarray(split.camids, np.int32)
     self.spec = spec
@@ -370,10 +396,15 @@ class EvalBatchLoader:
     hi = min(lo + self.batch, self.end)
     n = hi - lo
     images = np.zeros((self.batch, H, W, 3), np.uint8)
+    contam = np.zeros((self.batch, H, W), np.uint8)
     for j in range(n):
       images[j] = image_io.load_image(self.paths[lo + j], size=(H, W))
+      mask = None if self.contam is None else self.contam.mask(lo + j)
+      if mask is not None:
+        contam[j] = augment.resize_mask(mask, H, W)
     out = {
         'image': images,
+        'contam_mask': contam,
         'pid': np.full(self.batch, -1, np.int32),
         'camid': np.full(self.batch, -1, np.int32),
         'index': np.full(self.batch, -1, np.int32),
@@ -392,15 +423,16 @@ def make_eval_iterator(split: records.Split, config, *, process_index: int = 0,
   """Eval batches of this process's contiguous share of `split`, in split order.
 
   Keys: image uint8 [b, H, W, 3] (pixels; the extraction normalises them on the device), pid,
-  camid, index int32 [b] (-1 on padding), valid bool [b], with
-  b = config.input.eval_batch_size / process_count.
+  camid, index int32 [b] (-1 on padding), valid bool [b], contam_mask uint8 [b, H, W] (the
+  planted contamination resized with the image; zeros where none is recorded and on
+  padding), with b = config.input.eval_batch_size / process_count.
   """
   _check_process(process_index, process_count)
   batch, share, num_batches = _eval_layout(len(split), config, process_count)
   begin = min(process_index * share, len(split))
   end = min(begin + share, len(split))
   loader = EvalBatchLoader(split, augment.augment_spec(config), begin=begin, end=end,
-                           batch=batch)
+                           batch=batch, contam=synthetic.contamination_masks(split))
   ds = grain.MapDataset.range(num_batches).map(loader)
   return _to_iterator(ds, int(config.input.num_workers), int(config.input.prefetch))
 

@@ -78,3 +78,41 @@ def relabel(pids) -> tuple[np.ndarray, dict[int, int]]:
   uniq = np.unique(pids)  # sorted
   mapping = {int(p): i for i, p in enumerate(uniq)}
   return np.searchsorted(uniq, pids).astype(np.int32), mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelMasks:
+  """Per-image pixel masks of a split (e.g. the synthetic benchmark's planted contamination),
+  kept bit-packed along the width until a row is read.
+
+  rows[i] is the row of `packed` holding image i's mask, or -1 where image i has none (all
+  zeros). Masks are at the stored image size (height x width); readers resize them with the
+  image.
+  """
+  rows: np.ndarray  # int32 [n]
+  packed: np.ndarray  # uint8 [m, height, ceil(width / 8)]
+  height: int
+  width: int
+
+  def __post_init__(self):
+    if self.packed.ndim != 3 or self.packed.shape[1:] != (self.height, (self.width + 7) // 8):
+      raise ValueError(f'packed masks of shape {self.packed.shape} do not hold '
+                       f'{self.height}x{self.width} masks')
+    if self.rows.ndim != 1 or (self.rows.size and (self.rows.max() >= len(self.packed)
+                                                   or self.rows.min() < -1)):
+      raise ValueError('mask rows must be -1 or index the packed masks')
+
+  def __len__(self) -> int:
+    return int(self.rows.size)
+
+  @property
+  def num_masked(self) -> int:
+    """Images that have a mask."""
+    return int(np.count_nonzero(self.rows >= 0))
+
+  def mask(self, index: int) -> np.ndarray | None:
+    """bool [height, width] of image `index`, or None where it has none."""
+    row = int(self.rows[index])
+    if row < 0:
+      return None
+    return np.unpackbits(self.packed[row], axis=-1, count=self.width).astype(bool)

@@ -8,17 +8,31 @@ few dozen array operations) and writes it in the Market-1501 layout, so the ordi
 loads it:
 
   <root>/bounding_box_train/  query/  bounding_box_test/   PPPP_cCsS_FFFFFF_NN.jpg
-  <root>/masks.npz     occluder masks and types of every occluded query / gallery image
-  <root>/clutter.npz   masks of the identity-free clutter planted in holistic train images
+  <root>/masks.npz     occluder masks and types of every occluded query / gallery / train image
+  <root>/clutter.npz   masks of the contamination planted in holistic train and gallery images
   <root>/meta.json     generator version, resolved config, type names, per-split counts
   <root>/occluders/    the occluders of the occluded training images, cut out as RGBA PNGs,
                        and index.json with each one's type and box in its source image: the
                        occluder bank that occlusion synthesis (type 'bank') pastes from, as
                        methods on real data crop occluders from the training set by hand
 
-Both npz files hold parallel arrays: `names` (file names), `types`, `masks` ([N, H, ceil(W/8)]
-uint8, bit-packed along the width: np.unpackbits(masks, axis=-1, count=width)), and `height`,
-`width`; masks.npz adds `splits` and `placements`. `load_side_info` unpacks them per file.
+Both npz files hold parallel arrays: `names` (file names), `splits`, `types`, `masks`
+([N, H, ceil(W/8)] uint8, bit-packed along the width: np.unpackbits(masks, axis=-1,
+count=width)), and `height`, `width`; masks.npz adds `placements`, clutter.npz adds `sources`
+(the person id whose clothing the contamination wears, 0 for identity-free kinds).
+`load_side_info` unpacks them per file. Version 2 folders (train-only clutter.npz without
+`splits` and `sources`) read the same way.
+
+Contamination (`CONTAMINATION_TYPES`, chosen by `synthetic.contamination_types`) is what a
+purification module should find: pixels that do not belong to the image's identity but look
+like a person. 'pedestrian' is a partially visible non-target pedestrian walking alongside,
+cut by the image border and behind the target (as FED models non-target pedestrians), drawn
+by the person renderer in another identity's clothing (another train identity in training
+images, another test identity in the gallery); 'clothing' is a patch of another identity's
+shirt and trousers; 'noise', 'shapes' and 'text' are identity-free digital clutter (version
+2's only kinds). It is planted in `clutter_fraction` of the training images and in
+`contaminated_gallery_fraction` of the holistic gallery images; the target person is never
+hidden by the 'pedestrian' kind, the others may lie over it.
 
 What makes it a re-identification problem rather than a colour lookup:
 - identities share a small clothing palette and differ by pattern (stripes, checks, a logo),
@@ -27,7 +41,10 @@ What makes it a re-identification problem rather than a colour lookup:
 - each camera has its own light (gain and colour cast), person scale and foot line, background
   style and sensor noise, and images vary in pose (stride, lean, mirror facing);
 - queries are occluded by one of `OCCLUDER_TYPES` covering roughly 20-50% of the image, and of
-  each test identity the query camera never holds a gallery image of it.
+  each test identity the query camera never holds a gallery image of it;
+- `holdout_occluders` lists occluder types seen only by queries: queries are then occluded by
+  those types alone, and occluded training and gallery images (hence the occluder bank) by
+  the others (the held-out occlusion-type protocol, configs/synthetic_holdout.py).
 
 Everything is a pure function of the config: every image draws from its own random stream keyed
 by (seed, split, index), so the output is byte-identical for one seed whatever the order of work.
@@ -37,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -49,11 +67,17 @@ import numpy as np
 from PIL import Image
 
 # Bump when the drawing changes so that cached folders of older versions are not reused.
-GENERATOR_VERSION = '2'
+# Version 3: contamination in the gallery too, the identity-wearing kinds 'pedestrian' and
+# 'clothing', held-out query occluder types; clutter.npz gains `splits` and `sources`. The
+# readers still read version 2 folders; `ensure` refuses them for a version 3 config.
+GENERATOR_VERSION = '3'
 
 OCCLUDER_TYPES = ('vehicle', 'pole', 'pedestrian', 'foliage', 'board')
 CLOTHING_PATTERNS = ('plain', 'hstripes', 'vstripes', 'checks', 'logo')
-CLUTTER_TYPES = ('noise', 'shapes', 'text')
+CLUTTER_TYPES = ('noise', 'shapes', 'text')  # identity-free digital clutter (version 2's kinds)
+CONTAMINATION_TYPES = ('pedestrian', 'clothing') + CLUTTER_TYPES
+# Contamination kinds drawn in another identity's clothing.
+IDENTITY_CONTAMINATION = ('pedestrian', 'clothing')
 BACKGROUND_STYLES = ('gradient', 'floor', 'texture')
 SPLIT_DIRS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}
 
@@ -65,8 +89,20 @@ OPTIONAL_FIELDS = {
     # Occluded-Duke's training set is about 14% occluded. 0 keeps the training split holistic.
     'occluded_train_fraction': 0.0,
     'distractor_fraction': 0.1,  # pid-0 gallery images, as a fraction of test-id gallery images
+    # Holistic gallery images (distractors included) that get planted contamination.
+    'contaminated_gallery_fraction': 0.5,
+    # What contamination is planted (train and gallery alike): names from CONTAMINATION_TYPES.
+    'contamination_types': ('pedestrian', 'clothing'),
+    # Occluder types only queries see (queries use only these; training never does). Empty:
+    # every type everywhere.
+    'holdout_occluders': (),
 }
+# Name-list fields and the names each may hold (stored as lists in the canonical order).
+_NAME_FIELDS = {'contamination_types': CONTAMINATION_TYPES, 'holdout_occluders': OCCLUDER_TYPES}
 _OCCLUDED_AREA = (0.2, 0.5)  # target fraction of the image an occluder covers
+# Target fraction of the image a 'pedestrian' contamination shows (what the border and the
+# target leave of it).
+_PEDESTRIAN_AREA = (0.15, 0.35)
 _MAX_HIDDEN = 0.7  # most of the person's pixels an occluder may hide
 _SPLIT_CODES = {'train': 1, 'query': 2, 'gallery': 3}
 _JPEG_QUALITY = 95
@@ -109,7 +145,9 @@ def resolve_config(cfg: Any) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for key in _REQUIRED_FIELDS + tuple(OPTIONAL_FIELDS):
     value = cfg.get(key, OPTIONAL_FIELDS.get(key))
-    if key.endswith('fraction'):
+    if key in _NAME_FIELDS:
+      out[key] = _names(key, value)
+    elif key.endswith('fraction'):
       if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f'synthetic.{key} must be a number in [0, 1], got {value!r}')
       if not 0.0 <= float(value) <= 1.0:
@@ -137,7 +175,43 @@ def resolve_config(cfg: Any) -> dict[str, Any]:
   if out['num_train_ids'] + out['num_test_ids'] > 9999:
     raise ValueError('synthetic.num_train_ids + synthetic.num_test_ids must be at most 9999 '
                      '(four-digit Market-1501 person ids)')
+  if not out['contamination_types'] and (out['clutter_fraction'] > 0
+                                         or out['contaminated_gallery_fraction'] > 0):
+    raise ValueError('synthetic.contamination_types is empty but synthetic.clutter_fraction / '
+                     'synthetic.contaminated_gallery_fraction plant contamination; name at '
+                     f'least one of {CONTAMINATION_TYPES} or set both fractions to 0')
+  if len(out['holdout_occluders']) == len(OCCLUDER_TYPES) and (
+      out['occluded_train_fraction'] > 0 or out['occluded_gallery_fraction'] > 0):
+    raise ValueError('synthetic.holdout_occluders holds out every occluder type, so none is '
+                     'left for the occluded training and gallery images '
+                     '(synthetic.occluded_train_fraction, synthetic.occluded_gallery_fraction)')
   return out
+
+
+def _names(key: str, value: Any) -> list[str]:
+  """A name-list field: a sequence (or comma-separated string) of known names, returned in the
+  canonical order so that equal sets give equal datasets (and hashes)."""
+  known = _NAME_FIELDS[key]
+  if isinstance(value, str):
+    value = [v.strip() for v in value.split(',') if v.strip()]
+  if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+    raise ValueError(f'synthetic.{key} must be a sequence of names from {known}, got {value!r}')
+  unknown = [v for v in value if v not in known]
+  if unknown:
+    raise ValueError(f'synthetic.{key}: unknown name(s) {unknown}; known: {known}')
+  if len(set(value)) != len(value):
+    raise ValueError(f'synthetic.{key} lists a name twice: {list(value)}')
+  return [k for k in known if k in value]
+
+
+def query_occluder_types(p: Mapping[str, Any]) -> tuple[str, ...]:
+  """Occluder types of the queries: the held-out ones if any, else all."""
+  return tuple(p['holdout_occluders']) or OCCLUDER_TYPES
+
+
+def seen_occluder_types(p: Mapping[str, Any]) -> tuple[str, ...]:
+  """Occluder types of occluded training and gallery images (and so of the occluder bank)."""
+  return tuple(k for k in OCCLUDER_TYPES if k not in p['holdout_occluders'])
 
 
 def config_hash(cfg: Any) -> str:
@@ -582,12 +656,16 @@ def _occluder(rng: np.random.Generator, kind: str, grid: _Grid, pose: Pose, cam:
   raise ValueError(f'unknown occluder type {kind!r}; known: {OCCLUDER_TYPES}')
 
 
-def _clutter(rng: np.random.Generator, kind: str, grid: _Grid,
-             person: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Identity-free clutter (mask, colour field) over part of the person or the background."""
+def _clutter(rng: np.random.Generator, kind: str, grid: _Grid, person: np.ndarray,
+             other: Identity | None = None, cam: Camera | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Digital contamination (mask, colour field) over part of the person or the background:
+  identity-free clutter, or ('clothing') a patch of `other`'s clothes as `cam` sees them."""
   h, w = grid.shape
   yy, xx = grid.yy, grid.xx
   area = float(rng.uniform(.04, .12)) * h * w
+  if kind == 'clothing':  # a garment is larger than a sticker
+    area *= 1.6
   aspect = float(rng.uniform(.5, 2.0))
   ch = min(np.sqrt(area * aspect), .6 * h)
   cw = min(area / ch, .9 * w)
@@ -617,6 +695,21 @@ def _clutter(rng: np.random.Generator, kind: str, grid: _Grid,
       field[m] = rng.random(3)
       mask |= m
     return mask, field
+  if kind == 'clothing':  # a garment: shirt (with its pattern) above, trousers below
+    if other is None:
+      raise ValueError("the 'clothing' contamination needs the identity whose clothes it shows")
+    scale = ch / .6  # pixels per body unit: the patch spans 0.6 body heights
+    u = (xx - x0 - cw / 2) / scale
+    v = (yy - y0) / scale
+    field = np.broadcast_to(other.shirt, (h, w, 3)).copy()
+    if other.pattern != 'plain':
+      field[_shirt_pattern(other, u, v, 0.0)] = other.shirt2
+    field[v > .34] = other.trousers
+    # Rounded shoulders: the garment's top corners are cut.
+    corner = (v < .06) & (np.abs(u) > cw / scale / 2 - .05)
+    if cam is not None:
+      field = field * (cam.gain * cam.cast)
+    return region & ~corner, field
   if kind == 'text':
     plate = rng.uniform(.75, 1.0, 3).astype(np.float32)
     ink = rng.uniform(0, .3, 3).astype(np.float32)
@@ -627,7 +720,36 @@ def _clutter(rng: np.random.Generator, kind: str, grid: _Grid,
     word = ((xx - x0 + row * 7.3) % (float(rng.uniform(5, 11)))) > 1.5
     field[region & in_line & word] = ink
     return region, field
-  raise ValueError(f'unknown clutter type {kind!r}; known: {CLUTTER_TYPES}')
+  raise ValueError(f'unknown contamination type {kind!r}; known: {CONTAMINATION_TYPES}')
+
+
+def _side_pedestrian(rng: np.random.Generator, other: Identity, grid: _Grid, pose: Pose,
+                     person: np.ndarray) -> tuple[Pose, np.ndarray]:
+  """A non-target pedestrian beside the target, cut by the image border: (its pose, the mask
+  of what stays visible behind the target). Poses are redrawn until the visible part covers
+  the target range of `_PEDESTRIAN_AREA`, else the closest is kept."""
+  h, w = grid.shape
+  lo, hi = _PEDESTRIAN_AREA
+  target = float(rng.uniform(lo, hi))
+  scratch = np.zeros((h, w, 3), np.float32)
+  best, best_miss = None, np.inf
+  side = float(rng.choice([-1, 1]))
+  for attempt in range(8):
+    if attempt == 4:
+      side = -side  # the other border, in case the target stands close to this one
+    size = pose.size * float(rng.uniform(.92, 1.08))
+    foot = pose.top + pose.size + float(rng.normal(0, .015)) * h
+    opose = Pose(top=foot - size, size=size,
+                 cx=pose.cx + side * w * float(rng.uniform(.35, .65)),
+                 facing=int(rng.choice([-1, 1])), stride=float(rng.uniform(-.3, .3)),
+                 lean=float(rng.normal(0, .03)), light=pose.light)
+    visible = draw_person(scratch, grid, other, opose) & ~person
+    miss = abs(visible.mean() - target)
+    if miss < best_miss:
+      best, best_miss = (opose, visible), miss
+    if lo <= visible.mean() <= hi and miss < .04:
+      break
+  return best
 
 
 def _noise_bank(seed: int, size: int) -> np.ndarray:
@@ -670,21 +792,37 @@ class Rendered:
 
 def render(rng: np.random.Generator, ident: Identity, cam: Camera, grid: _Grid,
            backdrop: np.ndarray, occluder: str | None = None, clutter: str | None = None,
-           noise_bank: np.ndarray | None = None) -> Rendered:
-  """One image: background, person, optional occluder, camera light and noise, clutter.
+           noise_bank: np.ndarray | None = None, other: Identity | None = None) -> Rendered:
+  """One image: background, a side pedestrian (contamination), the person, an optional
+  occluder, camera light and noise, digital contamination.
 
-  backdrop is camera_backdrop(cam, H, W), passed in so that it is drawn once per camera;
-  noise_bank (optional) holds sensor noise to take windows of.
+  clutter names the contamination kind (CONTAMINATION_TYPES); `other` is the identity whose
+  clothes the 'pedestrian' and 'clothing' kinds wear. backdrop is camera_backdrop(cam, H, W),
+  passed in so that it is drawn once per camera; noise_bank (optional) holds sensor noise to
+  take windows of.
   """
   h, w = grid.shape
-  # Occluder and clutter draw from their own streams, so that an image with and without them
-  # is the same everywhere outside their masks.
+  # Occluder and contamination draw from their own streams, so that an image with and
+  # without them is the same everywhere outside their masks.
   occ_rng, clutter_rng = rng.spawn(2)
   canvas = _background(rng, backdrop, w)
   pose = draw_pose(rng, ident, cam, h, w)
-  person = draw_person(canvas, grid, ident, pose, rng.uniform(-.03, .03, 3).astype(np.float32))
+  jitter = rng.uniform(-.03, .03, 3).astype(np.float32)
+  scene = canvas.copy() if clutter == 'pedestrian' else None
+  person = draw_person(canvas, grid, ident, pose, jitter)
+  contam = None
+  if scene is not None:  # behind the target: draw it into the bare scene, then the target
+    if other is None:
+      raise ValueError("the 'pedestrian' contamination needs the identity it shows")
+    opose, contam = _side_pedestrian(clutter_rng, other, grid, pose, person)
+    draw_person(scene, grid, other, opose,
+                clutter_rng.uniform(-.03, .03, 3).astype(np.float32))
+    draw_person(scene, grid, ident, pose, jitter)
   if cam.blur:
     canvas = _soften(canvas)
+    scene = None if scene is None else _soften(scene)
+  if scene is not None:
+    np.copyto(canvas, scene, where=contam[..., None])
   out = Rendered(image=np.empty(0, np.uint8), person_mask=person)
   if occluder is not None:
     lo, hi = _OCCLUDED_AREA
@@ -704,11 +842,14 @@ def render(rng: np.random.Generator, ident: Identity, cam: Camera, grid: _Grid,
     field = field.astype(np.float32)
     np.copyto(canvas, _soften(field) if cam.blur else field, where=mask[..., None])
     out.occluder, out.placement, out.occluder_mask = occluder, placement, mask
+    if contam is not None:
+      contam = contam & ~mask
   img = _light(canvas, cam, rng, noise_bank)
-  if clutter is not None:  # digital clutter sits on top of the camera image
-    mask, field = _clutter(clutter_rng, clutter, grid, person)
-    np.copyto(img, field.astype(np.float32), where=mask[..., None])
-    out.clutter, out.clutter_mask = clutter, mask
+  if clutter is not None and contam is None:  # digital contamination sits on top
+    contam, field = _clutter(clutter_rng, clutter, grid, person, other, cam)
+    np.copyto(img, field.astype(np.float32), where=contam[..., None])
+  if clutter is not None:
+    out.clutter, out.clutter_mask = clutter, contam
   out.image = (np.clip(img, 0, 1) * 255 + .5).astype(np.uint8)
   return out
 
@@ -725,7 +866,10 @@ class Item:
   pid: int  # 0 = distractor
   cam: int  # 0-based
   occluder: str | None
-  clutter: str | None
+  clutter: str | None  # the contamination kind (CONTAMINATION_TYPES), None for none
+  # Person id whose clothes the contamination wears (IDENTITY_CONTAMINATION kinds; another
+  # identity of the same split group); 0: none, or a person outside the dataset.
+  source: int = 0
 
   @property
   def name(self) -> str:
@@ -733,13 +877,23 @@ class Item:
 
 
 def plan(cfg: Any) -> list[Item]:
-  """Which image goes where: split, identity, camera, occluder and clutter of every file."""
+  """Which image goes where: split, identity, camera, occluder and contamination of every
+  file.
+
+  The draws of each concern come from their own stream ([seed, 300] ids, cameras, query and
+  gallery occluders, training contamination; 301 training occluders; 302 gallery
+  contamination; 303 the identities contamination wears), so that a fraction set to 0 leaves
+  everything else as it was: e.g. contaminated_gallery_fraction=0 gives the same dataset with
+  a clean gallery.
+  """
   p = resolve_config(cfg)
   rng = np.random.default_rng([p['seed'], 300])
   n_cam = p['num_cameras']
   per_id = p['images_per_id']
   train_pids = np.arange(1, p['num_train_ids'] + 1)
   test_pids = np.arange(p['num_train_ids'] + 1, p['num_train_ids'] + p['num_test_ids'] + 1)
+  kinds = tuple(p['contamination_types'])
+  query_types, seen_types = query_occluder_types(p), seen_occluder_types(p)
 
   def cams_for(n_images: int, cams: np.ndarray) -> np.ndarray:
     return rng.permutation(cams[np.arange(n_images) % len(cams)])
@@ -763,6 +917,15 @@ def plan(cfg: Any) -> list[Item]:
     flags[rng.permutation(pool)[:int(round(fraction * pool))]] = True
     return flags
 
+  source_rng = np.random.default_rng([p['seed'], 303])
+
+  def source(kind: str | None, pid: int, pids: np.ndarray) -> int:
+    """Another identity of the same group for the kinds that wear one (0: none left)."""
+    if kind not in IDENTITY_CONTAMINATION:
+      return 0
+    others = pids[pids != pid]
+    return int(others[source_rng.integers(len(others))]) if others.size else 0
+
   items = []
   clut = chosen(len(train), p['clutter_fraction'])
   # Training occluders draw from their own stream, so that the rest of the plan (and every
@@ -772,19 +935,28 @@ def plan(cfg: Any) -> list[Item]:
   train_occ[train_rng.permutation(len(train))[:int(round(p['occluded_train_fraction']
                                                           * len(train)))]] = True
   for i, (pid, cam) in enumerate(train):
-    kind = CLUTTER_TYPES[rng.integers(len(CLUTTER_TYPES))] if clut[i] else None
-    occluder = (OCCLUDER_TYPES[train_rng.integers(len(OCCLUDER_TYPES))] if train_occ[i]
-                else None)
-    items.append(Item('train', i, pid, cam, occluder, kind))
+    kind = kinds[rng.integers(len(kinds))] if clut[i] else None
+    occluder = (seen_types[train_rng.integers(len(seen_types))] if train_occ[i] else None)
+    items.append(Item('train', i, pid, cam, occluder, kind, source(kind, pid, train_pids)))
   occ = chosen(len(query), p['occluded_query_fraction'])
   for i, (pid, cam) in enumerate(query):
-    kind = OCCLUDER_TYPES[rng.integers(len(OCCLUDER_TYPES))] if occ[i] else None
+    kind = query_types[rng.integers(len(query_types))] if occ[i] else None
     items.append(Item('query', i, pid, cam, kind, None))
   n_gid = len(gallery) - n_distractors
   occ = chosen(len(gallery), p['occluded_gallery_fraction'], pool=n_gid)
+  gallery_occluders = [seen_types[rng.integers(len(seen_types))] if occ[i] else None
+                       for i in range(len(gallery))]
+  # Contamination of the holistic gallery images (distractors included), its own stream.
+  gallery_rng = np.random.default_rng([p['seed'], 302])
+  holistic = np.flatnonzero(~occ)
+  contaminated = np.zeros(len(gallery), bool)
+  picked = gallery_rng.permutation(holistic.size)[
+      :int(round(p['contaminated_gallery_fraction'] * holistic.size))]
+  contaminated[holistic[picked]] = True
   for i, (pid, cam) in enumerate(gallery):
-    kind = OCCLUDER_TYPES[rng.integers(len(OCCLUDER_TYPES))] if occ[i] else None
-    items.append(Item('gallery', i, pid, cam, kind, None))
+    kind = kinds[gallery_rng.integers(len(kinds))] if contaminated[i] else None
+    items.append(Item('gallery', i, pid, cam, gallery_occluders[i], kind,
+                      source(kind, pid, test_pids)))
   return items
 
 
@@ -793,6 +965,18 @@ def _identity_for(seed: int, item: Item) -> Identity:
     return draw_identity(np.random.default_rng([seed, 100, item.pid]))
   # Distractors are people outside the dataset ids: their own stream per image.
   return draw_identity(np.random.default_rng([seed, 101, item.index]))
+
+
+def _contaminant_for(seed: int, item: Item, identities: dict[int, Identity]) -> Identity | None:
+  """The identity whose clothes the item's contamination wears, if its kind wears one."""
+  if item.clutter not in IDENTITY_CONTAMINATION:
+    return None
+  if item.source > 0:
+    if item.source not in identities:
+      identities[item.source] = draw_identity(np.random.default_rng([seed, 100, item.source]))
+    return identities[item.source]
+  # No other identity in the group: a person outside the dataset.
+  return draw_identity(np.random.default_rng([seed, 102, _SPLIT_CODES[item.split], item.index]))
 
 
 def iter_images(cfg: Any, items: Sequence[Item] | None = None
@@ -815,7 +999,7 @@ def iter_images(cfg: Any, items: Sequence[Item] | None = None
     ident = identities[item.pid] if item.pid > 0 else _identity_for(seed, item)
     rng = np.random.default_rng([seed, _SPLIT_CODES[item.split], item.index])
     yield item, render(rng, ident, cams[item.cam], grid, backdrops[item.cam], item.occluder,
-                       item.clutter, noise_bank)
+                       item.clutter, noise_bank, _contaminant_for(seed, item, identities))
 
 
 def _stack_packed(packed: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
@@ -909,9 +1093,10 @@ def generate(root: str, cfg: Any, workers: int | None = None) -> str:
 
   h, w = p['height'], p['width']
   occ = {'names': [], 'splits': [], 'types': [], 'placements': [], 'masks': []}
-  clut = {'names': [], 'types': [], 'masks': []}
+  clut = {'names': [], 'splits': [], 'types': [], 'sources': [], 'masks': []}
+  # 'clutter' and 'contaminated' count the same images (the first is version 2's name).
   counts = {s: {'images': 0, 'ids': set(), 'cameras': set(), 'occluded': 0, 'clutter': 0,
-                'distractors': 0} for s in SPLIT_DIRS}
+                'contaminated': 0, 'distractors': 0} for s in SPLIT_DIRS}
   for r in written:
     item = r.item
     c = counts[item.split]
@@ -930,8 +1115,11 @@ def generate(root: str, cfg: Any, workers: int | None = None) -> str:
       occ['masks'].append(r.occluder_bits)
     if r.clutter is not None:
       c['clutter'] += 1
+      c['contaminated'] += 1
       clut['names'].append(item.name)
+      clut['splits'].append(item.split)
       clut['types'].append(r.clutter)
+      clut['sources'].append(item.source)
       clut['masks'].append(r.clutter_bits)
   bank = {os.path.splitext(r.item.name)[0] + '.png': {
       'type': r.occluder, 'box': [round(v, 4) for v in (r.cutout_box[0] / h, r.cutout_box[1] / w,
@@ -944,7 +1132,8 @@ def generate(root: str, cfg: Any, workers: int | None = None) -> str:
                       placements=np.array(occ['placements'], str),
                       masks=_stack_packed(occ['masks'], h, w), height=h, width=w)
   np.savez_compressed(os.path.join(root, 'clutter.npz'), names=np.array(clut['names'], str),
-                      types=np.array(clut['types'], str),
+                      splits=np.array(clut['splits'], str), types=np.array(clut['types'], str),
+                      sources=np.array(clut['sources'], np.int32),
                       masks=_stack_packed(clut['masks'], h, w), height=h, width=w)
   meta = {
       'generator_version': GENERATOR_VERSION,
@@ -953,6 +1142,7 @@ def generate(root: str, cfg: Any, workers: int | None = None) -> str:
       'occluder_types': list(OCCLUDER_TYPES),
       'clothing_patterns': list(CLOTHING_PATTERNS),
       'clutter_types': list(CLUTTER_TYPES),
+      'contamination_types': list(CONTAMINATION_TYPES),
       'background_styles': list(BACKGROUND_STYLES),
       'split_dirs': SPLIT_DIRS,
       'counts': {s: {k: (len(v) if isinstance(v, set) else v) for k, v in c.items()}
@@ -975,12 +1165,37 @@ def default_cache_dir() -> str:
   return os.path.join(base, 'synthetic')
 
 
-def _is_complete(folder: str, key: str) -> bool:
+def _regenerate_hint(folder: str) -> str:
+  return (f'to regenerate it, delete {folder}, or point config.dataset.root at another folder '
+          "(or leave it '' for the default cache, $OGFR_JAX_CACHE or "
+          '~/.cache/ogfr_jax/synthetic), where the dataset is generated on first use')
+
+
+def _read_meta(folder: str) -> dict | None:
+  """meta.json of a finished dataset folder, or None where folder holds none."""
   meta_path = os.path.join(folder, 'meta.json')
   if not os.path.isfile(meta_path):
-    return False
+    return None
   with open(meta_path) as f:
-    meta = json.load(f)
+    return json.load(f)
+
+
+def check_version(folder: str, meta: Mapping[str, Any]) -> None:
+  """Raises when the dataset in folder was drawn by another generator version: its images,
+  side files and protocol differ from what this code's configs describe."""
+  version = str(meta.get('generator_version'))
+  if version != GENERATOR_VERSION:
+    raise RuntimeError(
+        f'{folder} holds a synthetic dataset of generator version {version}, but this code '
+        f'draws version {GENERATOR_VERSION} (configs of one version do not describe the '
+        f'other\'s images, contamination or side files); {_regenerate_hint(folder)}')
+
+
+def _is_complete(folder: str, key: str) -> bool:
+  meta = _read_meta(folder)
+  if meta is None:
+    return False
+  check_version(folder, meta)
   if meta.get('config_hash') != key:
     raise RuntimeError(f'{folder} holds a synthetic dataset of another config '
                        f'({meta.get("config_hash")} != {key}); delete the folder')
@@ -1035,9 +1250,21 @@ def ensure(cfg: Any, cache_dir: str | None = None) -> str:
   goes to a temporary sibling folder that is renamed into place when complete, so a killed run
   never leaves a folder that looks finished, and concurrent callers (several processes of one
   job) are safe: whoever loses the rename race uses the winner's folder.
+
+  cache_dir may also be a dataset folder itself (config.dataset.root pointing at a generated
+  dataset): it is used when it holds this config's dataset of this generator version, and
+  refused, naming the version or the config and how to regenerate, otherwise.
   """
   key = config_hash(cfg)
   cache_dir = cache_dir or default_cache_dir()
+  own = _read_meta(cache_dir) if os.path.isdir(cache_dir) else None
+  if own is not None:
+    check_version(cache_dir, own)
+    if own.get('config_hash') != key:
+      raise RuntimeError(f'{cache_dir} holds a synthetic dataset of another config '
+                         f'({own.get("config_hash")} != {key}: see its meta.json); '
+                         f'{_regenerate_hint(cache_dir)}')
+    return cache_dir
   name = f'synthetic-v{GENERATOR_VERSION}-{key}'
   target = os.path.join(cache_dir, name)
   if _is_complete(target, key):
@@ -1069,14 +1296,17 @@ def ensure(cfg: Any, cache_dir: str | None = None) -> str:
 
 
 def load_side_info(root: str, splits: Sequence[str] | None = None) -> dict[str, dict]:
-  """Per file name: occluder type / placement / mask and clutter type / mask.
+  """Per file name: occluder type / placement / mask and contamination ('clutter') type /
+  mask / source (the person id whose clothes it wears, 0 for identity-free kinds).
 
-  Only files with an occluder or clutter have an entry; any other image is holistic and clean.
-  Masks are bool [H, W] at the stored image size. `splits` limits the result (e.g. ('train',)).
+  Only files with an occluder or contamination have an entry; any other image is holistic and
+  clean. Masks are bool [H, W] at the stored image size. `splits` limits the result (e.g.
+  ('train',)). Reads version 2 folders too (their clutter.npz: train images, no sources).
   """
   out: dict[str, dict] = {}
   empty = {'split': None, 'occluder_type': None, 'occluder_placement': None,
-           'occluder_mask': None, 'clutter_type': None, 'clutter_mask': None}
+           'occluder_mask': None, 'clutter_type': None, 'clutter_mask': None,
+           'clutter_source': None}
   for fname in ('masks.npz', 'clutter.npz'):
     path = os.path.join(root, fname)
     if not os.path.isfile(path):
@@ -1092,6 +1322,7 @@ def load_side_info(root: str, splits: Sequence[str] | None = None) -> dict[str, 
       masks = np.unpackbits(z['masks'][keep], axis=-1, count=w).astype(bool)
       types = z['types'][keep]
       placements = z['placements'][keep] if 'placements' in z else None
+      sources = z['sources'][keep] if 'sources' in z else np.zeros(int(keep.sum()), np.int32)
       for j, name in enumerate(names[keep]):
         entry = out.setdefault(str(name), dict(empty))
         entry['split'] = str(split_of[keep][j])
@@ -1102,7 +1333,69 @@ def load_side_info(root: str, splits: Sequence[str] | None = None) -> dict[str, 
         else:
           entry['clutter_type'] = str(types[j])
           entry['clutter_mask'] = masks[j]
+          entry['clutter_source'] = int(sources[j])
   return out
+
+
+CONTAMINATION_FILE = 'clutter.npz'
+
+
+@functools.lru_cache(maxsize=8)
+def _contamination_index(root: str, stamp: tuple[int, int]
+                         ) -> tuple[dict[tuple[str, str], int], np.ndarray, int, int] | None:
+  """{(split folder, file name): row}, packed masks, height, width of root's clutter.npz.
+
+  `stamp` (mtime, size) keys the cache, so a regenerated folder is read again."""
+  del stamp
+  with np.load(os.path.join(root, CONTAMINATION_FILE)) as z:
+    names = z['names']
+    splits = z['splits'] if 'splits' in z else np.full(len(names), 'train')  # version 2
+    index = {(SPLIT_DIRS.get(str(sp), str(sp)), str(n)): j
+             for j, (sp, n) in enumerate(zip(splits, names))}
+    return index, np.asarray(z['masks']), int(z['height']), int(z['width'])
+
+
+def _benchmark_root(folder: str) -> str | None:
+  """The folder above image folder `folder` if it holds a contamination side file."""
+  root = os.path.dirname(os.path.abspath(folder))
+  return root if os.path.isfile(os.path.join(root, CONTAMINATION_FILE)) else None
+
+
+def contamination_masks(split: Any) -> Any:
+  """records.PixelMasks of the planted contamination of a split's images, read from the side
+  file of the synthetic dataset folder that holds them; None where no image of the split
+  lies in such a folder (a real dataset). Images without contamination have no mask."""
+  from ogfr_jax.data import records  # pylint: disable=g-import-not-at-top
+  paths = list(split.paths)
+  if not paths:
+    return None
+  folders = {os.path.dirname(p) for p in paths}
+  roots = {f: _benchmark_root(f) for f in folders}
+  if not any(roots.values()):
+    return None
+  rows = np.full(len(paths), -1, np.int32)
+  chunks, size, offset = [], None, 0
+  for folder in sorted(f for f in folders if roots[f]):
+    root = roots[folder]
+    st = os.stat(os.path.join(root, CONTAMINATION_FILE))
+    index, packed, h, w = _contamination_index(root, (st.st_mtime_ns, st.st_size))
+    if size is not None and size != (h, w):
+      raise ValueError(f'the images of one split come from synthetic folders of different '
+                       f'sizes ({size} and {(h, w)})')
+    size = (h, w)
+    key = os.path.basename(folder)
+    picked = []
+    for i, p in enumerate(paths):
+      if os.path.dirname(p) == folder:
+        j = index.get((key, os.path.basename(p)))
+        if j is not None:
+          rows[i] = offset + len(picked)
+          picked.append(j)
+    chunks.append(packed[np.asarray(picked, np.int64)] if picked
+                  else np.zeros((0, h, (w + 7) // 8), np.uint8))
+    offset += len(picked)
+  h, w = size
+  return records.PixelMasks(rows=rows, packed=np.concatenate(chunks), height=h, width=w)
 
 
 def _resize_fraction(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
