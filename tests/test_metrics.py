@@ -245,12 +245,24 @@ def test_pairwise_distance(chunk):
   euclid = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
   got = metrics.pairwise_distance(a, b, 'euclidean', chunk=chunk)
   assert got.dtype == np.float32 and got.shape == (11, 13)
-  np.testing.assert_allclose(got, euclid, atol=1e-3)
-  assert np.isfinite(got).all() and got[0, 4] < 1e-3
+  # Bound from float32 arithmetic (u = 2^-24), whatever order the BLAS sums in: each of
+  # |a|^2, |b|^2 and 2 a.b (length k = 6) is within k u of exact relative to |a|^2 + |b|^2
+  # (Cauchy-Schwarz bounds the sum of |terms|), the inputs' rounding to float32 and the two
+  # additions add 4 u of it, so d^2 is within E = (3 k + 4) u (|a|^2 + |b|^2); then
+  # |d - d_exact| <= sqrt(E) (|sqrt p - sqrt q| <= sqrt|p - q|, and clipping at 0 only
+  # helps) plus the square root's own rounding, u d. Near d = 0 the bound is sqrt(E) ~ 3e-3.
+  u, k = 2.0 ** -24, a.shape[1]
+  sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
+  bound = np.sqrt((3 * k + 4) * u * sq) + u * euclid
+  assert np.all(np.abs(got - euclid) <= bound), np.max(np.abs(got - euclid) - bound)
+  assert np.isfinite(got).all() and got[0, 4] <= bound[0, 4]
   na = np.linalg.norm(a, axis=1, keepdims=True)
   cos = 1 - (a / np.where(na > 0, na, 1)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+  # Cosine: both rows normalised (norms within (k / 2 + 1) u, each element one more u), then a
+  # dot product of unit vectors (within k u) and 1 - cos (one u): (2 k + 5) u, doubled for
+  # the float32 rounding of the inputs and the reference's own rounding.
   np.testing.assert_allclose(metrics.pairwise_distance(a, b, 'cosine', chunk=chunk), cos,
-                             atol=1e-5)
+                             rtol=0, atol=2 * (2 * k + 5) * u)
   with pytest.raises(ValueError, match='metric'):
     metrics.pairwise_distance(a, b, 'manhattan')
   with pytest.raises(ValueError, match='feature size'):

@@ -101,13 +101,18 @@ def test_forward_matches_timm(case):
       {'params': params['student_vit']}, jnp.asarray(image),
       method=lambda m, x: m.tail(m.embed(x), 0, train=False)[0])
   tokens = np.asarray(tokens)
+  # timm ran in float32 elsewhere (another machine, library and summation order): two float32
+  # computations of the same normalised tokens, within the bound derived from the arithmetic
+  # (measured ~1e-6 here; a layout or mapping mistake moves them by O(1)).
+  tol = float32_feature_tol(config, computations=2)
   for name, ours in (('tokens', tokens), ('cls', tokens[:, 0])):
     ref = out[f'{case}/{name}']
     assert ours.shape == ref.shape
     err = np.abs(ours - ref)
     rel = err.max() / np.abs(ref).max()
-    print(f'{case} {name}: max abs {err.max():.3g}, max abs / max |ref| {rel:.3g}')
-    assert rel < 1e-5, (case, name, err.max(), rel)
+    print(f'{case} {name}: max abs {err.max():.3g}, max abs / max |ref| {rel:.3g} '
+          f'(bound {tol:.3g})')
+    assert rel <= tol, (case, name, err.max(), rel)
 
 
 def test_resampling_is_torch_bilinear():
