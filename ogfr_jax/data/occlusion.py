@@ -100,7 +100,7 @@ class OcclusionSpec:
 def bank_folder(config) -> str:
   """The occluder bank of a run: config.occlusion.bank_dir, else <dataset root>/occluders
   (for the synthetic benchmark, the generated dataset's folder)."""
-  explicit = str(config.occlusion.get('bank_dir', '') or '')
+  explicit = str(config.occlusion.bank_dir)
   if explicit:
     return explicit
   root = str(config.dataset.root or '')
