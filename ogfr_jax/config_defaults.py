@@ -48,6 +48,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic.occluded_gallery_fraction = 0.1  # as in Occluded-Duke, a few occluded gallery images
   c.synthetic.occluded_train_fraction = 0.0  # Occluded-Duke: ~14% of training images occluded
   c.synthetic.distractor_fraction = 0.1  # pid-0 gallery images, relative to test-id gallery images
+  # Holistic gallery images (distractors included) that get planted, identity-free
+  # contamination (generator v3), so that purification has something to remove at test time.
+  c.synthetic.contaminated_gallery_fraction = 0.5
+  # What is planted in train and gallery images: 'pedestrian' (a non-target pedestrian beside
+  # the target, cut by the border), 'clothing' (another identity's clothing texture), and the
+  # v2 kinds 'noise', 'shapes', 'text' (data/synthetic.py, CONTAMINATION_TYPES).
+  c.synthetic.contamination_types = ('pedestrian', 'clothing')
+  # Held-out occlusion protocol: query occluder types never seen in training (neither in the
+  # occluded training images nor in the occluder bank). Empty: every type everywhere.
+  c.synthetic.holdout_occluders = ()
 
   # --- input pipeline ----------------------------------------------------------------------
   c.input = ml_collections.ConfigDict()
