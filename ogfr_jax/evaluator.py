@@ -14,6 +14,7 @@ from absl import logging
 from ogfr_jax import evaluate
 from ogfr_jax import parallel
 from ogfr_jax.data import augment
+from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
 from ogfr_jax.models import fepm as fepm_lib
 from ogfr_jax.models import ogfr as ogfr_model
@@ -105,7 +106,16 @@ def fepm_report(model, state, train_data, test_data, config, mesh) -> dict:
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   report = {'selection': config.fepm.selection, 'layer': config.fepm.layer}
   for name, split in (('train', train_data.train), ('gallery', test_data.gallery)):
-    report[name] = selection_counts(model, variables, split, config, mesh)
+    try:
+      report[name] = selection_counts(model, variables, split, config, mesh)
+    except image_io.CorruptImageError as e:
+      if name != 'train' or config.input.corrupt_image_policy != 'skip':
+        raise
+      # Training skipped corrupt images; the report's pass over every training image
+      # cannot, so it leaves that part out rather than failing the run at its end.
+      logging.warning('FEPM report: training-image figures left out: %s', e)
+      report[name] = None
+      continue
     if not report[name]['contaminated_images']:
       # Nothing planted (a real dataset): precision and recall say nothing.
       report[name]['precision'] = report[name]['recall'] = None

@@ -34,6 +34,7 @@ import pytest
 from PIL import Image
 
 import dataset_fixtures as fx
+from ogfr_jax import config_defaults
 from ogfr_jax import checkpoints
 from ogfr_jax.data import loading
 from ogfr_jax.models import build
@@ -499,9 +500,10 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
 
 
 def test_losses_stay_finite_in_bfloat16_with_identical_and_zero_features():
-  config = run_config.config_defaults.base_config()
+  config = config_defaults.base_config()
   config.model.dtype = 'bfloat16'
   config.loss.kd_feature = 'both'
+  config.fepm.enabled = False  # the fabricated outputs have no agent
   pid = jnp.array([0, 0, 1, 1, 2, 2, 3, 3])
   key = jax.random.PRNGKey(0)
 
@@ -520,7 +522,7 @@ def test_losses_stay_finite_in_bfloat16_with_identical_and_zero_features():
       'large': jnp.full((8, 64), 3e4, jnp.bfloat16),
   }
   total = jax.jit(jax.value_and_grad(
-      lambda f: losses.ogfr_loss(outputs(f), batch, config, jnp.zeros(()))[0]))
+      lambda f: losses.total_loss(outputs(f), batch, config, jnp.zeros(()))[0]))
   hinge = jax.jit(jax.grad(lambda f: losses.triplet_loss(f, pid, 0.3)))
   for name, feat in cases.items():
     value, grad = total(feat)
@@ -717,7 +719,7 @@ def test_workdir_of_another_config_is_refused_and_left_intact(shared, tmp_path):
   assert (wd / 'config.json').read_text() == before
   assert saved_steps(wd) == [2, 4, 6, 8]
   # Resumable fields (logging, the non-finite policy) may change between runs.
-  config = run_config.config_defaults.base_config()
+  config = config_defaults.base_config()
   run_config.prepare_workdir(str(tmp_path / 'other'), config)
   config.train.nonfinite_policy = 'skip'
   config.train.log_every = 3
