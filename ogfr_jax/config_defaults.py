@@ -245,6 +245,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.nonfinite_policy = 'stop'  # NaN/inf loss or grads: 'stop' (keep last good ckpt), 'skip'
   c.train.stop_check_every = 10  # steps between SIGTERM agreements of processes (no JAX service)
+  # A checkpoint that cannot be restored or fails its checksums at resume: 'fall_back' moves
+  # it to checkpoints/corrupt-<step> (kept, never deleted) and resumes from the newest one
+  # that restores; 'refuse' stops with the reason instead.
+  c.train.damaged_checkpoint = 'fall_back'
+  # nonfinite_policy='skip': the run stops once more than this share of its total steps
+  # were skipped (counted over the whole run, resumes included). 1.0 never stops.
+  c.train.max_skipped_share = 0.1
 
   # --- evaluation --------------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

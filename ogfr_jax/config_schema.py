@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'eval.rerank_mode': ('exact', 'approx', 'auto'),
     'input.corrupt_image_policy': ('fail', 'skip'),
     'train.nonfinite_policy': ('stop', 'skip'),
+    'train.damaged_checkpoint': ('fall_back', 'refuse'),
 }
 
 _AT_LEAST_ONE = ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch_size',
@@ -108,6 +109,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in _NON_NEGATIVE:
     if field(config, name) < 0:
       raise ValueError(f'config.{name}={field(config, name)} must be >= 0')
+  if not 0.0 <= config.train.max_skipped_share <= 1.0:
+    raise ValueError(f'config.train.max_skipped_share={config.train.max_skipped_share} must be '
+                     'in [0, 1]')
   if config.train.epochs <= 0:
     raise ValueError(f'config.train.epochs={config.train.epochs} must be > 0')
   if config.model.patch_size > min(config.input.height, config.input.width):
