@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ogfr_jax import paths
+
 # At most this many differing arrays are listed in a mismatch error (then a count).
 _LISTED_MISMATCHES = 8
 # Characters of an underlying storage error quoted in ours (tensorstore's run to pages).
@@ -35,7 +37,7 @@ def make_manager(workdir: str, *, max_to_keep: int = 2, async_save: bool = True
   # Named handlers (rather than item names) let `restore` read the saved shapes before it
   # restores anything.
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+      paths.join(paths.resolve(workdir, '--workdir'), 'checkpoints'), options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': ocp.JsonCheckpointHandler()})
 

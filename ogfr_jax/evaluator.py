@@ -5,7 +5,6 @@ logged and written to WORKDIR/results.json, and what the purification module did
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -13,6 +12,7 @@ from absl import logging
 
 from ogfr_jax import evaluate
 from ogfr_jax import parallel
+from ogfr_jax import paths
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
@@ -23,11 +23,8 @@ from ogfr_jax.models import ogfr as ogfr_model
 def write_results(workdir: str, results: dict) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'results.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_text(paths.join(workdir, 'results.json'),
+                   json.dumps(results, indent=2, sort_keys=True))
 
 
 def run_evaluation(model, state, test_data, config, mesh, step: int, writer=None) -> dict:

@@ -44,6 +44,8 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from ogfr_jax import paths
+
 FORMATS = ('auto', 'npz', 'torch', 'safetensors', 'orbax')
 
 # The folder layout written by `ogfr_jax.tools.convert`.
@@ -444,6 +446,8 @@ def read_checkpoint(path: str, fmt: str = 'auto') -> Checkpoint:
   """Reads any supported file into a `Checkpoint` (`fmt` as config.init_format)."""
   if fmt not in FORMATS:
     raise ValueError(f'config.init_format={fmt!r}: use one of {list(FORMATS)}')
+  # gs:// (...) weights are copied to a local cache once: the readers need a real file.
+  path = paths.local_copy(path, 'config.init_from')
   if not os.path.exists(path):
     raise FileNotFoundError(f'pretrained weights {path} (config.init_from): no such file')
   if fmt == 'auto':

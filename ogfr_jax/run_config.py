@@ -8,14 +8,13 @@ workdir that holds a run of a different config, so two runs never mix checkpoint
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from typing import Any
 
 import ml_collections
 
 from ogfr_jax import config_schema
+from ogfr_jax import paths
 
 # Fields that may differ when a run is resumed: they change logging or speed, not results.
 RESUMABLE_FIELDS = (
@@ -67,24 +66,24 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 def _saved_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps in WORKDIR/checkpoints (orbax's unfinished *-tmp folders aside)."""
-  folder = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(folder):
+  folder = paths.join(workdir, 'checkpoints')
+  if not paths.isdir(folder):
     return []
-  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+  return sorted(int(name) for name in paths.listdir(folder) if name.isdigit())
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
                     overwrite: bool = False) -> None:
   """Creates the workdir and writes config.json (process 0 only)."""
   import jax  # pylint: disable=g-import-not-at-top
+  workdir = paths.resolve(workdir, '--workdir')
   new = json.loads(config.to_json_best_effort())
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}); move it away or pass --overwrite') from e
+  path = paths.join(workdir, 'config.json')
+  if paths.exists(path):
+    try:
+      old = json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}); move it away or pass --overwrite') from e
     diff = config_diff(old, new)
     if diff and not overwrite:
       saved = _saved_steps(workdir)
@@ -94,14 +93,11 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
           + (f'(removes its checkpoints of steps {saved}).' if saved else
              '(it has no checkpoint yet, so nothing is lost).'))
     if diff and overwrite and jax.process_index() == 0:
-      shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+      paths.rmtree(paths.join(workdir, 'checkpoints'))
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(new, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.makedirs(workdir)
+  paths.write_text(path, json.dumps(new, indent=2, sort_keys=True))
   from ogfr_jax import manifest  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'manifest.json'), 'w') as f:
-    json.dump(manifest.run_manifest(config), f, indent=2, sort_keys=True)
+  paths.write_text(paths.join(workdir, 'manifest.json'),
+                   json.dumps(manifest.run_manifest(config), indent=2, sort_keys=True))

@@ -8,17 +8,18 @@ from (`truncate_metrics`, TensorBoard purge_step), so every step appears once.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 from absl import logging
 
+from ogfr_jax import paths
+
 
 def _read_jsonl(path: str) -> tuple[list[dict], int]:
   """(rows, number of unreadable lines) of a metrics.jsonl; a kill can cut the last line."""
   rows, broken = [], 0
-  with open(path) as f:
+  with paths.open(path) as f:
     for line in f:
       if not line.strip():
         continue
@@ -48,10 +49,7 @@ def truncate_metrics(path: str, resume_step: int, *, redo_eval: bool = False) ->
   keep = [r for r in rows if kept(r)]
   dropped = len(rows) - len(keep) + broken
   if dropped:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in keep)
-    os.replace(tmp, path)
+    paths.write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
   return dropped
 
 
@@ -69,16 +67,18 @@ class Writer:
     self._jsonl = None
     if self._active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if os.path.exists(path):
+      workdir = paths.resolve(workdir, '--workdir')
+      path = paths.join(workdir, 'metrics.jsonl')
+      if paths.exists(path):
         dropped = truncate_metrics(path, resume_step, redo_eval=redo_eval)
         if dropped:
           logging.info('%s: dropped %d lines logged after step %d by an interrupted run; those '
                        'steps are run and logged again', path, dropped, resume_step)
-      tb_dir = os.path.join(workdir, 'tensorboard')
-      purge_step = resume_step + 1 if os.path.isdir(tb_dir) else None
+      tb_dir = paths.join(workdir, 'tensorboard')
+      purge_step = resume_step + 1 if paths.isdir(tb_dir) else None
+      paths.register_tensorboard()  # event files of a gs:// (...) workdir go through epath
       self._tb = SummaryWriter(logdir=tb_dir, purge_step=purge_step)
-      self._jsonl = open(path, 'a')
+      self._jsonl = paths.AppendFile(path)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self._active:
