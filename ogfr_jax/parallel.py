@@ -14,15 +14,17 @@ over 8 chips brings below 1 GB per chip, and a ViT-L layer's activations at one 
 per chip are about 10 MB. Tensor parallelism would only pay once a chip holds less than one image
 of the global batch, and then the global batch (P x K) is the thing to grow.
 
-Row layout: the input pipeline gives process p the rows [p * b, (p + 1) * b) of the global
-batch. `make_mesh` orders devices process-major so that those rows land on process p's own
-devices in that order; the global array is then the pipeline's global batch whatever the
-device count, which is what makes results independent of the mesh (see tests/test_scaling.py).
+Device layout: `make_mesh` follows the topology (`device_grid`: jax's mesh_utils, the TPU
+torus; a hybrid mesh with the data axis over the data-centre network when there are several
+slices). Row layout: the input pipeline gives process p the rows [p * b, (p + 1) * b) of the
+global batch, and `global_batch` puts them on process p's own devices. On a process-major mesh
+(CPU, GPU, single-host and one-slice-per-host layouts) the global array is then the pipeline's
+global batch whatever the device count (tests/test_scaling.py); the values still differ
+across layouts by float rounding, which grows over training (see WORKSPACE.md).
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import importlib.util
 import os
@@ -162,10 +164,13 @@ def process_major(devices: Sequence[Any]) -> list[Any]:
   return sorted(devices, key=lambda d: d.process_index)
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """Builds the ('data', 'fsdp') mesh; -1 on one axis takes the remaining devices."""
-  devices = process_major(jax.devices() if devices is None else devices)
-  n = len(devices)
+def num_slices(devices: Sequence[Any]) -> int:
+  """Slices (TPU pods joined over the data-centre network) among `devices`; 1 elsewhere."""
+  return len({int(getattr(d, 'slice_index', 0) or 0) for d in devices})
+
+
+def mesh_shape(mesh_config: Any, n: int) -> tuple[int, int]:
+  """(data, fsdp) of config.mesh for n devices; -1 on one axis takes the remaining ones."""
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if data == -1 and fsdp == -1:
     raise ValueError('config.mesh: at most one of data and fsdp may be -1')
@@ -177,8 +182,48 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     raise ValueError(
         f'config.mesh: data={mesh_config.data} x fsdp={mesh_config.fsdp} does not cover the '
         f'{n} available devices')
-  grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
-  return Mesh(grid, MESH_AXES)
+  return data, fsdp
+
+
+def device_grid(devices: Sequence[Any], data: int, fsdp: int) -> np.ndarray:
+  """The [data, fsdp] array of devices: the layout of the mesh.
+
+  One slice: `mesh_utils.create_device_mesh`, which on TPU follows the chips' torus (an
+  'fsdp' ring of physical neighbours; physical axes may be split to fit the shape), on GPU
+  orders by device id and elsewhere keeps the given (process-major) order. Several slices
+  (devices carry different `slice_index`): `create_hybrid_device_mesh` with the 'data' axis
+  split as (slices over the data-centre network) x (data // slices inside each slice), and
+  'fsdp' inside a slice, so that only the gradient all-reduce of data parallelism crosses
+  the slower network; 'fsdp' spanning slices is refused. Where the torus order puts a
+  process's devices apart, `global_batch` still places that process's rows on them.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  devices = process_major(devices)
+  slices = num_slices(devices)
+  if slices > 1:
+    per_slice = len(devices) // slices
+    if data % slices or len(devices) % slices:
+      raise ValueError(
+          f'config.mesh: data={data} x fsdp={fsdp} over {slices} slices of {per_slice} '
+          f'devices: the data axis goes over the slices, so data must be a multiple of '
+          f'{slices} (fsdp at most {per_slice}, inside a slice)')
+    return mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True)
+  try:
+    return mesh_utils.create_device_mesh((data, fsdp), devices,
+                                         allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    # A shape the torus cannot hold as rings: plain order (slower collectives, same results).
+    logging.warning('mesh %dx%d does not follow the device topology (%s); using the '
+                    'process-major device order', data, fsdp, e)
+    return np.asarray(devices, dtype=object).reshape(data, fsdp)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """Builds the ('data', 'fsdp') mesh over `devices` (default: all), topology-aware."""
+  devices = list(jax.devices() if devices is None else devices)
+  data, fsdp = mesh_shape(mesh_config, len(devices))
+  return Mesh(device_grid(devices, data, fsdp), MESH_AXES)
 
 
 def batch_size_per_device_check(global_batch: int, mesh: Mesh, what: str) -> None:
@@ -278,31 +323,41 @@ def row_block(device_processes: Sequence[int], process_index: int) -> tuple[int,
   return mine[0] // n, len(device_processes) // n
 
 
-@functools.lru_cache(maxsize=32)
-def _local_row_block(mesh: Mesh) -> tuple[int, int]:
-  return row_block([d.process_index for d in mesh.devices.reshape(-1)], jax.process_index())
+def pipeline_order(mesh: Mesh) -> bool:
+  """Whether the global batch is the pipeline's rows in order (process p's rows at
+  [p * b, (p + 1) * b)): each process's devices form one aligned block of the batch axes."""
+  processes = [d.process_index for d in mesh.devices.reshape(-1)]
+  try:
+    return all(row_block(processes, p) == (i, len(set(processes)))
+               for i, p in enumerate(sorted(set(processes))))
+  except ValueError:
+    return False
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles per-process numpy batches into global arrays sharded over the batch axes.
 
-  Process p's rows become rows [p * b, (p + 1) * b) of the global arrays (b local rows).
+  Each process's rows go to its own devices, in the mesh's order. With a process-major mesh
+  (`pipeline_order`: CPU, GPU, one host, or one slice per host) process p's rows become rows
+  [p * b, (p + 1) * b) of the global arrays; where a TPU torus order interleaves the hosts'
+  chips, the global batch is a permutation of those rows, which the step's losses and batch
+  statistics do not depend on (up to float rounding) and evaluation undoes through `index`.
   """
-  block, num_blocks = _local_row_block(mesh)
-  if block != jax.process_index() or num_blocks != jax.process_count():
-    raise ValueError(
-        f'process {jax.process_index()} holds batch block {block} of {num_blocks}; the mesh '
-        'must order devices by process (parallel.make_mesh does)')
   sharding = batch_sharding(mesh)
-  local_devices = mesh.size // jax.process_count()
+  mine = sum(d.process_index == jax.process_index() for d in mesh.devices.reshape(-1))
+  if mine * jax.process_count() != mesh.size:
+    raise ValueError(
+        f'process {jax.process_index()} drives {mine} of the {mesh.size} devices of the mesh; '
+        'every process must drive the same number')
   out = {}
   for k, v in local_batch.items():
     v = np.asarray(v)
-    if v.ndim == 0 or v.shape[0] % local_devices:
+    if v.ndim == 0 or v.shape[0] % mine:
       raise ValueError(
           f'batch[{k!r}] has {v.shape[0] if v.ndim else "no"} rows on process '
-          f'{jax.process_index()}; each process needs a multiple of its {local_devices} devices')
-    out[k] = jax.make_array_from_process_local_data(sharding, v)
+          f'{jax.process_index()}; each process needs a multiple of its {mine} devices')
+    out[k] = jax.make_array_from_process_local_data(
+        sharding, v, (v.shape[0] * jax.process_count(),) + v.shape[1:])
   return out
 
 
