@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ogfr_jax import console
 from ogfr_jax import evaluate
 from ogfr_jax import parallel
 from ogfr_jax import paths
@@ -27,14 +28,17 @@ def write_results(workdir: str, results: dict) -> None:
                    json.dumps(results, indent=2, sort_keys=True))
 
 
-def run_evaluation(model, state, test_data, config, mesh, step: int, writer=None) -> dict:
+def run_evaluation(model, state, test_data, config, mesh, step: int, writer=None, *,
+                   show: bool = True) -> dict:
   """The student's metrics on test_data ({name: {..., 'step'}}), logged and written to the
-  writer (writers.Writer or None)."""
+  writer (writers.Writer or None); with `show`, printed as a table on the console."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   metrics = evaluate.evaluate_dataset(model, variables, test_data, config, mesh)
   result = {test_data.name: {**metrics, 'step': int(step)}}
   logging.info('eval @ step %d on %s: %s', step, test_data.name,
                ', '.join(f'{k}={v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
+  if show:
+    console.print_evaluation(step, result)
   if writer is not None:
     writer.scalars(step, {f'eval/{test_data.name}/{k}': v for k, v in metrics.items()
                           if isinstance(v, float)})

@@ -12,19 +12,31 @@ Several processes (hosts) run the same command. On Cloud TPU VMs and in SLURM st
 several tasks they find each other by themselves (--distributed=auto); anywhere else pass
   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I [--local_device_ids=0,1]
 to each process. launch/ holds scripts for TPU pods, SLURM and a local multi-process test.
+
+The console (console.py) shows a short header, one progress display, each evaluation as a
+table and, at the end, the results and the paths written; library INFO logs are hidden
+unless asked for with --verbosity=0 (INFO), --verbosity=1 (DEBUG) or --log_level=info|debug.
+A user-facing error (a bad flag or config, a workdir or dataset that cannot be used, a refused
+checkpoint file, a corrupt image, a non-finite loss) ends the run with one line
+`error: ...` on stderr and exit status 2 (tools/cli.py); --verbosity=1 or OGFR_TRACEBACK=1
+prints its traceback above that line.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
+from ogfr_jax import console
 from ogfr_jax import parallel
 from ogfr_jax import run_config
+from ogfr_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:ARGS]).',
                                           lock_config=True)
@@ -50,6 +62,10 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     'visible ones (under SLURM: the one at SLURM_LOCALID).')
 _INIT_TIMEOUT = flags.DEFINE_integer(
     'distributed_timeout', 300, 'Seconds to wait for all processes to join.')
+_LOG_LEVEL = flags.DEFINE_enum(
+    'log_level', None, list(console.LOG_LEVELS),
+    'Logs on stderr besides the console: debug, info (library INFO logs: absl, orbax, jax), '
+    'warning or error. Default: warnings and errors. Same as --verbosity=1/0/-1/-2.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -58,9 +74,41 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'error: {e}\nPass --helpshort for the flags.')
+    _fail_early(f'{cli.one_line(e)} (--helpshort lists the flags)')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f'error: bad --config override: {run_config.describe_config_error(e, argv)}')
+    _fail_early('bad --config override: '
+                + cli.one_line(ValueError(run_config.describe_config_error(e, argv))))
+
+
+def _fail_early(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(cli.EXIT_STATUS)
+
+
+def _verbosity() -> int | None:
+  """The absl verbosity the command asked for (--log_level, else --verbosity), or None."""
+  level = console.verbosity_of(_LOG_LEVEL.value)
+  if level is None and flags.FLAGS['verbosity'].present:
+    level = int(flags.FLAGS.verbosity)
+  return level
+
+
+def _show_traceback() -> bool:
+  level = _verbosity()
+  return (level is not None and level >= 1) or cli.traceback_requested()
+
+
+def _config() -> ml_collections.ConfigDict:
+  """--config's ConfigDict; a file that cannot be loaded is an OSError naming it."""
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load gives a placeholder that raises here
+    return config
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    path = config_flags.get_config_filename(flags.FLAGS['config'])
+    raise FileNotFoundError(f'--config {path}: cannot load the config file ({lines[-1]})'
+                            if lines else f'--config {path}: cannot load the config file') from e
 
 
 def start_processes() -> None:
@@ -74,27 +122,51 @@ def start_processes() -> None:
     raise app.UsageError(str(e)) from e
 
 
+def _check_workdir(workdir: str) -> None:
+  """A local --workdir must be a folder (or not exist yet)."""
+  if '://' in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f'--workdir {workdir} is a file, not a folder: pass a folder '
+                             '(it is created if missing)')
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f'--workdir {workdir}: {parent} is a file, not a folder')
+
+
+# Errors that end a run with one line (cli.USER_ERRORS: ValueError, which includes
+# DatasetError, CorruptImageError and UnsafeCheckpointError, and OSError); anything else is a
+# bug and keeps its traceback.
+_USER_ERRORS = cli.USER_ERRORS + (FloatingPointError, app.UsageError)
+
+
 def main(argv: list[str]) -> None:
+  console.configure_logging(_verbosity())
+  try:
+    _main(argv)
+  except _USER_ERRORS as e:
+    console.clear_live()
+    cli.fail(e, show_traceback=_show_traceback(), tag=console.tag().strip())
+
+
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _config()
   start_processes()
-  config = _CONFIG.value
-  try:
-    run_config.validate(config)
-    run_config.prepare_workdir(_WORKDIR.value, config, overwrite=_OVERWRITE.value)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  import jax  # pylint: disable=g-import-not-at-top
+  console.set_process(jax.process_index())
+  run_config.validate(config)
+  _check_workdir(_WORKDIR.value)
+  run_config.prepare_workdir(_WORKDIR.value, config, overwrite=_OVERWRITE.value)
   from ogfr_jax import train  # pylint: disable=g-import-not-at-top  (after flags: jax init)
-  from ogfr_jax.data import image_io  # pylint: disable=g-import-not-at-top
-  # Faults of the data or of the numbers end with their message, not a traceback; anything
-  # else is a bug and keeps its traceback.
-  try:
-    if _MODE.value == 'train':
-      results = train.train_and_evaluate(config, _WORKDIR.value)
-    else:
-      results = train.evaluate_checkpoint(config, _WORKDIR.value)
-  except (FloatingPointError, FileNotFoundError, image_io.CorruptImageError) as e:
-    sys.exit(f'error: {e}')
+  name = config_flags.get_config_filename(flags.FLAGS['config'])
+  if _MODE.value == 'train':
+    results = train.train_and_evaluate(config, _WORKDIR.value, config_name=name)
+  else:
+    results = train.evaluate_checkpoint(config, _WORKDIR.value, config_name=name)
   logging.info('results: %s', results)
 
 

@@ -23,6 +23,7 @@ Faults the loop is built to survive (tests/test_faults.py injects each):
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Iterator
 
@@ -33,6 +34,7 @@ from absl import logging
 from clu import parameter_overview
 
 from ogfr_jax import checkpoints
+from ogfr_jax import console
 from ogfr_jax import evaluator
 from ogfr_jax import guards
 from ogfr_jax import manifest
@@ -123,6 +125,8 @@ class _Progress:
     self.history: list[dict] = []
     self.corrupt_logged = 0
     self.t_last, self.n_last = time.time(), 0
+    self.display = console.ProgressDisplay(self.total_steps, self.steps_per_epoch,
+                                           self.global_batch, start_step)
 
   def _nonfinite_error(self, step: int, entry: dict) -> FloatingPointError:
     values = jax.device_get({k: entry[k] for k in ('loss/total', 'grad_norm') if k in entry})
@@ -159,11 +163,13 @@ class _Progress:
     summary['input/corrupt_images_skipped'] = corrupt
     eta = (self.total_steps - done) * self.global_batch / max(ips, 1e-9)
     quiet = ('loss/total', 'images_per_sec')
+    # Every metric in the log (with --verbosity=0) and the writer; a few on the console.
     logging.info('step %d/%d epoch %.2f | loss %.4f | %s | %.1f img/s | ETA %s', done,
                  self.total_steps, done / self.steps_per_epoch,
                  summary.get('loss/total', float('nan')),
                  ' '.join(f'{k}={v:.3g}' for k, v in sorted(summary.items()) if k not in quiet),
                  ips, writers.format_eta(eta))
+    self.display.report(done, summary, ips)
     self.writer.scalars(done, {f'train/{k}': v for k, v in summary.items()})
     if corrupt > self.corrupt_logged:
       logging.warning('%d corrupt training image(s) replaced by another image of the same '
@@ -223,13 +229,71 @@ def _finish(manager, writer: Writer, train_iter) -> None:
   manager.close()
 
 
+def header_notes(s: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """Extra start-up lines printed at the end of the run's header (e.g. how the state is laid
+  out over the mesh); one string per line."""
+  del s, config
+  return []
+
+
+def _count(n: int) -> str:
+  return f'{n:,d}'
+
+
+def print_header(s: dict, config: ml_collections.ConfigDict, workdir: str, config_name: str,
+                 start_step: int = 0, mode: str = 'train') -> list[str]:
+  """The run's header on the console (process 0): config, data, model, devices, schedule,
+  workdir, then `header_notes`. Returns the lines."""
+  train, test = s['train_data'], s['test_data']
+  t = train.train.stats()
+  q, g = test.query.stats(), test.gallery.stats()
+  mesh = s['mesh']
+  devices = jax.devices()
+  kinds = sorted({d.platform for d in devices})
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s['abstract'].params))
+  b = config.input
+  eval_every = max(int(config.train.eval_every_epochs * s['steps_per_epoch']), 1)
+  fields = [
+      ('train', f'{train.name}: {_count(t["ids"])} ids, {_count(t["images"])} images, '
+                f'{t["cameras"]} cameras ({console.short_path(train.root)})'),
+      ('test', f'{test.name}: query {_count(q["images"])} images / {_count(q["ids"])} ids, '
+               f'gallery {_count(g["images"])} images / {_count(g["ids"])} ids'),
+      ('model', f'{config.model.size} ViT, patch {config.model.patch_size} stride '
+                f'{config.model.stride}, {b.height}x{b.width} input; '
+                f'{_count(n_params)} parameters'),
+      ('devices', f'{len(devices)} x {"/".join(kinds)} in {jax.process_count()} process(es); '
+                  f'mesh ' + ' x '.join(f'{k}={v}' for k, v in mesh.shape.items())),
+  ]
+  if mode == 'train':
+    fields.append(('schedule', f'{s["total_steps"]} steps = {config.train.epochs} epochs x '
+                               f'{s["steps_per_epoch"]}, batch {s["global_batch"]} '
+                               f'({b.ids_per_batch} ids x {b.images_per_id}); eval every '
+                               f'{eval_every}, checkpoint every {config.train.checkpoint_every}'))
+  fields.append(('workdir', console.short_path(workdir)
+                 + (f' (resuming from step {start_step})' if start_step else '')))
+  title = f'OGFR {mode}: {config_name}' if config_name else f'OGFR {mode}'
+  return console.header(title, fields, header_notes(s, config))
+
+
+def _print_end(workdir: str, results: dict, step: int, wall_time_s: float | None,
+               trained: bool) -> None:
+  """The results table and the paths written, at the end of a run (process 0)."""
+  def at(*parts):
+    return console.short_path(os.path.join(workdir, *parts))
+  written = [('results', at('results.json'))]
+  if trained:
+    written += [('metrics', f'{at("metrics.jsonl")}, TensorBoard {at("tensorboard")}'),
+                ('checkpoint', at('checkpoints', str(step))), ('config', at('config.json'))]
+  console.print_final(results, written, wall_time_s)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict:
+                       stop_at_step: int | None = None, config_name: str = '') -> dict:
   """Trains (resuming from the latest checkpoint in workdir), then evaluates the student.
 
   `stop_at_step` ends the run early after checkpointing that step, as a preemption would;
   running again continues it. Returns the results written to WORKDIR/results.json ({} when
-  stopped early).
+  stopped early). `config_name` (the config file) titles the console header.
 
   Raises guards.Preempted (a SystemExit with status 143) after checkpointing on SIGTERM, and
   FloatingPointError on a non-finite step under config.train.nonfinite_policy='stop'.
@@ -243,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         s['abstract'].params, include_stats=False))
     logging.info('parameter groups: %s', optim.group_sizes(s['state'].params, config.optim))
   state, data_state, start_step = restore_latest(s)
+  print_header(s, config, workdir, config_name, start_step)
   total_steps, steps_per_epoch = s['total_steps'], s['steps_per_epoch']
   train_iter = pipeline.make_train_iterator(
       s['train_data'].train, config, process_index=jax.process_index(),
@@ -265,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  steps_per_epoch, s['global_batch'], mesh.size)
     progress = _Progress(config, s, writer, train_iter, start_step,
                          start_step if data_state is not None else None)
+    display = progress.display
     stop = guards.StopRequest(check_every=config.train.stop_check_every)
     results: dict = {}
     batches = _batches(train_iter)
@@ -285,6 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, metrics = step_fn(state, batch)
         progress.history.append(metrics)  # device arrays: fetched every log_every steps
         done = step + 1
+        display.advance(done)
         if done % config.train.log_every == 0 or done == total_steps:
           progress.log_window(done)
         # Evaluation before the checkpoint of the same step: a run killed during it resumes
@@ -301,30 +368,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager.wait_until_finished()
     final_step = int(jax.device_get(state.step))
     results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, final_step,
-                                       writer)
+                                       writer, show=False)  # shown with the results
     if config.eval.fepm_report and build.has_fepm(config):
       results['fepm'] = evaluator.fepm_report(model, state, s['train_data'], s['test_data'],
                                               config, mesh)
     results['manifest'] = manifest.run_manifest(config, wall_time_s=time.time() - t_start,
                                                 start_time=t_start)
     evaluator.write_results(workdir, results)
+    display.close()
+    _print_end(workdir, results, final_step, time.time() - t_start, trained=True)
     return results
   finally:
+    if 'display' in locals():
+      display.close()
     _finish(manager, writer, train_iter)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        config_name: str = '') -> dict:
+  t_start = time.time()
   s = setup(config, workdir)
   try:
     state, _, step = restore_latest(s)
     if step == 0:
       raise FileNotFoundError(f'no checkpoint to evaluate in {s["manager"].directory}')
+    print_header(s, config, workdir, config_name, mode='eval')
     results = evaluator.run_evaluation(s['model'], state, s['test_data'], config, s['mesh'],
-                                       step)
+                                       step, show=False)
     if config.eval.fepm_report and build.has_fepm(config):
       results['fepm'] = evaluator.fepm_report(s['model'], state, s['train_data'],
                                               s['test_data'], config, s['mesh'])
     evaluator.write_results(workdir, results)
   finally:
     s['manager'].close()
+  _print_end(workdir, results, step, time.time() - t_start, trained=False)
   return results

@@ -36,11 +36,15 @@ def one_line(error: BaseException) -> str:
   return '; '.join(lines) or type(error).__name__
 
 
-def fail(error: BaseException, *, show_traceback: bool = False) -> None:
-  """Prints `error` as one 'error: ...' line (after its traceback if asked) and exits 2."""
+def fail(error: BaseException, *, show_traceback: bool = False, tag: str = '') -> None:
+  """Prints `error` as one 'error: ...' line (after its traceback if asked) and exits 2.
+
+  `tag` (e.g. '[process 3]') goes after 'error: ', so that the processes of a multi-process
+  run can be told apart.
+  """
   if show_traceback:
     traceback.print_exception(error)
-  print(f'error: {one_line(error)}', file=sys.stderr)
+  print(f'error: {tag + " " if tag else ""}{one_line(error)}', file=sys.stderr)
   sys.exit(EXIT_STATUS)
 
 

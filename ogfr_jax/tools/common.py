@@ -223,16 +223,6 @@ class UsageError(ValueError):
   """A bad command line."""
 
 
-def run_cli(main_fn, argv: Optional[Sequence[str]] = None) -> None:
-  """Runs a tool's main(argv) as a program: known errors become one 'error:' line and exit 1."""
-  import sys  # pylint: disable=g-import-not-at-top
-  argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    main_fn(argv)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    sys.exit(f'error: {e}')
-
-
 def replicate(variables: Any, mesh) -> Any:
   """Puts the variables on every device of `mesh` once, instead of once per jitted call."""
   import jax  # pylint: disable=g-import-not-at-top
