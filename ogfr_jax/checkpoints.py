@@ -14,11 +14,19 @@ differ and the workdir that holds them, instead of an error deep inside orbax.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from ogfr_jax import paths
 
@@ -26,27 +34,262 @@ from ogfr_jax import paths
 _LISTED_MISMATCHES = 8
 # Characters of an underlying storage error quoted in ours (tensorstore's run to pages).
 _QUOTED_ERROR = 300
+# Version of the 'integrity' item of a step (checksums and run identity).
+INTEGRITY_FORMAT = 1
 
 
-def make_manager(workdir: str, *, max_to_keep: int = 2, async_save: bool = True
-                 ) -> ocp.CheckpointManager:
-  """The manager of WORKDIR/checkpoints; removes unfinished steps left by a killed run."""
+class Manager(ocp.CheckpointManager):
+  """An orbax CheckpointManager that knows the run it belongs to.
+
+  `identity` (see `run_identity`) is written into every checkpoint and compared on restore;
+  `damaged` is config.train.damaged_checkpoint. A failed write (disk full, permissions, an
+  I/O error) surfaces once, as `CheckpointWriteError` naming the step, the folder and the
+  last good checkpoint, from `save` or `wait_until_finished`, whichever comes first.
+  """
+
+  identity: dict | None = None
+  damaged: str = 'fall_back'
+  _pending: tuple[int, int] | None = None  # (step, bytes) of the write in flight
+  _reported: bool = False
+
+  def wait_until_finished(self):
+    try:
+      super().wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if self._reported:
+        return  # already raised to the caller; the run is ending
+      self._reported = True
+      step, nbytes = self._pending or (None, 0)
+      raise write_error(self, step, nbytes, e) from e
+
+  def close(self):
+    try:
+      self.wait_until_finished()
+    finally:
+      self._reported = True  # close the rest even after a failed write
+      super().close()
+
+
+def make_manager(workdir: str, *, max_to_keep: int = 2, async_save: bool = True,
+                 config: Any = None, train_split: Any = None) -> Manager:
+  """The manager of WORKDIR/checkpoints; removes unfinished steps left by a killed run.
+
+  With `config` (and the `train_split` of the run), checkpoints carry the run's identity and
+  restoring checks it (`run_identity`); `config.train.damaged_checkpoint` decides what a
+  damaged checkpoint does at resume (`restore_newest`).
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)
   # Named handlers (rather than item names) let `restore` read the saved shapes before it
   # restores anything.
-  return ocp.CheckpointManager(
+  manager = Manager(
       paths.join(paths.resolve(workdir, '--workdir'), 'checkpoints'), options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': ocp.JsonCheckpointHandler()})
+                     'data': ocp.JsonCheckpointHandler(),
+                     'integrity': ocp.JsonCheckpointHandler()})
+  if config is not None:
+    manager.identity = run_identity(config, train_split)
+    manager.damaged = str(config.train.damaged_checkpoint)
+  return manager
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
          *, force: bool = False) -> bool:
-  return manager.save(
-      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data=ocp.args.JsonSave(data_state)), force=force)
+  """Writes (state, input state) of `step` with their checksums and the run's identity.
+
+  The checksums are computed on the devices before the (asynchronous) write starts: one pass
+  over the state and a host sync (see `state_checksums`).
+  """
+  if isinstance(manager, Manager):
+    manager.wait_until_finished()  # the error of the previous write belongs to that step
+  integrity = {'format': INTEGRITY_FORMAT, 'state': state_checksums(state),
+               'data': _json_digest(data_state),
+               'run': getattr(manager, 'identity', None) or {}}
+  nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(state) if hasattr(x, 'shape')
+               and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))
+  if isinstance(manager, Manager):
+    manager._pending = (int(step), nbytes)  # pylint: disable=protected-access
+  try:
+    return manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(data_state),
+                                      integrity=ocp.args.JsonSave(integrity)), force=force)
+  except CheckpointWriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise write_error(manager, int(step), nbytes, e) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class CheckpointMismatch(ValueError):
+  """A readable checkpoint of another model, config or dataset: never used, never moved."""
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint that cannot be read or restored, or whose contents fail their checksums."""
+
+  def __init__(self, folder: str, step: int, reason: str):
+    super().__init__(f'checkpoint {folder} (step {step}) is damaged: {reason}')
+    self.folder, self.step, self.reason = folder, int(step), reason
+
+
+class CheckpointWriteError(OSError):
+  """Writing a checkpoint failed (e.g. no space left); names the step and the last good one."""
+
+
+def _errno_in_chain(e: BaseException) -> int | None:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    if 'No space left on device' in str(e):
+      return errno.ENOSPC
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _finished_steps(directory: str) -> list[int]:
+  try:
+    return sorted(int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit())
+  except OSError:
+    return []
+
+
+def _megabytes(n: float) -> str:
+  return f'{n / 2**20:.1f} MB'
+
+
+def write_error(manager: Any, step: int | None, nbytes: int, e: BaseException
+                ) -> CheckpointWriteError:
+  """One message for a failed checkpoint write: what, where, why, and what is kept."""
+  directory = str(manager.directory)
+  folder = f'{directory}/{step}' if step is not None else directory
+  good = [s for s in _finished_steps(directory) if s != step]
+  kept = (f'the last good checkpoint, step {good[-1]}, is kept in {directory}' if good else
+          f'no earlier checkpoint exists in {directory}')
+  code = _errno_in_chain(e)
+  if code == errno.ENOSPC:
+    try:
+      free = f', {_megabytes(shutil.disk_usage(directory).free)} free there'
+    except OSError:
+      free = ''
+    need = f' (it needs about {_megabytes(nbytes)}{free})' if nbytes else ''
+    message = (f'no space left on device writing the checkpoint of step {step} to '
+               f'{folder}{need}; {kept}. Free space and run the same command to resume.')
+  else:
+    message = (f'writing the checkpoint of step {step} to {folder} failed ({_quote(e)}); '
+               f'{kept}. Run the same command to resume from it.')
+  error = CheckpointWriteError(message)  # str() is the message alone
+  error.errno = code or errno.EIO
+  return error
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: checksums and the run's identity
+
+
+def _key_path(path: Any) -> str:
+  return '/'.join(_key_name(k) for k in path)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (every input bit affects every output bit)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 words, element by element (8-byte types: a trailing 2)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = np.dtype(x.dtype).itemsize
+  if size in (4, 8):
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major element index (mod 2**32) of every element, built without a reshape, so a
+  sharded array is never gathered."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
+    stride *= shape[d]
+  return index
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """Two uint32 sums over the elements: of word * (2 i + 1) and of a mix of (word, i).
+
+  Modular sums do not depend on the order of reduction, so the value is the same for any
+  sharding or device count. A change of any single bit changes the first sum (2^k times an
+  odd number is never 0 mod 2^32); other changes slip through both only by chance (~2^-64).
+  """
+  w = _words(x)
+  i = _positions(w.shape)
+  a = jnp.sum(w * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  b = jnp.sum(_fmix32(w ^ _fmix32(i + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+  return jnp.stack([a, b])
+
+
+_checksums = jax.jit(lambda tree: jax.tree_util.tree_map(_checksum, tree))
+
+
+def state_checksums(state: Any) -> dict[str, str]:
+  """'path' -> 16 hex digits for every array leaf of `state`, computed on its devices."""
+  leaves = {_key_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
+            if hasattr(v, 'shape')}
+  sums = jax.device_get(_checksums(leaves))
+  return {k: f'{int(v[0]):08x}{int(v[1]):08x}' for k, v in sorted(sums.items())}
+
+
+def _json_digest(value: Any) -> str:
+  text = json.dumps(value, sort_keys=True, separators=(',', ':'), default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def run_identity(config: Any, train_split: Any = None) -> dict:
+  """What a checkpoint must agree with to be resumed: the config (all fields but the
+  resumable ones, run_config.RESUMABLE_FIELDS) and the training data (image and identity
+  counts, a digest of the file names and labels, the synthetic generator's version)."""
+  from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
+  flat = run_config.flatten_config(json.loads(config.to_json_best_effort()))
+  identity = {'config': {k: v for k, v in flat.items()
+                         if k not in run_config.RESUMABLE_FIELDS}, 'data': {}}
+  if train_split is not None:
+    names = '\n'.join(f'{os.path.basename(str(p))} {int(i)} {int(c)}' for p, i, c in
+                       zip(train_split.paths, train_split.pids, train_split.camids))
+    identity['data'] = {'train_images': len(train_split.paths),
+                        'train_ids': len(set(int(i) for i in train_split.pids)),
+                        'train_files': hashlib.sha256(names.encode()).hexdigest()[:32]}
+  if config.dataset.name == 'synthetic' or config.dataset.get('test_name') == 'synthetic':
+    from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    identity['data']['generator_version'] = synthetic.GENERATOR_VERSION
+  return json.loads(json.dumps(identity))
+
+
+def identity_diff(saved: dict, current: dict) -> list[str]:
+  lines = []
+  for section in ('config', 'data'):
+    a, b = saved.get(section, {}), current.get(section, {})
+    for k in sorted(set(a) | set(b)):
+      if a.get(k, '<absent>') != b.get(k, '<absent>'):
+        name = k if section == 'config' else f'data.{k}'
+        lines.append(f'{name}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}')
+  return lines
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -98,45 +341,141 @@ def _describe(lines: list[str]) -> str:
 
 
 def _quote(e: Exception) -> str:
-  text = f'{type(e).__name__}: {e}'
+  text = ' '.join(f'{type(e).__name__}: {e}'.split())  # one line
   return text if len(text) <= _QUOTED_ERROR else text[:_QUOTED_ERROR] + ' ...'
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
-  """Raises ValueError naming the checkpoint folder and the arrays that differ, if any."""
+  """Raises CheckpointMismatch (a ValueError) naming the checkpoint folder and the arrays that
+  differ, if any; DamagedCheckpoint when its metadata cannot be read."""
   folder = os.path.join(str(manager.directory), str(step))
   try:
     meta = manager.item_metadata(step)['state']
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'checkpoint {folder} cannot be read ({_quote(e)}); if it '
-                     'is damaged, move it away to resume from the checkpoint before it'
-                     ) from None
+    raise DamagedCheckpoint(folder, step, f'its metadata cannot be read ({_quote(e)})'
+                            ) from None
   meta = getattr(meta, 'tree', meta)
   if not meta:
-    raise ValueError(f'checkpoint {folder} holds no train state; move it away to resume from '
-                     'the checkpoint before it')
+    raise DamagedCheckpoint(folder, step, 'it holds no train state')
   lines = shape_mismatches(flat_shapes(meta), flat_shapes(abstract_state))
   if lines:
     workdir = os.path.dirname(str(manager.directory))
-    raise ValueError(
+    raise CheckpointMismatch(
         f'the checkpoint in {workdir} (step {step}) does not match the model of this config '
         f'({len(lines)} arrays differ):\n  {_describe(lines)}\nThe dataset (number of '
         'identities or cameras) or the model config changed since it was written. Use another '
         '--workdir, or --overwrite to start afresh there.')
 
 
+def _read_integrity(manager: ocp.CheckpointManager, step: int, folder: str) -> dict | None:
+  """The step's integrity record; None for a checkpoint written before records existed."""
+  if not epath.Path(folder, 'integrity').exists():
+    return None
+  try:
+    record = manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
+    record = dict(record['integrity'])
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpoint(folder, step, f'its checksum record cannot be read ({_quote(e)})'
+                            ) from None
+  if not isinstance(record.get('state'), dict):
+    raise DamagedCheckpoint(folder, step, 'its checksum record holds no array checksums')
+  return record
+
+
+def _check_identity(manager: ocp.CheckpointManager, step: int, record: dict) -> None:
+  current, saved = getattr(manager, 'identity', None), record.get('run')
+  if not current or not saved:  # written or read without a config (a library caller)
+    return
+  lines = identity_diff(saved, current)
+  if lines:
+    workdir = os.path.dirname(str(manager.directory))
+    raise CheckpointMismatch(
+        f'the checkpoint in {workdir} (step {step}) was written by a run of another config or '
+        f'dataset; refusing to mix them ({len(lines)} differences):\n  {_describe(lines)}\n'
+        'Use another --workdir, or --overwrite to start afresh there.')
+
+
+def _verify(folder: str, step: int, record: dict, state: Any, data_state: dict) -> None:
+  saved = record['state']
+  now = state_checksums(state)
+  bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if bad:
+    raise DamagedCheckpoint(folder, step, f'{len(bad)} of {len(now)} arrays differ from their '
+                            'checksums written with them: ' + ', '.join(bad[:_LISTED_MISMATCHES])
+                            + (' ...' if len(bad) > _LISTED_MISMATCHES else ''))
+  if record.get('data') != _json_digest(data_state):
+    raise DamagedCheckpoint(folder, step, 'the input state differs from its checksum')
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
             ) -> tuple[Any, dict]:
-  """Restores (state, data_state) at `step` into the shardings of `abstract_state`."""
+  """Restores (state, data_state) at `step` into the shardings of `abstract_state`.
+
+  Raises CheckpointMismatch for a checkpoint of another model, config or dataset, and
+  DamagedCheckpoint for one that cannot be read or fails its checksums (both ValueError).
+  """
   check_compatible(manager, step, abstract_state)
   folder = os.path.join(str(manager.directory), str(step))
+  record = _read_integrity(manager, step, folder)
+  if record is not None:
+    _check_identity(manager, step, record)
   try:
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))
-  except (ValueError, KeyError, TypeError, OSError) as e:
-    raise ValueError(
-        f'checkpoint {folder} matches this config but cannot be restored '
-        f'({_quote(e)}); if it is damaged, move it away to resume from the checkpoint '
-        'before it') from e
-  return restored['state'], dict(restored['data'])
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax and tensorstore raise anything from ValueError to a bare Exception here.
+    raise DamagedCheckpoint(folder, step, f'it cannot be restored ({_quote(e)})') from None
+  state, data_state = restored['state'], dict(restored['data'])
+  if record is None:
+    logging.warning('checkpoint %s was written without checksums; its contents are not '
+                    'verified', folder)
+  else:
+    _verify(folder, step, record, state, data_state)
+  return state, data_state
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves step `step` to checkpoints/corrupt-<step> (corrupt-<step>.2, ... if taken)."""
+  directory = epath.Path(str(manager.directory))
+  target = directory / f'corrupt-{step}'
+  n = 1
+  while target.exists():
+    n += 1
+    target = directory / f'corrupt-{step}.{n}'
+  if jax.process_index() == 0:
+    (directory / str(step)).rename(target)
+  manager.reload()  # forget the step, so that keeping max_to_keep never deletes it
+  return str(target)
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[Any, dict | None, int]:
+  """(state, input state, step) of the newest checkpoint that restores; (None, None, 0)
+  when there is none.
+
+  A damaged step is moved aside (`set_aside`, never deleted) and the one before it is tried,
+  or, with manager.damaged == 'refuse' (config.train.damaged_checkpoint), the run stops with
+  the reason. A checkpoint of another config or model is never skipped: CheckpointMismatch.
+  """
+  moved = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, data_state = restore(manager, step, abstract_state)
+    except DamagedCheckpoint as e:
+      if getattr(manager, 'damaged', 'fall_back') == 'refuse':
+        raise DamagedCheckpoint(e.folder, e.step, e.reason + '. Move it away to resume from '
+                                'the checkpoint before it, or set '
+                                'config.train.damaged_checkpoint=fall_back') from None
+      where = set_aside(manager, step)
+      moved.append(f'{step} -> {where}')
+      logging.error('%s; moved it to %s and trying the checkpoint before it', e, where)
+      continue
+    if moved:
+      logging.warning('resuming from step %d: damaged checkpoints set aside: %s', step,
+                      '; '.join(moved))
+    return state, data_state, int(step)
+  if moved:
+    raise ValueError(f'no checkpoint in {manager.directory} restores; the damaged ones were '
+                     f'set aside ({"; ".join(moved)}), so the same command now starts afresh')
+  return None, None, 0

@@ -72,7 +72,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   tx, lr_fn = optim.make_optimizer(config, global_batch, steps_per_epoch, total_steps)
   rng = jax.random.PRNGKey(config.seed)
   state, abstract, shardings = train_state.create_sharded_state(model, tx, config, mesh, rng)
-  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
+                                     config=config, train_split=train_data.train)
   if config.init_from and manager.latest_step() is None:
     state = train_state.load_pretrained(state, abstract, shardings, config)
   return dict(train_data=train_data, test_data=test_data, mesh=mesh, model=model, tx=tx,
@@ -82,16 +83,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
 
 
 def restore_latest(s: dict):
-  """(state, input iterator state or None, step) of the latest complete checkpoint.
+  """(state, input iterator state or None, step) of the newest checkpoint that restores.
 
-  A checkpoint that does not fit the model of this config raises ValueError naming the
-  workdir and the arrays that differ (checkpoints.check_compatible).
+  Every checkpoint is checked against this run before it is used: its array shapes against
+  the model of this config, its recorded config and training data against this run's (both
+  raise checkpoints.CheckpointMismatch, a ValueError naming the workdir and what differs), and
+  its arrays against the checksums written with them. A damaged step (unreadable, cut short,
+  failing its checksums) is moved to checkpoints/corrupt-<step> and the one before it is
+  used, unless config.train.damaged_checkpoint='refuse' (checkpoints.restore_newest).
   """
-  step = s['manager'].latest_step()
-  if step is None:
-    return s['state'], None, 0
   target = checkpoints.abstract_with_shardings(s['abstract'], s['shardings'])
-  state, data_state = checkpoints.restore(s['manager'], step, target)
+  state, data_state, step = checkpoints.restore_newest(s['manager'], target)
+  if state is None:
+    return s['state'], None, 0
   logging.info('resumed from checkpoint at step %d', step)
   return state, data_state, int(step)
 
