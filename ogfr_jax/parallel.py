@@ -145,6 +145,14 @@ def initialize_distributed(coordinator_address: str | None = None,
   return True
 
 
+def sync_processes(name: str) -> None:
+  """Returns once every process of the run has called it with the same `name` (a barrier:
+  multihost_utils.sync_global_devices); a no-op in a single process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def _slurm_tasks_per_node() -> int | None:
   text = os.environ.get('SLURM_NTASKS_PER_NODE') or os.environ.get('SLURM_TASKS_PER_NODE', '')
   head = text.split('(')[0].split(',')[0]

@@ -81,11 +81,16 @@ def _saved_steps(workdir: str) -> list[int]:
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
                     overwrite: bool = False) -> None:
-  """Creates the workdir and writes config.json (process 0 only)."""
+  """Creates the workdir and writes config.json and manifest.json (process 0 only).
+
+  With --overwrite and a changed config, process 0 first deletes WORKDIR/checkpoints; every
+  process returns only once that is done (barriers before and after).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   workdir = paths.resolve(workdir, '--workdir')
   new = json.loads(config.to_json_best_effort())
   path = paths.join(workdir, 'config.json')
+  diff: list[str] = []
   if paths.exists(path):
     try:
       old = json.loads(paths.read_text(path))
@@ -99,12 +104,17 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
           + '\n  '.join(diff) + '\nUse another --workdir, or pass --overwrite to start afresh '
           + (f'(removes its checkpoints of steps {saved}).' if saved else
              '(it has no checkpoint yet, so nothing is lost).'))
-    if diff and overwrite and jax.process_index() == 0:
+  from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
+  # Barriers (multi-process runs): every process has read the old config.json before
+  # process 0 deletes checkpoints or replaces it, and none goes on to the checkpoints
+  # (latest_step, restore) before that is done.
+  parallel.sync_processes('workdir: old config read')
+  if jax.process_index() == 0:
+    if diff and overwrite:
       paths.rmtree(paths.join(workdir, 'checkpoints'))
-  if jax.process_index() != 0:
-    return
-  paths.makedirs(workdir)
-  paths.write_text(path, json.dumps(new, indent=2, sort_keys=True))
-  from ogfr_jax import manifest  # pylint: disable=g-import-not-at-top
-  paths.write_text(paths.join(workdir, 'manifest.json'),
-                   json.dumps(manifest.run_manifest(config), indent=2, sort_keys=True))
+    paths.makedirs(workdir)
+    paths.write_text(path, json.dumps(new, indent=2, sort_keys=True))
+    from ogfr_jax import manifest  # pylint: disable=g-import-not-at-top
+    paths.write_text(paths.join(workdir, 'manifest.json'),
+                     json.dumps(manifest.run_manifest(config), indent=2, sort_keys=True))
+  parallel.sync_processes('workdir: ready')

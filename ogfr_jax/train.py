@@ -188,6 +188,23 @@ class _Progress:
                       'each of them (config.train.nonfinite_policy=skip)',
                       int(summary['guard/nonfinite_steps']), first, done, bad_step,
                       int(summary.get('guard/nonfinite_total', 0)))
+      self._check_skipped_share(done, int(summary.get('guard/nonfinite_total', 0)))
+
+  def _check_skipped_share(self, done: int, skipped: int) -> None:
+    """Under the 'skip' policy: stops the run once more than config.train.max_skipped_share
+    of its total steps were skipped (a run that barely trained must not write results)."""
+    share = float(self.config.train.max_skipped_share)
+    if skipped <= share * self.total_steps:
+      return
+    where = str(self.manager.directory)
+    kept = (f'The last checkpoint, step {self.saved_step}, is kept in {where}.'
+            if self.saved_step else f'No checkpoint was written in {where}.')
+    raise FloatingPointError(
+        f'{skipped} of the {done} steps so far were skipped for a non-finite loss or gradient, '
+        f'more than config.train.max_skipped_share={share:g} of the run\'s {self.total_steps} '
+        f'steps: the run stops without results (config.train.nonfinite_policy=skip). {kept} '
+        'Lower config.optim.lr or set config.optim.grad_clip; '
+        '--config.train.max_skipped_share=1 lets such a run go on.')
 
   def verify(self, done: int) -> None:
     """Under the 'stop' policy, checks the steps not yet logged; raises on a non-finite one.
@@ -257,6 +274,8 @@ def print_header(s: dict, config: ml_collections.ConfigDict, workdir: str, confi
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s['abstract'].params))
   b = config.input
   eval_every = max(int(config.train.eval_every_epochs * s['steps_per_epoch']), 1)
+  evals = (f'eval every {eval_every} steps' if eval_every < s['total_steps']
+           else 'eval at the end')
   fields = [
       ('train', f'{train.name}: {_count(t["ids"])} ids, {_count(t["images"])} images, '
                 f'{t["cameras"]} cameras ({console.short_path(train.root)})'),
@@ -271,8 +290,8 @@ def print_header(s: dict, config: ml_collections.ConfigDict, workdir: str, confi
   if mode == 'train':
     fields.append(('schedule', f'{s["total_steps"]} steps = {config.train.epochs} epochs x '
                                f'{s["steps_per_epoch"]}, batch {s["global_batch"]} '
-                               f'({b.ids_per_batch} ids x {b.images_per_id}); eval every '
-                               f'{eval_every}, checkpoint every {config.train.checkpoint_every}'))
+                               f'({b.ids_per_batch} ids x {b.images_per_id}); {evals}, '
+                               f'checkpoint every {config.train.checkpoint_every}'))
   fields.append(('workdir', console.short_path(workdir)
                  + (f' (resuming from step {start_step})' if start_step else '')))
   title = f'OGFR {mode}: {config_name}' if config_name else f'OGFR {mode}'

@@ -16,8 +16,20 @@ from absl import logging
 from ogfr_jax import paths
 
 
+def encode_row(row: dict) -> str:
+  """One metrics.jsonl line: strict JSON, with a non-finite value (NaN, +-inf) written as
+  null (Python's json would write the bare NaN / Infinity that strict parsers refuse)."""
+  clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+           for k, v in row.items()}
+  return json.dumps(clean, allow_nan=False) + '\n'
+
+
 def _read_jsonl(path: str) -> tuple[list[dict], int]:
-  """(rows, number of unreadable lines) of a metrics.jsonl; a kill can cut the last line."""
+  """(rows, number of unreadable lines) of a metrics.jsonl; a kill can cut the last line.
+
+  null stands for a non-finite value (`encode_row`); files of older versions hold bare NaN,
+  which is read as well.
+  """
   rows, broken = [], 0
   with paths.open(path) as f:
     for line in f:
@@ -49,7 +61,7 @@ def truncate_metrics(path: str, resume_step: int, *, redo_eval: bool = False) ->
   keep = [r for r in rows if kept(r)]
   dropped = len(rows) - len(keep) + broken
   if dropped:
-    paths.write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
+    paths.write_text(path, ''.join(encode_row(r) for r in keep))
   return dropped
 
 
@@ -85,8 +97,7 @@ class Writer:
       return
     for k, v in values.items():
       self._tb.add_scalar(k, float(v), step)
-    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}})
-                      + '\n')
+    self._jsonl.write(encode_row({'step': step, **{k: float(v) for k, v in values.items()}}))
     self._jsonl.flush()
     self._tb.flush()
 

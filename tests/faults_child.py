@@ -17,6 +17,10 @@ every 2, an evaluation after step 4) with these hooks:
   --kill_in_save N    SIGKILL this process inside the checkpoint write of step N, after every
                       item is written and just before orbax renames the folder into place
   --nan_at N[,M..]    fill the images of the batches of these steps with NaN
+  --enospc_in_save N  the write of step N fails with 'No space left on device' (ENOSPC) in
+                      orbax's background commit, as a full disk does
+  --epochs N          train.epochs (another schedule for the same workdir)
+  --max_skipped_share S   train.max_skipped_share
 Its exit status is the run's: 0, 143 after a SIGTERM checkpoint, 1 on an error.
 
 `agree` joins a jax.distributed run of several CPU processes and calls
@@ -53,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   t.add_argument('--nan_at', default='', help='comma-separated steps')
   t.add_argument('--nonfinite_policy', default='stop')
   t.add_argument('--corrupt_policy', default='fail')
+  t.add_argument('--max_skipped_share', type=float, default=0.1)
+  t.add_argument('--epochs', type=int, default=0, help='train.epochs (0: STEPS / STEPS_PER_EPOCH)')
+  t.add_argument('--enospc_in_save', type=int, default=-1)
   a = sub.add_parser('agree')
   a.add_argument('--coordinator', required=True)
   a.add_argument('--num_processes', type=int, required=True)
@@ -71,7 +78,7 @@ def fault_config(cache: str, args: argparse.Namespace):
   from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
   c = tiny_config(pathlib.Path(cache).parent)
   c.dataset.root = cache
-  c.train.epochs = STEPS // STEPS_PER_EPOCH
+  c.train.epochs = args.epochs or STEPS // STEPS_PER_EPOCH
   c.train.steps_per_epoch = STEPS_PER_EPOCH
   c.train.checkpoint_every = CHECKPOINT_EVERY
   c.train.keep_checkpoints = STEPS  # keep them all: tests compare intermediate states
@@ -79,6 +86,7 @@ def fault_config(cache: str, args: argparse.Namespace):
   c.train.eval_every_epochs = 1  # one evaluation mid-run (step 4) and the final one
   c.train.nonfinite_policy = args.nonfinite_policy
   c.input.corrupt_image_policy = args.corrupt_policy
+  c.train.max_skipped_share = args.max_skipped_share
   c.input.num_workers = 0
   run_config.validate(c)
   return c
@@ -121,6 +129,18 @@ def _install_hooks(args: argparse.Namespace) -> None:
       return await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+
+  if args.enospc_in_save >= 0:
+    import errno  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+    finalize_once = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_or_full(self):
+      if self.get_final().name == str(args.enospc_in_save):
+        raise OSError(errno.ENOSPC, 'No space left on device', str(self.get_final()))
+      return await finalize_once(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_full
 
 
 def run_train(args: argparse.Namespace) -> None:

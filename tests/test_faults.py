@@ -336,7 +336,7 @@ def test_nonfinite_and_corrupt_images_are_skipped_and_counted(shared, tmp_path):
   cache, broken = _corrupt_copy(shared, tmp_path)
   wd = tmp_path / 'run'
   proc = _run(_train_args(shared, wd, '--nan_at', '2,3', '--nonfinite_policy', 'skip',
-                          '--corrupt_policy', 'skip', cache=cache))
+                          '--corrupt_policy', 'skip', '--max_skipped_share', 0.5, cache=cache))
   assert proc.returncode == 0, _tail(proc)
   assert 'skipped 1 update(s) with a non-finite loss or gradient in steps 3-3' in proc.stderr
   assert 'skipping corrupt training image' in proc.stderr
@@ -470,6 +470,37 @@ def test_nonfinite_policy_at_log_time_and_before_a_save(tmp_path, caplog):
   line = json.loads(open(tmp_path / 'skip' / 'wd' / 'metrics.jsonl').readline())
   assert line['train/loss/total'] == 2.0  # the mean of the applied steps only
   assert line['train/guard/nonfinite_steps'] == 1 and line['train/guard/nonfinite_total'] == 1
+  writer.close()
+
+
+def test_skip_policy_stops_when_more_than_the_allowed_share_is_skipped(tmp_path):
+  progress, writer = _progress(tmp_path, 'skip')  # 10 steps, max_skipped_share 0.1: 1 allowed
+  progress.history = [_step_metrics(1.0, 0), _step_metrics(np.nan, 1), _step_metrics(2.0, 1)]
+  progress.log_window(3)  # one skipped step: within the share
+  progress.history = [_step_metrics(np.nan, 2), _step_metrics(np.inf, 3)]
+  with pytest.raises(FloatingPointError) as e:
+    progress.log_window(5)
+  assert str(e.value).startswith(
+      "3 of the 5 steps so far were skipped for a non-finite loss or gradient, more than "
+      "config.train.max_skipped_share=0.1 of the run's 10 steps: the run stops without results")
+  assert 'No checkpoint was written in' in str(e.value)
+  writer.close()
+  # metrics.jsonl is strict JSON: the window whose every step was skipped has a NaN loss,
+  # written as null.
+  text = (tmp_path / 'wd' / 'metrics.jsonl').read_text()
+  rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f'bare {c} in {line}'))
+          for line in text.splitlines()]
+  assert [r['step'] for r in rows] == [3, 5]
+  assert rows[0]['train/loss/total'] == 1.5 and rows[1]['train/loss/total'] is None
+  assert rows[1]['train/guard/nonfinite_total'] == 3
+  # A resumed run rewrites the file with the same encoding.
+  assert writers.truncate_metrics(str(tmp_path / 'wd' / 'metrics.jsonl'), 4) == 1
+  assert (tmp_path / 'wd' / 'metrics.jsonl').read_text() == text.splitlines(True)[0]
+  # And a share of 1 lets such a run go on.
+  progress, writer = _progress(tmp_path / 'lenient', 'skip')
+  progress.config.train.max_skipped_share = 1.0
+  progress.history = [_step_metrics(np.nan, s) for s in range(1, 11)]
+  progress.log_window(10)
   writer.close()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -472,3 +473,28 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
   assert env['JAX_PLATFORMS'] == 'cpu'
   assert local.process_command(['prog'], port=7, num_processes=2, process_id=1) == [
       'prog', '--coordinator_address=127.0.0.1:7', '--num_processes=2', '--process_id=1']
+
+
+def test_overwrite_waits_for_the_deletion_on_every_process(tmp_path):
+  """--overwrite with a changed config, 2 processes: process 0 deletes the checkpoints (here
+  slowly, as on an object store); no process leaves the workdir set-up before that is done."""
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(LAUNCHER))
+  import local  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'wd'
+  config = config_defaults.base_config()
+  config.seed = 1
+  run_config.prepare_workdir(str(workdir), config)
+  (workdir / 'checkpoints' / '2' / 'state').mkdir(parents=True)
+  (workdir / 'checkpoints' / '2' / 'state' / 'x').write_text('1')
+  out = tmp_path / 'seen'
+  child = [sys.executable, os.path.join(ROOT, 'tests', 'workdir_child.py'), '--workdir',
+           str(workdir), '--seed', '2', '--overwrite', '--slow_delete', '4', '--out', str(out)]
+  code = local.launch(child, num_processes=2, devices_per_process=1,
+                      log_dir=str(tmp_path / 'logs'), timeout_s=240)
+  logs = ''.join(p.read_text() for p in sorted((tmp_path / 'logs').iterdir()))
+  assert code == 0, logs[-3000:]
+  for i in (0, 1):
+    seen = json.loads((tmp_path / f'seen.{i}.json').read_text())
+    assert seen == {'checkpoints': None, 'seed': 2}, (i, seen)

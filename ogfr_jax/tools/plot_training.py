@@ -45,7 +45,8 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
   by_step: dict[int, float] = {}
   for row in rows:
     if key in row and 'step' in row:
-      by_step[int(row['step'])] = float(row[key])
+      value = row[key]  # null: a non-finite value (writers.encode_row)
+      by_step[int(row['step'])] = np.nan if value is None else float(value)
   steps = np.array(sorted(by_step), np.int64)
   return steps, np.array([by_step[s] for s in steps], np.float64)
 
