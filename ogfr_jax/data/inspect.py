@@ -10,8 +10,10 @@ and their types. With --json the last line of stdout is one JSON object
 {"train": {"ids": N, "images": N, "cameras": N}, "query": {...}, "gallery": {...}} for scripts;
 with side files each split also holds "occluded", "contaminated" (image counts),
 "occluder_types" and "contamination_types" ({type: count}).
-Expected problems (unknown dataset, missing folder, bad list line, empty split) print one line
-to stderr and exit with status 1.
+Expected problems (a bad argument, an unknown dataset, a missing folder, file names that do not
+match the layout, a bad list line, an empty split, unreadable side files) print one line
+`error: ...` to stderr and exit with status 2, like the other tools (tools/cli.py); with
+OGFR_TRACEBACK=1 the traceback is printed above it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 from ogfr_jax.data import datasets
 from ogfr_jax.data import synthetic
 from ogfr_jax.data.records import DatasetSplits
+from ogfr_jax.tools import cli
 
 _SUBSETS = ('train', 'query', 'gallery')
 
@@ -99,8 +102,15 @@ def _version(root: str) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are ValueError (one 'error:' line through cli.run_cli)."""
+
+  def error(self, message: str):
+    raise ValueError(f'{self.prog}: {message}')
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='python -m ogfr_jax.data.inspect',
       description='Per-subset statistics of a re-identification dataset folder.')
   parser.add_argument('--dataset', required=True,
@@ -115,20 +125,18 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Prints the statistics; user-facing errors are raised (ValueError, OSError) for
+  cli.run_cli to print as one line."""
   args = _parse_args(argv)
   options = {'merge_train_val': True} if args.merge_train_val else {}
-  try:
-    splits = datasets.get_dataset(args.dataset, args.root, **options)
-  except (OSError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  splits = datasets.get_dataset(args.dataset, args.root, **options)
   stats = splits.stats()
   print(format_table(splits))
   try:
     counts = side_counts(args.root)
   except (OSError, ValueError, KeyError) as e:
-    print(f'error: unreadable synthetic side files in {args.root}: {e}', file=sys.stderr)
-    return 1
+    raise ValueError(f'unreadable synthetic side files in {args.root}: '
+                     f'{cli.one_line(e)}') from e
   if counts is not None:
     version = _version(args.root)
     print(format_side_counts(counts, version))
@@ -140,4 +148,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_cli(main)

@@ -1,0 +1,178 @@
+"""The run console (ogfr_jax/console.py): the progress display on a terminal and in a log,
+tables, the header, process 0 only, and the library log level."""
+
+import io
+import logging as std_logging
+
+import pytest
+from absl import logging
+
+from ogfr_jax import console
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _console_state():
+  """Each test starts as process 0 writing to its own stream, and leaves nothing behind."""
+  saved = dict(console._state)  # pylint: disable=protected-access
+  root_level = std_logging.getLogger().level
+  verbosity = logging.get_verbosity()
+  yield
+  console._state.clear()  # pylint: disable=protected-access
+  console._state.update(saved)  # pylint: disable=protected-access
+  std_logging.getLogger().setLevel(root_level)
+  logging.set_verbosity(verbosity)
+  handler = logging.get_absl_handler()
+  for f in list(handler.filters):
+    if isinstance(f, console._ConsoleFilter):  # pylint: disable=protected-access
+      handler.removeFilter(f)
+
+
+SUMMARY = {'loss/total': 3.21449, 'loss/student_id': 1.2, 'loss/student_triplet': 0.31,
+           'loss/kd_feature': 0.0512, 'lr': 0.003, 'agent/entropy': 18.2, 'grad_norm': 4.0}
+
+
+class _Clock:
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self):
+    return self.t
+
+
+def test_plain_lines_when_not_a_terminal():
+  out = io.StringIO()
+  console.set_stream(out)
+  d = console.ProgressDisplay(total_steps=200, steps_per_epoch=50, global_batch=32, out=out)
+  assert not d.tty
+  for done in range(1, 101):
+    d.advance(done)
+  assert out.getvalue() == ''  # nothing between logging windows
+  d.report(100, SUMMARY, images_per_sec=320.0)
+  d.close()
+  lines = out.getvalue().splitlines()
+  # 100 steps left at 320 img/s with 32 images a step: 10 s.
+  assert lines == ['step 100/200  epoch 2.00  loss 3.214  id 1.200  tri 0.310  kd 0.051  '
+                   'lr 3.0e-03  320.0 img/s  ETA 0:00:10']
+  assert '\r' not in out.getvalue()
+
+
+def test_bar_is_redrawn_in_place_on_a_terminal():
+  term = _Terminal()
+  console.set_stream(term)
+  clock = _Clock()
+  d = console.ProgressDisplay(total_steps=100, steps_per_epoch=10, global_batch=8, out=term,
+                              clock=clock, min_interval_s=0.5, width=200)
+  assert d.tty
+  d.advance(1)
+  clock.t = 0.1
+  d.advance(2)  # within min_interval_s of the last drawing: not redrawn
+  assert term.getvalue().count('\r\x1b[2K') == 1
+  clock.t = 1.0
+  d.report(50, SUMMARY, images_per_sec=80.0)
+  assert term.getvalue().count('\r\x1b[2K') == 2
+  last = term.getvalue().split('\r\x1b[2K')[-1]
+  assert last.startswith('[##########..........]  50%  step  50/100  epoch 5.00  loss 3.214')
+  assert last.endswith('80.0 img/s  ETA 0:00:05')  # 50 steps x 8 images at 80 img/s
+  # A line printed meanwhile lands above the bar, which comes back under it.
+  console.say('evaluation at step 50')
+  after = term.getvalue().split('evaluation at step 50\n')[1]
+  assert after.startswith('\r\x1b[2K[##########')
+  d.close()
+  assert term.getvalue().endswith('\n') and '\n' not in last
+
+
+def test_bar_fits_the_terminal_width():
+  term = _Terminal()
+  d = console.ProgressDisplay(total_steps=10, steps_per_epoch=5, global_batch=8, out=term,
+                              width=40)
+  d.report(3, SUMMARY, 12.0)
+  assert len(term.getvalue().split('\r\x1b[2K')[-1]) == 39
+
+
+def test_only_process_zero_prints():
+  term = _Terminal()
+  console.set_stream(term)
+  console.set_process(1)
+  d = console.ProgressDisplay(total_steps=10, steps_per_epoch=5, global_batch=8, out=term)
+  d.advance(1)
+  d.report(2, SUMMARY, 12.0)
+  console.say('header')
+  console.print_evaluation(2, {'synthetic': {'mAP': 0.5, 'rank1': 0.6}})
+  d.close()
+  assert term.getvalue() == ''
+  assert console.tag() == '[process 1] '
+
+
+def test_tables():
+  lines = console.results_table({'synthetic': {'rank1': 0.5, 'rank5': 0.75, 'rank10': 0.875,
+                                               'mAP': 0.41803, 'mINP': 0.125, 'step': 60},
+                                 'manifest': {'git': 'x'}})
+  assert lines == ['  dataset     rank1   rank5  rank10     mAP    mINP',
+                   '  synthetic  0.5000  0.7500  0.8750  0.4180  0.1250']
+  out = io.StringIO()
+  console.set_stream(out)
+  console.print_final({'synthetic': {'mAP': 0.25, 'step': 120},
+                       'fepm': {'gallery': {'precision': 0.5, 'recall': 0.25, 'chance': 0.1},
+                                'train': None,
+                                'teacher_clean': {'mAP': 0.2}, 'teacher_purified': {'mAP': 0.3}}},
+                      [('results', 'wd/results.json'), ('checkpoint', 'wd/checkpoints/120')],
+                      wall_time_s=75.0)
+  assert out.getvalue().splitlines() == [
+      'results at step 120 (0:01:15 wall time)',
+      '  dataset    rank1  rank5  rank10     mAP  mINP',
+      '  synthetic      -      -       -  0.2500     -',
+      '  FEPM selection: gallery precision 0.500 recall 0.250 (chance 0.100)',
+      '  teacher mAP 0.3000 purified vs 0.2000 clean',
+      'wrote',
+      '  results     wd/results.json',
+      '  checkpoint  wd/checkpoints/120']
+
+
+def test_header_keeps_room_for_extra_lines():
+  out = io.StringIO()
+  console.set_stream(out)
+  lines = console.header('OGFR train: configs/x.py', [('data', 'a'), ('workdir', 'runs/x')],
+                         notes=['mesh data=2 x fsdp=4', 'state 1.2 GB per device'])
+  assert lines == ['OGFR train: configs/x.py', '  data     a', '  workdir  runs/x',
+                   '  mesh data=2 x fsdp=4', '  state 1.2 GB per device']
+  assert out.getvalue() == '\n'.join(lines) + '\n'
+
+
+def test_library_info_hidden_unless_asked(capfd):
+  logger = std_logging.getLogger('orbax.fake')
+  handler = std_logging.StreamHandler()  # what absl's handler does outside app.run
+  std_logging.getLogger().addHandler(handler)
+  try:
+    console.configure_logging(None)
+    logging.info('absl info hidden')
+    logger.info('orbax info hidden')
+    logger.warning('orbax warning shown')
+    console.configure_logging(console.verbosity_of('info'))
+    logger.info('orbax info shown')
+  finally:
+    std_logging.getLogger().removeHandler(handler)
+  err = capfd.readouterr().err
+  assert 'hidden' not in err
+  assert 'orbax warning shown' in err and 'orbax info shown' in err
+  assert console.verbosity_of('DEBUG') == 1 and console.verbosity_of(None) is None
+  with pytest.raises(ValueError, match='--log_level'):
+    console.verbosity_of('loud')
+
+
+def test_warnings_of_other_processes_are_tagged(capfd):
+  handler = std_logging.StreamHandler()
+  std_logging.getLogger().addHandler(handler)
+  absl_handler = logging.get_absl_handler()
+  try:
+    console.configure_logging(None)
+    handler.addFilter(absl_handler.filters[-1])
+    console.set_process(3)
+    std_logging.getLogger('ogfr').warning('disk almost full')
+  finally:
+    std_logging.getLogger().removeHandler(handler)
+  assert '[process 3] disk almost full' in capfd.readouterr().err
