@@ -94,9 +94,18 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
   if paths.exists(path):
     try:
       old = json.loads(paths.read_text(path))
+      problem = None if isinstance(old, dict) else 'is not a JSON object'
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON ({e}); move it away or pass --overwrite') from e
-    diff = config_diff(old, new)
+      old, problem = None, f'is not valid JSON ({e})'
+    if problem and not overwrite:
+      saved = _saved_steps(workdir)
+      raise ValueError(
+          f'{path} {problem}, so the config of the run in {workdir} is unknown. Move it away '
+          'to resume there (each checkpoint records its config, which is checked against this '
+          'one), or pass --overwrite to start afresh '
+          + (f'(removes its checkpoints of steps {saved}).' if saved else
+             '(it has no checkpoint yet, so nothing is lost).'))
+    diff = [f'config.json: {problem}'] if problem else config_diff(old, new)
     if diff and not overwrite:
       saved = _saved_steps(workdir)
       raise ValueError(

@@ -504,6 +504,24 @@ def test_skip_policy_stops_when_more_than_the_allowed_share_is_skipped(tmp_path)
   writer.close()
 
 
+def test_invalid_config_json_is_refused_and_overwrite_starts_afresh(tmp_path):
+  wd = tmp_path / 'wd'
+  (wd / 'checkpoints' / '2').mkdir(parents=True)
+  config = config_defaults.base_config()
+  for garbage in ('{"train": {"epochs": 4', '[1, 2]'):
+    (wd / 'config.json').write_text(garbage)
+    with pytest.raises(ValueError) as e:
+      run_config.prepare_workdir(str(wd), config)
+    assert str(e.value).startswith(f'{wd / "config.json"} is not ')
+    assert 'pass --overwrite to start afresh (removes its checkpoints of steps [2])' in str(
+        e.value)
+    assert (wd / 'config.json').read_text() == garbage and (wd / 'checkpoints' / '2').is_dir()
+  # What the message advises works.
+  run_config.prepare_workdir(str(wd), config, overwrite=True)
+  assert json.loads((wd / 'config.json').read_text()) == json.loads(config.to_json_best_effort())
+  assert not (wd / 'checkpoints').exists()
+
+
 def test_finite_update_keeps_every_leaf_of_a_bad_step():
   old = {'w': jnp.ones(3), 'count': jnp.int32(4), 'nested': (jnp.zeros(2),)}
   new = jax.tree.map(lambda x: x + 1, old)
