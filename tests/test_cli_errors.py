@@ -175,3 +175,84 @@ def test_argparse_tool_as_a_program(tmp_path):
   assert_one_line_error(status, lines, 'config.json')
   status, lines = _python_m('ogfr_jax.tools.extract', args, traceback=True)
   assert status == 2 and 'Traceback (most recent call last):' in lines
+
+
+# ---------------------------------------------------------------------------------------------
+# ogfr_jax.main and data.inspect as programs: every case fails before the first train step.
+
+MARKET_RUNLOCAL = os.path.join(ROOT, 'configs', 'market1501.py') + ':runlocal'
+
+
+def _main(tmp_path, *args, config=MARKET_RUNLOCAL):
+  return _python_m('ogfr_jax.main', ['--config', config, '--workdir', str(tmp_path / 'wd'),
+                                     *map(str, args)])
+
+
+def test_main_missing_config_file(tmp_path):
+  status, lines = _main(tmp_path, config='configs/nosuch.py')
+  assert_one_line_error(status, lines, '--config configs/nosuch.py', 'No such file')
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_main_workdir_that_is_a_file(tmp_path):
+  (tmp_path / 'wd').write_text('not a folder')
+  status, lines = _main(tmp_path)
+  assert_one_line_error(status, lines, f'--workdir {tmp_path / "wd"}', 'is a file')
+
+
+def test_main_market_tree_with_foreign_file_names(tmp_path):
+  tree = fx.make_dukemtmc(tmp_path)
+  # The dataset's warning about the ignored names is a warning (kept), not library INFO.
+  status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}')
+  assert status == 2 and not [l for l in lines if l.startswith('I')], lines
+  assert_one_line_error(status, lines[-1:], str(tree.root / 'bounding_box_train'),
+                        '0001_c1_f0000107.jpg', '<pid>_c<camera>s<sequence>_<frame>_<box>.jpg')
+  # --verbosity=1: the traceback above the same line, and library INFO logs back.
+  status, verbose = _main(tmp_path, f'--config.dataset.root={tree.root}', '--verbosity=1')
+  assert status == 2 and 'Traceback (most recent call last):' in verbose
+  # (INFO lines may follow it: jax logs its clean-up at exit.)
+  assert [l for l in verbose if l.startswith('error: ')] == lines[-1:]
+  assert any(l.startswith('I') and 'xla_bridge' in l for l in verbose), verbose[:5]
+
+
+def test_main_empty_query_folder(tmp_path):
+  tree = fx.make_market1501(tmp_path)
+  for f in (tree.root / 'query').iterdir():
+    f.unlink()
+  status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}')
+  assert_one_line_error(status, lines, 'query is empty', str(tree.root / 'query'))
+
+
+def test_main_unknown_occlusion_pattern(tmp_path):
+  tree = fx.make_market1501(tmp_path)
+  status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}',
+                        '--config.occlusion.patterns=object,nosuch')
+  assert status == 2
+  errors = [l for l in lines if 'error' in l.lower() or 'Traceback' in l]
+  assert_one_line_error(status, errors, 'config.occlusion.patterns', 'nosuch')
+
+
+def test_main_refuses_a_malicious_init_from(tmp_path):
+  tree = fx.make_market1501(tmp_path)
+  marker = tmp_path / 'MARKER'
+  evil = tmp_path / 'evil.pth'
+  evil.write_bytes(pickle.dumps({'state_dict': {'w': _RunsCode(marker)}}, protocol=2))
+  status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}',
+                        f'--config.init_from={evil}')
+  assert status == 2 and lines[-1].startswith('error: ')
+  assert_one_line_error(status, lines[-1:], str(evil), 'arbitrary Python objects')
+  assert not [l for l in lines[:-1] if not l.startswith('W')], lines  # warnings only
+  assert not marker.exists()
+
+
+def test_inspect_bad_folder_and_bad_arguments(tmp_path):
+  tree = fx.make_dukemtmc(tmp_path)
+  status, lines = _python_m('ogfr_jax.data.inspect', ['--dataset', 'market1501', '--root',
+                                                      str(tree.root)])
+  assert status == 2 and not [l for l in lines[:-1] if not l.startswith('WARNING')], lines
+  assert_one_line_error(status, lines[-1:], str(tree.root / 'bounding_box_train'),
+                        '0001_c1_f0000107.jpg')
+  from ogfr_jax.data import inspect  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    cli.run_cli(inspect.main, ['--dataset', 'market1501'])
+  assert e.value.code == 2
