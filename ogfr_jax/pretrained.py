@@ -509,6 +509,13 @@ _HEAD_NOTES = (
      'classification head: skipped'),
     (re.compile(r'^sie_embed$'), 'camera embedding: task-specific, not imported'),
     (re.compile(r'^dist_token$'), 'distillation token: not used'),
+    # The extra tensors of our own timm export (SIE_TENSOR, PATTERN_TENSOR below).
+    (re.compile(r'^reid\.sie_embed$'),
+     'camera embedding of an ogfr_jax export: task-specific, not imported'),
+    (re.compile(r'^reid\.pattern_embed_0$'),
+     "student pattern embedding E[0] of an ogfr_jax export: not imported (this run's pattern "
+     'embeddings are trained from their own start)'),
+    (re.compile(r'^reid\.'), 'ReID extra of an ogfr_jax export: not imported'),
 )
 
 
