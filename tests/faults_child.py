@@ -6,6 +6,7 @@ fresh interpreter:
   python tests/faults_child.py train --workdir WD --cache DATA --compile_cache CC \
       [--step_sleep S] [--park_at N --release FILE] [--kill_in_save N] [--nan_at N,M] \
       [--nonfinite_policy stop|skip] [--corrupt_policy fail|skip] [--log_every N]
+  python tests/faults_child.py workers --root MARKET_ROOT [--num_workers N]
   python tests/faults_child.py agree --coordinator HOST:PORT --num_processes 2 \
       --process_id I --signal_at N [--no_service]
 
@@ -22,6 +23,9 @@ every 2, an evaluation after step 4) with these hooks:
   --epochs N          train.epochs (another schedule for the same workdir)
   --max_skipped_share S   train.max_skipped_share
 Its exit status is the run's: 0, 143 after a SIGTERM checkpoint, 1 on an error.
+
+`workers` reads one train batch of a Market-1501 fixture through grain workers, prints
+'WORKERS {"workers": [pids], "tracker": pid}' and waits to be killed.
 
 `agree` joins a jax.distributed run of several CPU processes and calls
 guards.StopRequest.should_stop at every step; process 1 sends itself SIGTERM at step
@@ -60,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   t.add_argument('--max_skipped_share', type=float, default=0.1)
   t.add_argument('--epochs', type=int, default=0, help='train.epochs (0: STEPS / STEPS_PER_EPOCH)')
   t.add_argument('--enospc_in_save', type=int, default=-1)
+  w = sub.add_parser('workers')
+  w.add_argument('--root', required=True, help='a Market-1501 layout (dataset_fixtures)')
+  w.add_argument('--num_workers', type=int, default=2)
   a = sub.add_parser('agree')
   a.add_argument('--coordinator', required=True)
   a.add_argument('--num_processes', type=int, required=True)
@@ -163,6 +170,33 @@ def run_train(args: argparse.Namespace) -> None:
   print('RESULTS ' + json.dumps(results, sort_keys=True), flush=True)
 
 
+def run_workers(args: argparse.Namespace) -> None:
+  """Reads one train batch through grain workers, prints their pids, then waits forever."""
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  from test_train_e2e import tiny_config  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import loading  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c = tiny_config(pathlib.Path(args.root).parent)
+  c.dataset.name, c.dataset.root = 'market1501', args.root
+  c.input.height, c.input.width = 32, 16
+  c.input.ids_per_batch, c.input.images_per_id = 4, 2
+  c.model.patch_size = c.model.stride = 8
+  c.train.steps_per_epoch = 0
+  c.occlusion.patterns = ('object', 'texture')
+  c.input.num_workers, c.input.prefetch = args.num_workers, 2
+  train_data, _ = loading.load_data(c)
+  it = pipeline.make_train_iterator(train_data.train, c)
+  next(it)
+  tracker = getattr(resource_tracker._resource_tracker, '_pid', None)  # pylint: disable=protected-access
+  print('WORKERS ' + json.dumps({'workers': [p.pid for p in multiprocessing.active_children()],
+                                 'tracker': tracker}), flush=True)
+  while True:
+    time.sleep(1)
+
+
 def run_agree(args: argparse.Namespace) -> None:
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax  # pylint: disable=g-import-not-at-top
@@ -195,6 +229,8 @@ def main(argv=None) -> None:
   logging.set_verbosity(logging.INFO)
   if args.command == 'train':
     run_train(args)
+  elif args.command == 'workers':
+    run_workers(args)
   else:
     run_agree(args)
 

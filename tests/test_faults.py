@@ -676,6 +676,39 @@ def test_missing_or_misnamed_dataset_folder_fails_before_anything_is_written(tmp
   assert not wd.exists()
 
 
+def _gone(pid: int) -> bool:
+  """True once `pid` has exited (a zombie that nobody reaps counts as exited)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
+  except FileNotFoundError:
+    return True
+
+
+def test_grain_workers_die_with_a_main_process_killed_by_sigkill(tmp_path):
+  tree = fx.make_market1501(tmp_path)
+  proc = subprocess.Popen([sys.executable, CHILD, 'workers', '--root', str(tree.root)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith('WORKERS '), proc.stderr.read()[-3000:] if proc.poll() else line
+    pids = json.loads(line[len('WORKERS '):])
+    workers = pids['workers']
+    assert len(workers) >= 2 and not any(_gone(p) for p in workers)
+    proc.send_signal(signal.SIGKILL)  # what the OOM killer does: no clean-up in the parent
+    proc.wait(timeout=30)
+    # The workers and the resource tracker (which unlinks their shared memory once they are
+    # gone) end by themselves within a few of the workers' parent checks.
+    watched = workers + ([pids['tracker']] if pids['tracker'] else [])
+    _wait_for(lambda: all(_gone(p) for p in watched), 20, f'processes {watched} to end')
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    for pid in workers if 'workers' in locals() else []:
+      if not _gone(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_batch_not_divisible_by_the_devices_names_the_fields(tmp_path):
   config = tiny_config(tmp_path)
   config.input.ids_per_batch, config.input.images_per_id = 3, 2

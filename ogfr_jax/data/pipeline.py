@@ -30,9 +30,12 @@ Callables sent to workers are module-level classes (workers start with spawn).
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
+import functools
+import os
 import sys
+import threading
+import time
+from typing import Any, Iterator
 
 from absl import flags
 from absl import logging
@@ -244,12 +247,42 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS(sys.argv[:1], known_only=True)
 
 
+# How often a grain worker checks that the process that started it is still alive.
+_PARENT_POLL_S = 0.5
+
+
+def _watch_parent(parent_pid: int) -> None:
+  while os.getppid() == parent_pid:
+    time.sleep(_PARENT_POLL_S)
+  os._exit(1)  # pylint: disable=protected-access  (no clean-up: the parent is gone)
+
+
+def _die_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain worker start-up: the worker ends itself once its parent process is gone.
+
+  grain's workers stop only when the main process asks them to; a main process killed by
+  SIGKILL (the OOM killer) never asks, and its workers (with the resource tracker, which waits
+  for them) would live on holding their shared memory. grain has no parent-death mechanism
+  of its own, and prctl(PR_SET_PDEATHSIG) fires when the *thread* that started the worker
+  ends (here the device prefetch thread, which may be replaced while the run goes on), so a
+  daemon thread in each worker watches the parent's pid instead. Once parent and workers are
+  gone, multiprocessing's resource tracker unlinks their leftover /dev/shm blocks and exits.
+  """
+  del worker_index, worker_count
+  if os.getppid() != parent_pid:
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=_watch_parent, args=(parent_pid,), name='parent-watch',
+                   daemon=True).start()
+
+
 def _to_iterator(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.DatasetIterator:
   _ensure_flags_parsed()
   it_ds = ds.to_iter_dataset(_read_options(num_workers, prefetch))
   if num_workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers,
+                                     per_worker_buffer_size=max(1, prefetch)),
+        worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
   return iter(it_ds)
 
 
