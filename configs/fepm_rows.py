@@ -24,6 +24,9 @@ def apply_row(c, row):
   c.fepm.enabled = row != 'none'
   if row != 'none':
     c.fepm.selection = row
+  if row != 'agent':
+    # Nothing learns in the agent-only phase without an agent: the teacher would only be held.
+    c.fepm.agent_only_epochs = 0.0
   return c
 
 
