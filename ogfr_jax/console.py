@@ -297,6 +297,7 @@ class ProgressDisplay:
     self._ips: Optional[float] = None
     self._last_draw = -float('inf')
     self._shown = False
+    self._closed = False
     if self.enabled and self.tty:
       _state['live'] = self
 
@@ -333,6 +334,8 @@ class ProgressDisplay:
 
   def advance(self, done: int) -> None:
     self.done = int(done)
+    if self._closed:
+      return
     if self.enabled and self.tty and self.clock() - self._last_draw >= self.min_interval_s:
       self.redraw()
 
@@ -342,7 +345,7 @@ class ProgressDisplay:
     self._figures = figures_text(summary)
     if images_per_sec is not None and images_per_sec > 0:
       self._ips = float(images_per_sec)
-    if not self.enabled:
+    if not self.enabled or self._closed:
       return
     if self.tty:
       self.redraw()
@@ -352,8 +355,11 @@ class ProgressDisplay:
       s.flush()
 
   def redraw(self) -> None:
-    if not (self.enabled and self.tty):
+    if not (self.enabled and self.tty) or self._closed:
       return
+    self._draw()
+
+  def _draw(self) -> None:
     s = self._stream()
     s.write('\r\x1b[2K' + self.bar_text())
     s.flush()
@@ -369,11 +375,15 @@ class ProgressDisplay:
       self._shown = False
 
   def close(self) -> None:
-    """Leaves the final state of the bar on its own line and stops being the live bar."""
+    """Leaves the final state of the bar on its own line and stops being the live bar (once;
+    later calls do nothing)."""
+    if self._closed:
+      return
+    self._closed = True
     if _state['live'] is self:
       _state['live'] = None
     if self.enabled and self.tty:
-      self.redraw()
+      self._draw()
       s = self._stream()
       s.write('\n')
       s.flush()

@@ -82,8 +82,13 @@ def test_bar_is_redrawn_in_place_on_a_terminal():
   console.say('evaluation at step 50')
   after = term.getvalue().split('evaluation at step 50\n')[1]
   assert after.startswith('\r\x1b[2K[##########')
-  d.close()
-  assert term.getvalue().endswith('\n') and '\n' not in last
+  d.close()  # the final state stays on its own line
+  assert term.getvalue().endswith('\r\x1b[2K' + d.bar_text() + '\n') and '\n' not in last
+  closed = term.getvalue()
+  d.close()  # again (the loop's clean-up): nothing more
+  d.advance(60)
+  console.say('results')
+  assert term.getvalue() == closed + 'results\n'
 
 
 def test_bar_fits_the_terminal_width():
