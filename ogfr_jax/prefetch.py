@@ -32,6 +32,11 @@ _POLL_S = 0.5
 _JOIN_TIMEOUT_S = 30.0
 
 
+def _log_notes(notes: list[str]) -> None:
+  for note in notes:
+    logging.warning('%s', note)
+
+
 class _End:
   """Queue marker: the source is exhausted."""
 
@@ -65,6 +70,14 @@ class DevicePrefetcher:
     self._put = put
     self._size = size
     self._has_state = callable(getattr(source, 'get_state', None))
+    # A source with take_notes (pipeline.TrainIterator) hands its warnings about a batch
+    # (corrupt files skipped) to this object, which logs them when that batch is handed out:
+    # batches read ahead and dropped warn about nothing.
+    self._take_notes = getattr(source, 'take_notes', None)
+    if callable(self._take_notes):
+      source.defer_notes = True
+    else:
+      self._take_notes = None
     self._state = self._read_state()
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
@@ -94,7 +107,8 @@ class DevicePrefetcher:
     if isinstance(item, _Failure):
       self._done = item.error
       raise item.error
-    batch, self._state = item
+    batch, self._state, notes = item
+    _log_notes(notes)
     return batch
 
   def _next_in_caller(self) -> Any:
@@ -104,9 +118,14 @@ class DevicePrefetcher:
       self._done = StopIteration()
       raise
     state = self._read_state()
+    notes = self._notes()
     out = self._put(batch)
     self._state = state
+    _log_notes(notes)
     return out
+
+  def _notes(self) -> list[str]:
+    return self._take_notes() if self._take_notes is not None else []
 
   def _read_state(self) -> Any:
     # A copy: a source may hand out (and later mutate) its own dict.
@@ -129,7 +148,8 @@ class DevicePrefetcher:
           self._offer(q, stop, _End())
           return
         state = self._read_state()
-        if not self._offer(q, stop, (self._put(batch), state)):
+        notes = self._notes()
+        if not self._offer(q, stop, (self._put(batch), state, notes)):
           return
     except BaseException as e:  # pylint: disable=broad-except
       # Everything, KeyboardInterrupt included, belongs to the caller, who sees it at the

@@ -44,6 +44,7 @@ from ogfr_jax import guards
 from ogfr_jax import losses
 from ogfr_jax import optim
 from ogfr_jax import parallel
+from ogfr_jax import prefetch
 from ogfr_jax import run_config
 from ogfr_jax import train
 from ogfr_jax.data import image_io
@@ -674,6 +675,44 @@ def test_missing_or_misnamed_dataset_folder_fails_before_anything_is_written(tmp
     train.train_and_evaluate(_market_config(tree.root, tmp_path), str(wd))
   assert f'expected folder {tree.root / "bounding_box_train"} is missing' in str(e.value)
   assert not wd.exists()
+
+
+def test_corrupt_images_warned_about_are_the_ones_counted(tmp_path, caplog):
+  """Batches read ahead and never used warn about nothing: every 'skipping corrupt training
+  image' warning is one of the corrupt files counted in num_skipped."""
+  tree = fx.make_market1501(tmp_path)
+  config = _market_config(tree.root, tmp_path)
+  config.input.corrupt_image_policy = 'skip'
+  config.input.prefetch = 2
+  train_data, _ = loading.load_data(config)
+  it = pipeline.make_train_iterator(train_data.train, config)
+  loader = it._loader  # pylint: disable=protected-access
+  first, second = set(loader.global_indices(0).tolist()), loader.global_indices(1).tolist()
+  bad = [i for i in second if i not in first][:2]  # read only for the second batch
+  assert bad
+  for i in bad:
+    pathlib.Path(train_data.train.paths[i]).write_bytes(b'')
+  source = prefetch.DevicePrefetcher(it, lambda b: b, size=2)
+  with caplog.at_level(std_logging.WARNING):
+    batch = next(source)
+    _wait_for(lambda: it.step >= 3, 30, 'the batches after the first to be read ahead')
+    source.close()
+  warned = [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith('skipping corrupt training image')]
+  assert int(batch['num_skipped'].sum()) == source.num_skipped == 0
+  assert warned == []
+  # Consumed, they are warned about and counted, one warning per file replaced.
+  it = pipeline.make_train_iterator(train_data.train, config)
+  source = prefetch.DevicePrefetcher(it, lambda b: b, size=2)
+  caplog.clear()
+  with caplog.at_level(std_logging.WARNING):
+    batches = [next(source) for _ in range(2)]
+    source.close()
+  warned = [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith('skipping corrupt training image')]
+  counted = sum(int(b['num_skipped'].sum()) for b in batches)
+  assert counted == source.num_skipped == len(warned) >= len(bad)
+  assert {train_data.train.paths[i] for i in bad} <= {w.split(': ')[1] for w in warned}
 
 
 def _gone(pid: int) -> bool:

@@ -56,6 +56,8 @@ _REPLACEMENT_STREAM = 3
 # An infinite stream of steps, kept well inside int64 for grain's index bookkeeping.
 _STEP_LIMIT = 2 ** 62
 CORRUPT_IMAGE_POLICIES = ('fail', 'skip')
+# Key of a loader batch with its warnings (corrupt files skipped); TrainIterator takes it out.
+NOTES_KEY = '_notes'
 
 
 def _row_rng(seed: int, step: int, row: int, stream: int) -> np.random.Generator:
@@ -145,21 +147,23 @@ class TrainBatchLoader:
     end = starts[i + 1] if i + 1 < uniq.size else order.size
     return order[starts[i]:end]
 
-  def _decode(self, step: int, row: int, index: int) -> tuple[np.ndarray, int, int]:
-    """(uint8 image, index actually read, number of corrupt files skipped).
+  def _decode(self, step: int, row: int, index: int) -> tuple[np.ndarray, int, int, list[str]]:
+    """(uint8 image, index actually read, number of corrupt files skipped, their warnings).
 
     Only undecodable files fall under config.input.corrupt_image_policy; a missing file means
-    the dataset folder changed under the run and always raises.
+    the dataset folder changed under the run and always raises. The warnings travel with the
+    batch and are logged when it is consumed (TrainIterator), so batches read ahead and never
+    used warn about nothing and every warning is counted in num_skipped.
     """
     size = (self.augment_spec.height, self.augment_spec.width)
     try:
-      return image_io.load_image(self.paths[index], size=size), index, 0
+      return image_io.load_image(self.paths[index], size=size), index, 0, []
     except image_io.CorruptImageError as e:
       if self.corrupt_policy == 'fail':
         raise image_io.CorruptImageError(
             f'{e} (set config.input.corrupt_image_policy="skip" to replace corrupt training '
             'images by another image of the same identity)') from e
-      logging.warning('skipping corrupt training image: %s', e)
+      notes = [f'skipping corrupt training image: {e}']
     # Replacement candidates in a random order that depends only on (seed, step, row), so a
     # skip is reproduced identically on resume and by any process that needs this row.
     rng = _row_rng(self.seed, step, row, _REPLACEMENT_STREAM)
@@ -167,22 +171,22 @@ class TrainBatchLoader:
     skipped = 1
     for candidate in candidates:
       try:
-        return image_io.load_image(self.paths[candidate], size=size), candidate, skipped
+        return image_io.load_image(self.paths[candidate], size=size), candidate, skipped, notes
       except image_io.CorruptImageError as e:
         skipped += 1
-        logging.warning('skipping corrupt training image: %s', e)
+        notes.append(f'skipping corrupt training image: {e}')
     raise image_io.CorruptImageError(
         f'all {skipped} images of identity {int(self.pids[index])} are corrupt, e.g. '
         f'{self.paths[index]}; nothing can replace them')
 
   def _row(self, step: int, row: int, index: int
-           ) -> tuple[np.ndarray, int, int, np.ndarray | None]:
-    """(x, index read, corrupt files skipped, contamination mask of x or None)."""
-    image, used, skipped = self._decode(step, row, index)
+           ) -> tuple[np.ndarray, int, int, np.ndarray | None, list[str]]:
+    """(x, index read, corrupt files skipped, contamination mask of x or None, warnings)."""
+    image, used, skipped, notes = self._decode(step, row, index)
     mask = None if self.contam is None else self.contam.mask(used)
     x, m = augment.train_augment_pair(image, mask, self.augment_spec,
                                       _row_rng(self.seed, step, row, _AUGMENT_STREAM))
-    return x, used, skipped, m
+    return x, used, skipped, m, notes
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
@@ -224,6 +228,8 @@ class TrainBatchLoader:
         'camid': self.camids[used],
         'index': used,
         'num_skipped': np.array([views[r][2] for r in rows], np.int32),
+        # This process's rows only: donor rows of other processes are theirs to report.
+        NOTES_KEY: [note for r in rows for note in views[r][4]],
     }
 
 
@@ -302,6 +308,11 @@ class TrainIterator(grain.DatasetIterator):
     self._step = int(start_step)
     self._num_skipped = 0
     self._it: grain.DatasetIterator | None = None
+    # Warnings about the last batch read (corrupt files skipped). Logged by __next__, unless
+    # a consumer that reads ahead (prefetch.DevicePrefetcher) sets defer_notes and logs them,
+    # via take_notes, when it hands that batch out.
+    self.defer_notes = False
+    self._notes: list[str] = []
 
   @property
   def step(self) -> int:
@@ -321,10 +332,19 @@ class TrainIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
-    batch = next(self._ensure())
+    batch = dict(next(self._ensure()))
     self._step += 1
     self._num_skipped += int(batch['num_skipped'].sum())
+    self._notes = [str(n) for n in batch.pop(NOTES_KEY, ())]
+    if not self.defer_notes:
+      for note in self.take_notes():
+        logging.warning('%s', note)
     return batch
+
+  def take_notes(self) -> list[str]:
+    """The warnings about the batch last returned (and forgets them)."""
+    notes, self._notes = self._notes, []
+    return notes
 
   def get_state(self) -> dict[str, Any]:
     return {'step': self._step, 'num_skipped': self._num_skipped, 'seed': self._loader.seed,
