@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -103,18 +104,20 @@ def _iso(timestamp: float) -> str:
 
 
 def run_manifest(config: Any, *, wall_time_s: Optional[float] = None,
-                 start_time: Optional[float] = None) -> dict[str, Any]:
+                 start_time: Optional[float] = None,
+                 layout: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """The manifest of a run with `config` (a ConfigDict or a plain dict).
 
   wall_time_s: the run's duration so far, if known. start_time: its start (seconds since the
   epoch); by default now minus wall_time_s, or now. Returns a JSON-serialisable dict with
   git (commit, dirty), packages, devices, seeds, hostname, argv, start_time (ISO 8601, UTC)
-  and wall_time_s.
+  and wall_time_s; with `layout` (parallel.describe_layout: the mesh, per-device parameter and
+  optimizer bytes, the sharding of the largest arrays) also 'layout'.
   """
   now = time.time()
   if start_time is None:
     start_time = now - wall_time_s if wall_time_s is not None else now
-  return {
+  out = {
       'git': git_state(),
       'packages': package_versions(),
       'devices': device_info(),
@@ -124,3 +127,22 @@ def run_manifest(config: Any, *, wall_time_s: Optional[float] = None,
       'start_time': _iso(start_time),
       'wall_time_s': None if wall_time_s is None else float(wall_time_s),
   }
+  if layout is not None:
+    out['layout'] = layout
+  return out
+
+
+def record_layout(workdir: str, layout: dict[str, Any]) -> None:
+  """Adds `layout` to WORKDIR/manifest.json (process 0; the mesh exists only after the
+  workdir is set up, so prepare_workdir writes the manifest without it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import paths  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  path = paths.join(paths.resolve(workdir, '--workdir'), 'manifest.json')
+  try:
+    record = json.loads(paths.read_text(path)) if paths.exists(path) else {}
+  except (OSError, ValueError):
+    record = {}  # best-effort, as the rest of the manifest
+  record['layout'] = layout
+  paths.write_text(path, json.dumps(record, indent=2, sort_keys=True))

@@ -310,6 +310,79 @@ def sharding_summary(abstract_state: Any, shardings: Any) -> dict[str, float]:
           'split_bytes': split, 'per_device_bytes': per_device}
 
 
+def _spec_text(sharding: NamedSharding) -> str:
+  parts = [repr(a) if isinstance(a, str) else 'None' if a is None else repr(tuple(a))
+           for a in sharding.spec]
+  return f'P({", ".join(parts)})'
+
+
+def describe_layout(abstract_state: Any, shardings: Any, mesh: Mesh, *,
+                    num_largest: int = 5) -> dict[str, Any]:
+  """What FSDP does with a train state on `mesh`, as plain JSON (run manifest, header).
+
+  'mesh': axis sizes, devices, processes, slices, device kind and whether the global batch
+  is the pipeline's rows in order; 'params', 'optimizer' (opt_state) and 'total' (the whole
+  state): array and split counts, total bytes and the bytes one device stores; 'largest':
+  the `num_largest` biggest parameters with their shape, partition spec and per-device
+  shape.
+  """
+  devices = list(mesh.devices.reshape(-1))
+
+  def part(name):
+    tree = getattr(abstract_state, name, None) if name else abstract_state
+    shard_tree = getattr(shardings, name, None) if name else shardings
+    if tree is None:
+      return {'num_arrays': 0, 'num_split': 0, 'total_bytes': 0, 'split_bytes': 0,
+              'per_device_bytes': 0}
+    return {k: int(v) for k, v in sharding_summary(tree, shard_tree).items()}
+
+  # The largest parameters (optimizer state mirrors their shapes and shardings).
+  big = getattr(abstract_state, 'params', None)
+  big_shardings = getattr(shardings, 'params', None) if big is not None else shardings
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state if big is None else big)[0]
+  specs = jax.tree_util.tree_leaves(big_shardings,
+                                    is_leaf=lambda x: isinstance(x, NamedSharding))
+  rows = []
+  for (path, leaf), sharding in zip(leaves, specs, strict=True):
+    shape = tuple(int(d) for d in leaf.shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    rows.append((nbytes, jax.tree_util.keystr(path, simple=True, separator='/'), shape,
+                 str(leaf.dtype), sharding))
+  rows.sort(key=lambda r: (-r[0], r[1]))
+  return {
+      'mesh': {'shape': {k: int(v) for k, v in mesh.shape.items()}, 'devices': len(devices),
+               'processes': len({d.process_index for d in devices}),
+               'slices': num_slices(devices), 'device_kind': devices[0].device_kind,
+               'pipeline_order': pipeline_order(mesh)},
+      'params': part('params'), 'optimizer': part('opt_state'), 'total': part(None),
+      'largest': [{'name': name, 'shape': list(shape), 'dtype': dtype, 'bytes': nbytes,
+                   'spec': _spec_text(sharding),
+                   'per_device_shape': list(sharding.shard_shape(shape))}
+                  for nbytes, name, shape, dtype, sharding in rows[:num_largest]],
+  }
+
+
+def _mib(n: int) -> str:
+  return f'{n / 2**20:,.1f} MiB'
+
+
+def layout_lines(layout: dict[str, Any]) -> list[str]:
+  """`describe_layout` as a few console lines."""
+  m = layout['mesh']
+  axes = ' x '.join(f'{k}={v}' for k, v in m['shape'].items())
+  lines = [f'layout: mesh {axes} over {m["devices"]} {m["device_kind"]} devices, '
+           f'{m["processes"]} process(es), {m["slices"]} slice(s)']
+  for key, label in (('params', 'parameters'), ('optimizer', 'optimizer state')):
+    p = layout[key]
+    lines.append(f'  {label}: {_mib(p["per_device_bytes"])} per device of '
+                 f'{_mib(p["total_bytes"])} ({p["num_split"]} of {p["num_arrays"]} arrays '
+                 f'split)')
+  for a in layout['largest']:
+    lines.append(f'  {a["name"]} {tuple(a["shape"])} {a["spec"]} -> '
+                 f'{tuple(a["per_device_shape"])} per device')
+  return lines
+
+
 # --------------------------------------------------------------------------------------------
 # Host <-> global arrays
 

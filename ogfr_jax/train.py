@@ -79,7 +79,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   return dict(train_data=train_data, test_data=test_data, mesh=mesh, model=model, tx=tx,
               lr_fn=lr_fn, state=state, abstract=abstract,
               shardings=shardings, manager=manager, steps_per_epoch=steps_per_epoch,
-              total_steps=total_steps, global_batch=global_batch)
+              total_steps=total_steps, global_batch=global_batch,
+              layout=parallel.describe_layout(abstract, shardings, mesh))
 
 
 def restore_latest(s: dict):
@@ -253,8 +254,8 @@ def _finish(manager, writer: Writer, train_iter) -> None:
 def header_notes(s: dict, config: ml_collections.ConfigDict) -> list[str]:
   """Extra start-up lines printed at the end of the run's header (e.g. how the state is laid
   out over the mesh); one string per line."""
-  del s, config
-  return []
+  del config
+  return parallel.layout_lines(s['layout'])
 
 
 def _count(n: int) -> str:
@@ -324,6 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_start = time.time()  # wall time of this invocation (a resumed run reports its own part)
   s = setup(config, workdir)
   mesh, model, manager = s['mesh'], s['model'], s['manager']
+  manifest.record_layout(workdir, s['layout'])
   if jax.process_index() == 0:
     # Shapes only: under FSDP the values span devices of other processes.
     logging.info('parameters:\n%s', parameter_overview.get_parameter_overview(
@@ -396,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       results['fepm'] = evaluator.fepm_report(model, state, s['train_data'], s['test_data'],
                                               config, mesh)
     results['manifest'] = manifest.run_manifest(config, wall_time_s=time.time() - t_start,
-                                                start_time=t_start)
+                                                start_time=t_start, layout=s['layout'])
     evaluator.write_results(workdir, results)
     display.close()
     _print_end(workdir, results, final_step, time.time() - t_start, trained=True)
