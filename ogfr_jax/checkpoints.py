@@ -391,7 +391,7 @@ def _check_identity(manager: ocp.CheckpointManager, step: int, record: dict) -> 
     workdir = os.path.dirname(str(manager.directory))
     raise CheckpointMismatch(
         f'the checkpoint in {workdir} (step {step}) was written by a run of another config or '
-        f'dataset; refusing to mix them ({len(lines)} differences):\n  {_describe(lines)}\n'
+        f'dataset; refusing to mix them ({len(lines)} difference{"s" if len(lines) > 1 else ""}):\n  {_describe(lines)}\n'
         'Use another --workdir, or --overwrite to start afresh there.')
 
 

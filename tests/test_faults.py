@@ -319,6 +319,65 @@ def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(shared, tmp_pat
   assert not (wd / 'results.json').exists()
 
 
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_identically(shared,
+                                                                             tmp_path):
+  """Bit flips in the newest step (which orbax alone may load without an error) fail its
+  checksums; the step moves to corrupt-<step> and the run resumes from the one before."""
+  wd = tmp_path / 'run'
+  shutil.copytree(shared['reference'], wd)
+  os.remove(wd / 'results.json')
+  folder = wd / 'checkpoints' / str(STEPS) / 'state' / 'ocdbt.process_0' / 'd'
+  path = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+  proc = _run(_train_args(shared, wd))
+  assert proc.returncode == 0, _tail(proc)
+  assert f'checkpoint {wd}/checkpoints/{STEPS} (step {STEPS}) is damaged: ' in proc.stderr
+  assert f'moved it to {wd}/checkpoints/corrupt-{STEPS}' in proc.stderr
+  assert f'resumed from checkpoint at step {STEPS - 2}' in proc.stderr
+  assert (wd / 'checkpoints' / f'corrupt-{STEPS}' / path.relative_to(
+      wd / 'checkpoints' / str(STEPS))).read_bytes() == bytes(data)
+  print('resumed run vs uninterrupted run:', assert_same_as_reference(wd, shared['reference']))
+
+
+@pytest.mark.slow
+def test_deleted_config_json_does_not_let_another_schedule_resume(shared, tmp_path):
+  wd = tmp_path / 'run'
+  shutil.copytree(shared['reference'], wd)
+  os.remove(wd / 'config.json')
+  proc = _run(_train_args(shared, wd, '--epochs', 3))  # 12 steps instead of 8
+  assert proc.returncode == 1
+  assert proc.stderr.strip().endswith('Use another --workdir, or --overwrite to start afresh '
+                                     'there.')
+  (error,) = [l for l in proc.stderr.splitlines()
+              if l.startswith('ogfr_jax.checkpoints.CheckpointMismatch: ')]
+  assert error.endswith(f'the checkpoint in {wd} (step {STEPS}) was written by a run of another '
+                        'config or dataset; refusing to mix them (1 difference):')
+  assert '\n  train.epochs: 2 -> 3\n' in proc.stderr
+  assert saved_steps(wd) == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_disk_full_in_a_checkpoint_write_ends_with_one_line_and_keeps_the_last_good_one(
+    shared, tmp_path):
+  wd = tmp_path / 'run'
+  proc = _run(_train_args(shared, wd, '--enospc_in_save', 4))
+  assert proc.returncode == 1
+  error = proc.stderr.strip().splitlines()[-1]
+  folder = wd / 'checkpoints'
+  assert error.startswith('ogfr_jax.checkpoints.CheckpointWriteError: no space left on device '
+                          f'writing the checkpoint of step 4 to {folder}/4 (it needs about ')
+  assert f'the last good checkpoint, step 2, is kept in {folder}' in error
+  assert 'sys.meta_path' not in proc.stderr and 'Event loop is closed' not in proc.stderr
+  assert saved_steps(wd) == [2]
+  good, _, _ = read_checkpoint(wd, 2)
+  reference, _, _ = read_checkpoint(shared['reference'], 2)
+  assert _max_diff(good, reference) == 0.0
+
+
 def _corrupt_copy(shared, tmp_path) -> tuple[str, list[str]]:
   """A copy of the dataset with four training images broken (empty or cut short)."""
   cache = tmp_path / 'data' / 'cache'
