@@ -176,6 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
   # The mask the teacher's own pass (its losses, the distillation target) purifies with:
   # 'sampled' (the agent's sampled action), 'greedy', or 'clean' (no replacement).
   c.fepm.teacher_input = 'sampled'
+  # How the reward reaches the tokens of a sampled action: 'image' (the REINFORCE estimate
+  # with one advantage per sampled mask, reward minus baseline) or 'token' (per-token
+  # advantages: the first-order change of the reward if that token's action were flipped,
+  # from the gradient of the reward pass with respect to each token's replacement weight;
+  # biased to first order, but free of the variance of all the other tokens' actions).
+  c.fepm.credit = 'image'
   # Staged schedule: the first teacher_warmup_epochs train without purification and without
   # the agent; the next agent_only_epochs train the agent against a teacher whose parameters
   # are held (PatchDrop trains its policy against a fixed classifier); then all train jointly.

@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'fepm.greedy': ('positive', 'expected_count'),
     'fepm.baseline': ('self_critical', 'moving_average', 'leave_one_out'),
     'fepm.teacher_input': ('sampled', 'greedy', 'clean'),
+    'fepm.credit': ('image', 'token'),
     'loss.kd_feature': ('mse', 'cos', 'both'),
     'loss.kd_feature_input': ('feat', 'bn_feat'),
     'loss.triplet_feature_input': ('feat', 'bn_feat'),
@@ -143,6 +144,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if f.selection == 'random' or f.action == 'topk':
       gh, gw = build.token_grid(config)
       fepm.num_selected(f.topk_fraction, gh * gw)
+    if f.credit == 'token' and f.action != 'bernoulli':
+      raise ValueError("config.fepm.credit='token' flips one token's action at a time, which "
+                       "needs independent tokens: set config.fepm.action='bernoulli'")
     if f.baseline == 'leave_one_out' and f.num_samples < 2:
       raise ValueError("config.fepm.baseline='leave_one_out' compares each sampled action "
                        'with the others of its image: set config.fepm.num_samples >= 2')

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ogfr_jax.models import build
+from ogfr_jax.models import fepm as fepm_lib
 
 _F32 = jnp.float32
 
@@ -167,6 +168,27 @@ def reinforce_loss(logp: jax.Array, reward: jax.Array, baseline: Any, entropy: j
   """
   advantage = jax.lax.stop_gradient(_f32(reward) - _f32(baseline))
   return -jnp.mean(advantage * _f32(logp)) - entropy_weight * jnp.mean(_f32(entropy))
+
+
+def token_advantage(token_grads: jax.Array, masks: jax.Array, eta: float) -> jax.Array:
+  """Per-token advantage of the action taken: R(a) - R(a with token i flipped), to first
+  order. The reward is R(w) = lp(w) - lp_clean - eta * mean_i w_i over replacement weights
+  w, so flipping a_i changes it by (dlp/dw_i - eta / N) * (1 - 2 a_i), and the advantage of
+  the action taken is the negative of that. token_grads, masks [S, B, N] -> [S, B, N]."""
+  slope = _f32(token_grads) - eta / masks.shape[-1]
+  return slope * (2.0 * _f32(masks) - 1.0)
+
+
+def token_reinforce_loss(logits: jax.Array, masks: jax.Array, advantage: jax.Array,
+                         bounds: tuple[float, float], entropy: jax.Array,
+                         entropy_weight: float) -> jax.Array:
+  """-mean_{s,b} sum_i stop_grad(A_sbi) log pi(a_sbi) - w * mean(H): REINFORCE with each
+  token's own advantage. logits [B, N] (the agent's), masks/advantage [S, B, N]."""
+  log_p, log_q = fepm_lib.token_log_probs(logits, bounds)
+  per_token = jnp.where(masks, log_p[None], log_q[None])
+  weighted = jax.lax.stop_gradient(_f32(advantage)) * per_token
+  return (-jnp.mean(jnp.sum(weighted, axis=-1))
+          - entropy_weight * jnp.mean(_f32(entropy)))
 
 
 def agent_baseline(kind: str, reward: jax.Array, baseline_ema: jax.Array, *,
@@ -382,7 +404,12 @@ def agent_term(outputs, batch, ctx: Context) -> TermValue:
                                      greedy_reward=greedy_reward, momentum=fc.baseline_momentum)
   on = _f32(ctx.agent_on)
   new_ema = on * new_ema + (1.0 - on) * ctx.baseline_ema
-  value = reinforce_loss(a['logp'], reward, baseline, a['entropy'], fc.entropy_weight)
+  if fc.credit == 'token':
+    advantage = token_advantage(a['token_grads'], a['sample_masks'], fc.eta)
+    value = token_reinforce_loss(a['scores'], a['sample_masks'], advantage,
+                                 tuple(fc.prob_bounds), a['entropy'], fc.entropy_weight)
+  else:
+    value = reinforce_loss(a['logp'], reward, baseline, a['entropy'], fc.entropy_weight)
   if fc.rate_weight:
     value += fc.rate_weight * rate_penalty(a['probs'], fc.rate_target)
   metrics = {'agent/reward': jnp.mean(reward),
@@ -395,4 +422,6 @@ def agent_term(outputs, batch, ctx: Context) -> TermValue:
              'agent/entropy': jnp.mean(_f32(a['entropy']))}
   if greedy_reward is not None:
     metrics['agent/greedy_reward'] = jnp.mean(greedy_reward)
+  if fc.credit == 'token':
+    metrics['agent/token_advantage_std'] = jnp.std(advantage)
   return TermValue(on * value, metrics, {'baseline_ema': new_ema})

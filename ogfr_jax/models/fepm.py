@@ -90,7 +90,7 @@ def num_selected(fraction: float, num_tokens: int) -> int:
 UNBOUNDED = (0.0, 1.0)
 
 
-def _token_log_probs(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
+def token_log_probs(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
                      ) -> tuple[jax.Array, jax.Array]:
   """(log p_i, log (1 - p_i)) per token, float32."""
   logits = logits.astype(jnp.float32)
@@ -103,7 +103,7 @@ def _token_log_probs(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
 
 def selection_probs(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
   """p_i of the Bernoulli policy, float32."""
-  return jnp.exp(_token_log_probs(logits, bounds)[0])
+  return jnp.exp(token_log_probs(logits, bounds)[0])
 
 
 def bernoulli_sample(key: jax.Array, logits: jax.Array,
@@ -114,13 +114,13 @@ def bernoulli_sample(key: jax.Array, logits: jax.Array,
 def bernoulli_log_prob(logits: jax.Array, mask: jax.Array,
                        bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
   """log pi(mask), summed over the last axis."""
-  log_p, log_q = _token_log_probs(logits, bounds)
+  log_p, log_q = token_log_probs(logits, bounds)
   return jnp.sum(jnp.where(mask, log_p, log_q), axis=-1)
 
 
 def bernoulli_entropy(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED) -> jax.Array:
   """Exact entropy of the joint (independent) policy: the sum of per-token entropies."""
-  log_p, log_q = _token_log_probs(logits, bounds)
+  log_p, log_q = token_log_probs(logits, bounds)
   per_token = -(jnp.exp(log_p) * log_p + jnp.exp(log_q) * log_q)
   return jnp.sum(per_token, axis=-1)
 

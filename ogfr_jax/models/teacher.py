@@ -31,6 +31,12 @@ SELECTIONS = ('agent', 'random', 'oracle')
 # Which mask the teacher's own forward pass (the one its ID/triplet losses and the
 # distillation read) purifies with: the sampled action, the greedy one, or none.
 TEACHER_INPUTS = ('sampled', 'greedy', 'clean')
+# How the agent's loss assigns the reward to the tokens of a sampled action: 'image' (one
+# REINFORCE advantage per sampled mask, the reward minus its baseline), or 'token' (a
+# per-token advantage: the first-order estimate of how the reward changes if that token's
+# action is flipped, from the gradient of the reward pass with respect to the replacement
+# weight of each token at the sampled mask; see losses.token_advantage).
+CREDITS = ('image', 'token')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,7 @@ class FEPMSpec:
   num_samples: int = 1  # sampled actions per image (leave-one-out baseline when > 1)
   greedy_pass: bool = True  # run the greedy action's reward pass (self-critical baseline)
   teacher_input: str = 'sampled'
+  credit: str = 'image'
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
   min_cover: float = 0.5
@@ -182,7 +189,41 @@ class Teacher(nn.Module):
           else jax.nn.softmax(scores, axis=-1) * f.k)
       if with_greedy:
         agent['lp_greedy'] = lp[num]
+      if f.credit == 'token':
+        agent['sample_masks'] = jnp.stack(masks[:num])
+        agent['token_grads'] = self._reward_token_grads(frozen, jnp.stack(masks[:num]), pos,
+                                                        stats, pid)
     return {'teacher': res, 'agent': agent}
+
+  def _reward_token_grads(self, frozen: jax.Array, masks: jax.Array, pos: jax.Array,
+                          stats: tuple[jax.Array, jax.Array], pid: jax.Array) -> jax.Array:
+    """d lp / d w_i at w = mask: the gradient of the reward pass's true-class
+    log-probability with respect to each token's replacement weight (tokens blended as
+    (1 - w_i) x_i + w_i (replacement + pos_i), so w = mask is the hard replacement).
+
+    masks [S, B, N] bool -> [S, B, N] float32, under stop_gradient. The blocks run as pure
+    functions of their (held) variables, so this gradient never reaches a parameter.
+    """
+    f, vit, head = self.fepm, self.vit, self.head
+    num, batch, n = masks.shape
+    token = self.replacement.variables['params']['replace_token']
+    vit_vars, head_vars = dict(vit.variables), dict(head.variables)
+    vit_fn, head_fn = vit.clone(parent=None), head.clone(parent=None)
+    tokens = jnp.tile(frozen, (num, 1, 1))
+    labels = jnp.tile(pid, num)
+    stats = jax.lax.stop_gradient(stats)
+
+    def total_lp(weight):
+      x = fepm_lib.blend_tokens(tokens, weight, token, pos)
+      out = vit_fn.apply(vit_vars, x, method=lambda m, t: m.final_norm(
+          m.run_blocks(t, f.layer, m.depth, train=False, cls_only=True)))
+      logits = head_fn.apply(head_vars, out[:, 0].astype(jnp.float32), stats,
+                             method=vit_lib.ReIDHead.logits_with_stats)
+      return jnp.sum(true_class_log_prob(logits, labels))
+
+    weight = jax.lax.stop_gradient(masks.reshape(num * batch, n).astype(jnp.float32))
+    grads = jax.grad(total_lp)(weight)
+    return jax.lax.stop_gradient(grads.reshape(num, batch, n))
 
   def selection(self, image: jax.Array, camid: jax.Array,
                 contam_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
