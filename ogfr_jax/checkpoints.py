@@ -245,14 +245,17 @@ def _checksum(x: jax.Array) -> jax.Array:
   return jnp.stack([a, b])
 
 
-_checksums = jax.jit(lambda tree: jax.tree_util.tree_map(_checksum, tree))
+# One program per (shape, dtype, sharding), dispatched leaf by leaf: a state repeats a few
+# dozen shapes (blocks, optimizer moments), and one program over the whole tree took
+# minutes to compile for ViT-B on CPU.
+_checksum_jit = jax.jit(_checksum)
 
 
 def state_checksums(state: Any) -> dict[str, str]:
   """'path' -> 16 hex digits for every array leaf of `state`, computed on its devices."""
   leaves = {_key_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
             if hasattr(v, 'shape')}
-  sums = jax.device_get(_checksums(leaves))
+  sums = jax.device_get({k: _checksum_jit(v) for k, v in leaves.items()})
   return {k: f'{int(v[0]):08x}{int(v[1]):08x}' for k, v in sorted(sums.items())}
 
 
@@ -341,7 +344,16 @@ def _describe(lines: list[str]) -> str:
 
 
 def _quote(e: Exception) -> str:
-  text = ' '.join(f'{type(e).__name__}: {e}'.split())  # one line
+  text = f'{type(e).__name__}: {e}'
+  root, seen = e, {id(e)}
+  while (root.__cause__ or root.__context__) is not None:
+    root = root.__cause__ or root.__context__
+    if id(root) in seen:
+      break
+    seen.add(id(root))
+  if root is not e:  # the innermost error usually says what is wrong; it goes first
+    text = f'{type(root).__name__}: {root} (raised as {text})'
+  text = ' '.join(text.split())  # one line
   return text if len(text) <= _QUOTED_ERROR else text[:_QUOTED_ERROR] + ' ...'
 
 
@@ -391,7 +403,8 @@ def _check_identity(manager: ocp.CheckpointManager, step: int, record: dict) -> 
     workdir = os.path.dirname(str(manager.directory))
     raise CheckpointMismatch(
         f'the checkpoint in {workdir} (step {step}) was written by a run of another config or '
-        f'dataset; refusing to mix them ({len(lines)} difference{"s" if len(lines) > 1 else ""}):\n  {_describe(lines)}\n'
+        f'dataset; refusing to mix them ({len(lines)} difference{"s" * (len(lines) > 1)}):\n  '
+        f'{_describe(lines)}\n'
         'Use another --workdir, or --overwrite to start afresh there.')
 
 
