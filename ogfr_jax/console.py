@@ -93,18 +93,31 @@ class _ConsoleFilter(std_logging.Filter):
     return True
 
 
+class _ShortFormatter(std_logging.Formatter):
+  """'warning: <message>' (the default console form; absl's prefix of time, thread and
+  source line comes back with --verbosity)."""
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    text = record.getMessage()
+    if record.exc_info:
+      text += '\n' + self.formatException(record.exc_info)
+    return f'{record.levelname.lower()}: {text}'
+
+
 def configure_logging(verbosity: Optional[int] = None) -> None:
   """Library and INFO logs: hidden (warnings and errors only) unless `verbosity` is given.
 
   verbosity: an absl verbosity (0 = INFO, 1 = DEBUG, -1 = WARNING, -2 = ERROR) the user asked
-  for, or None for the default of a run: warnings and errors only. absl's level also governs
-  the Python loggers of jax and orbax (absl's handler sits on the root logger).
+  for, or None for the default of a run: warnings and errors only, each as one
+  'warning: ...' line. absl's level also governs the Python loggers of jax and orbax (absl's
+  handler sits on the root logger).
   """
   level = logging.WARNING if verbosity is None else int(verbosity)
   logging.set_verbosity(level)
   # Without absl's handler on the root logger (outside app.run) absl leaves the root alone.
   std_logging.getLogger().setLevel(_std_level(level))
   handler = logging.get_absl_handler()
+  handler.setFormatter(_ShortFormatter() if verbosity is None else logging.PythonFormatter())
   if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
     handler.addFilter(_ConsoleFilter())
 

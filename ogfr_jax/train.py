@@ -75,12 +75,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                      config=config, train_split=train_data.train)
   if config.init_from and manager.latest_step() is None:
-    state = train_state.load_pretrained(state, abstract, shardings, config)
+    try:
+      state = train_state.load_pretrained(state, abstract, shardings, config)
+    except BaseException:
+      release_manager(manager)
+      raise
   return dict(train_data=train_data, test_data=test_data, mesh=mesh, model=model, tx=tx,
               lr_fn=lr_fn, state=state, abstract=abstract,
               shardings=shardings, manager=manager, steps_per_epoch=steps_per_epoch,
               total_steps=total_steps, global_batch=global_batch,
               layout=parallel.describe_layout(abstract, shardings, mesh))
+
+
+def release_manager(manager) -> None:
+  """Closes a checkpoint manager, first waiting for the clean-up of its folder that orbax
+  starts in a thread when the manager is made (close() does not wait for it, and a process
+  that exits while it runs prints that thread's traceback)."""
+  wait = getattr(manager, '_maybe_await_cleanup_tmp_directory', None)
+  if wait is not None:
+    wait()
+  manager.close()
 
 
 def restore_latest(s: dict):
@@ -325,28 +339,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_start = time.time()  # wall time of this invocation (a resumed run reports its own part)
   s = setup(config, workdir)
   mesh, model, manager = s['mesh'], s['model'], s['manager']
-  manifest.record_layout(workdir, s['layout'])
-  if jax.process_index() == 0:
-    # Shapes only: under FSDP the values span devices of other processes.
-    logging.info('parameters:\n%s', parameter_overview.get_parameter_overview(
-        s['abstract'].params, include_stats=False))
-    logging.info('parameter groups: %s', optim.group_sizes(s['state'].params, config.optim))
-  state, data_state, start_step = restore_latest(s)
-  print_header(s, config, workdir, config_name, start_step)
-  total_steps, steps_per_epoch = s['total_steps'], s['steps_per_epoch']
-  train_iter = pipeline.make_train_iterator(
-      s['train_data'].train, config, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  # Batches reach the step already on the devices; checkpoints take the input state of the
-  # last batch consumed, not of those read ahead (prefetch.py).
-  train_iter = prefetch.DevicePrefetcher(
-      train_iter, functools.partial(_to_devices, mesh=mesh, keys=step_lib.step_keys(config)),
-      size=config.input.device_prefetch)
-  # Periodic evaluations come before the checkpoint of their step and are kept; the final one
-  # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
-  writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
+  # A fault before the loop (a checkpoint that does not fit, a bad occlusion setting, ...)
+  # releases the checkpoint manager (release_manager).
+  try:
+    manifest.record_layout(workdir, s['layout'])
+    if jax.process_index() == 0:
+      # Shapes only: under FSDP the values span devices of other processes.
+      logging.info('parameters:\n%s', parameter_overview.get_parameter_overview(
+          s['abstract'].params, include_stats=False))
+      logging.info('parameter groups: %s', optim.group_sizes(s['state'].params, config.optim))
+    state, data_state, start_step = restore_latest(s)
+    print_header(s, config, workdir, config_name, start_step)
+    total_steps, steps_per_epoch = s['total_steps'], s['steps_per_epoch']
+    train_iter = pipeline.make_train_iterator(
+        s['train_data'].train, config, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    # Batches reach the step already on the devices; checkpoints take the input state of the
+    # last batch consumed, not of those read ahead (prefetch.py).
+    train_iter = prefetch.DevicePrefetcher(
+        train_iter, functools.partial(_to_devices, mesh=mesh, keys=step_lib.step_keys(config)),
+        size=config.input.device_prefetch)
+    # Periodic evaluations come before the checkpoint of their step and are kept; the final one
+    # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
+    writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
+  except BaseException:
+    release_manager(manager)
+    raise
   try:
     step_fn = step_lib.jit_train_step(model, s['tx'], config, s['lr_fn'], mesh, s['shardings'],
                                       steps_per_epoch)
@@ -425,6 +445,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                                               s['test_data'], config, s['mesh'])
     evaluator.write_results(workdir, results)
   finally:
-    s['manager'].close()
+    release_manager(s['manager'])
   _print_end(workdir, results, step, time.time() - t_start, trained=False)
   return results

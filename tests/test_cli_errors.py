@@ -204,7 +204,8 @@ def test_main_market_tree_with_foreign_file_names(tmp_path):
   tree = fx.make_dukemtmc(tmp_path)
   # The dataset's warning about the ignored names is a warning (kept), not library INFO.
   status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}')
-  assert status == 2 and not [l for l in lines if l.startswith('I')], lines
+  assert status == 2 and lines[0].startswith('warning: market1501: ignoring 5 image file(s)')
+  assert all(l.startswith(('warning: ', 'error: ')) for l in lines), lines
   assert_one_line_error(status, lines[-1:], str(tree.root / 'bounding_box_train'),
                         '0001_c1_f0000107.jpg', '<pid>_c<camera>s<sequence>_<frame>_<box>.jpg')
   # --verbosity=1: the traceback above the same line, and library INFO logs back.
@@ -241,7 +242,7 @@ def test_main_refuses_a_malicious_init_from(tmp_path):
                         f'--config.init_from={evil}')
   assert status == 2 and lines[-1].startswith('error: ')
   assert_one_line_error(status, lines[-1:], str(evil), 'arbitrary Python objects')
-  assert not [l for l in lines[:-1] if not l.startswith('W')], lines  # warnings only
+  assert not [l for l in lines[:-1] if not l.startswith('warning: ')], lines  # warnings only
   assert not marker.exists()
 
 

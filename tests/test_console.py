@@ -27,6 +27,7 @@ def _console_state():
   std_logging.getLogger().setLevel(root_level)
   logging.set_verbosity(verbosity)
   handler = logging.get_absl_handler()
+  handler.setFormatter(logging.PythonFormatter())
   for f in list(handler.filters):
     if isinstance(f, console._ConsoleFilter):  # pylint: disable=protected-access
       handler.removeFilter(f)
@@ -176,8 +177,9 @@ def test_warnings_of_other_processes_are_tagged(capfd):
   try:
     console.configure_logging(None)
     handler.addFilter(absl_handler.filters[-1])
+    handler.setFormatter(console._ShortFormatter())  # pylint: disable=protected-access
     console.set_process(3)
     std_logging.getLogger('ogfr').warning('disk almost full')
   finally:
     std_logging.getLogger().removeHandler(handler)
-  assert '[process 3] disk almost full' in capfd.readouterr().err
+  assert capfd.readouterr().err == 'warning: [process 3] disk almost full\n'
