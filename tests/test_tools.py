@@ -197,6 +197,13 @@ def test_vispurify_figure_and_statistics(run, trained, tmp_path):
       assert s['precision'] == pytest.approx(s['selected_clutter_tokens'] / s['selected_tokens'])
   assert summary['sampled']['clutter_tokens'] > 0  # the benchmark plants clutter
   assert json.load(open(os.path.join(out, 'purification.json')))['images'] == 2 * batch
+  # The run's own end-of-training report (results.json `fepm`) is shown beside the batches.
+  with open(os.path.join(wd, 'results.json')) as f:
+    report = json.load(f)['fepm']
+  assert summary['run_report'] == report
+  lines = vispurify.describe_fepm_report(report)
+  assert any(l.strip().startswith('gallery') and 'chance' in l for l in lines)
+  assert any('teacher mAP' in l for l in lines)
   mode, (w, h), _ = _png(summary['figure'])
   # Panels of 192-pixel-high images: the tiny 64 x 32 input enlarged 3 times; five panels
   # per image (x, sampled, greedy, occ(x), clutter), two images per row, two rows.

@@ -316,6 +316,10 @@ def run(args) -> dict[str, Any]:
                'tokens': int(sel.size)}
       lines.append(f'  {kind:7s}: select rate {_fmt(stats["select_rate"])}')
     summary[kind] = stats
+  report = run_fepm_report(trained.workdir)
+  if report is not None:
+    summary['run_report'] = report
+    lines.extend(describe_fepm_report(report))
   if side is not None and args.augment:
     lines.append('  (clutter statistics need unaugmented images: run without --augment)')
   elif side is None:
@@ -335,6 +339,38 @@ def run(args) -> dict[str, Any]:
   print('\n'.join(lines))
   print(f'wrote {summary["figure"]} and {os.path.join(out, "purification.json")}')
   return summary
+
+
+def run_fepm_report(workdir: str) -> Optional[dict[str, Any]]:
+  """The `fepm` object of the run's results.json (evaluator.fepm_report), None without one."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      results = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}); rerun the evaluation '
+                       '(python -m ogfr_jax.main --mode eval) to rewrite it') from e
+  return results.get('fepm')
+
+
+def describe_fepm_report(report: dict[str, Any]) -> list[str]:
+  """What the run's end-of-training report says the greedy selection did, one line per part."""
+  lines = [f"  run report ({report.get('selection')}, layer {report.get('layer')}), greedy "
+           'selection over every image:']
+  for part in ('train', 'gallery'):
+    r = report.get(part)
+    if r is None:
+      lines.append(f'    {part:7s}: left out')
+      continue
+    lines.append(f"    {part:7s}: precision {_fmt(r['precision'])} (chance {_fmt(r['chance'])}), "
+                 f"recall {_fmt(r['recall'])}, select rate {_fmt(r['select_rate'])}, "
+                 f"{r['contaminated_images']}/{r['images']} images contaminated")
+  if 'teacher_purified' in report:
+    lines.append(f"    teacher mAP {_fmt(report['teacher_purified']['mAP'])} purified vs "
+                 f"{_fmt(report['teacher_clean']['mAP'])} clean")
+  return lines
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
