@@ -10,6 +10,21 @@ atomic rename orbax marks completion with a commit file instead; the same holds.
 Restoring checks the saved shapes against the model of the current config first, so a
 checkpoint from another model size, dataset or set of heads fails with the list of arrays that
 differ and the workdir that holds them, instead of an error deep inside orbax.
+
+Integrity. Each step also holds an 'integrity' item: a checksum of every array of the state
+(`state_checksums`, computed on the devices, independent of the sharding), a digest of the
+input state, and the identity of the run (`run_identity`: the config without its resumable
+fields, and the training data). On restore the identity is compared first, whatever
+config.json says (`CheckpointMismatch`: never used, never moved), then the restored arrays
+against their checksums. A step that cannot be read or restored or fails its checksums is
+`DamagedCheckpoint`; `restore_newest` moves it to `corrupt-<step>` beside the steps (kept
+for inspection, never deleted) and tries the step before it, or refuses under
+config.train.damaged_checkpoint='refuse'. Steps written before the integrity item existed
+restore with a warning that they are not verified.
+
+Writes. A write that fails (disk full, permissions, I/O) is raised once, as
+`CheckpointWriteError` (an OSError) naming the step, the folder, the space it needs, and the
+last good checkpoint, which stays where it is.
 """
 
 from __future__ import annotations
@@ -458,6 +473,9 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
     target = directory / f'corrupt-{step}.{n}'
   if jax.process_index() == 0:
     (directory / str(step)).rename(target)
+  if jax.process_count() > 1:  # every process sees the move before it lists the steps again
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'checkpoints: step {step} set aside')
   manager.reload()  # forget the step, so that keeping max_to_keep never deletes it
   return str(target)
 

@@ -275,6 +275,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_143(shared, tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
       line = proc.stdout.readline()
+      while line and not line.startswith('PARKED'):  # the run's header comes first
+        line = proc.stdout.readline()
       assert line.strip() == 'PARKED 4', (tmp_path / 'stopped.log').read_text()[-3000:]
       proc.send_signal(signal.SIGTERM)  # while the run waits before the batch of step 4
       release.touch()
