@@ -27,7 +27,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from ogfr_jax import checkpoints
 from ogfr_jax import config_defaults

@@ -190,7 +190,8 @@ def run_workers(args: argparse.Namespace) -> None:
   train_data, _ = loading.load_data(c)
   it = pipeline.make_train_iterator(train_data.train, c)
   next(it)
-  tracker = getattr(resource_tracker._resource_tracker, '_pid', None)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  tracker = getattr(resource_tracker._resource_tracker, '_pid', None)
   print('WORKERS ' + json.dumps({'workers': [p.pid for p in multiprocessing.active_children()],
                                  'tracker': tracker}), flush=True)
   while True:
