@@ -20,7 +20,7 @@ from ogfr_jax import paths
 RESUMABLE_FIELDS = (
     'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
     'input.num_workers', 'input.prefetch', 'input.device_prefetch', 'eval.query_chunk',
-    # Checkpoints restore into any mesh: results do not depend on the device layout.
+    # Checkpoints restore into any mesh (values then drift by float rounding, WORKSPACE.md).
     'mesh.data', 'mesh.fsdp',
     # Recomputation in the backward pass changes memory and time, not results.
     'model.remat',
