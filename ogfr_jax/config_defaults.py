@@ -186,6 +186,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the agent; the next agent_only_epochs train the agent against a teacher whose parameters
   # are held (PatchDrop trains its policy against a fixed classifier); then all train jointly.
   c.fepm.teacher_warmup_epochs = 0.0
+  # During the warm-up the teacher's own pass replaces this share of tokens at random
+  # (0: clean warm-up), so that the teacher and the replacement token have seen replaced
+  # tokens before the agent-only phase holds them: held untrained, every replacement is off
+  # the teacher's distribution and the reward only says that replacing costs.
+  c.fepm.warmup_random_rate = 0.0
   c.fepm.agent_only_epochs = 0.0
   c.fepm.entropy_weight = 0.01
   c.fepm.prior_logit = -2.0  # initial bias of the agent: ~12% selection rate at start

@@ -150,6 +150,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if f.baseline == 'leave_one_out' and f.num_samples < 2:
       raise ValueError("config.fepm.baseline='leave_one_out' compares each sampled action "
                        'with the others of its image: set config.fepm.num_samples >= 2')
+    if not 0.0 <= f.warmup_random_rate < 1.0:
+      raise ValueError(f'config.fepm.warmup_random_rate={f.warmup_random_rate} must be in [0, 1)')
     if not 0.0 < f.oracle_min_cover <= 1.0:
       raise ValueError(f'config.fepm.oracle_min_cover={f.oracle_min_cover} must be in (0, 1]')
   if m.student_erase:

@@ -144,3 +144,25 @@ def test_token_credit_needs_independent_tokens():
   c = _tiny_config(credit='token', action='topk')
   with pytest.raises(ValueError, match='fepm.credit'):
     config_schema.validate(c)
+
+
+def test_warmup_replaces_random_tokens_only_while_purification_is_off():
+  def teacher_feat(rate, purify):
+    c = _tiny_config(layer=0, warmup_random_rate=rate)
+    model = build.build_model(c, 4, 2)
+    batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
+             'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
+             'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
+             'pid': jnp.asarray([0, 1, 2, 3], jnp.int32)}
+    rngs = {'params': jax.random.PRNGKey(2), 'agent': jax.random.PRNGKey(3),
+            'dropout': jax.random.PRNGKey(4)}
+    variables = model.init(rngs, batch, train=True)
+    out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'],
+                         purify=purify)
+    return np.asarray(out['teacher']['feat'])
+
+  clean = teacher_feat(0.0, False)
+  warm = teacher_feat(0.5, False)
+  assert np.abs(warm - clean).max() > 0  # some tokens were replaced in the warm-up pass
+  # Once purification is on, the warm-up rate changes nothing: same sampled action, same pass.
+  np.testing.assert_array_equal(teacher_feat(0.5, True), teacher_feat(0.0, True))

@@ -118,7 +118,8 @@ def fepm_spec(config: Any) -> FEPMSpec | None:
       k=fepm_lib.num_selected(f.topk_fraction, n) if needs_k else 1, greedy=f.greedy,
       prob_bounds=(float(f.prob_bounds[0]), float(f.prob_bounds[1])),
       num_samples=int(f.num_samples), greedy_pass=f.baseline == 'self_critical',
-      teacher_input=f.teacher_input, credit=f.credit, patch_size=m.patch_size, stride=m.stride,
+      teacher_input=f.teacher_input, credit=f.credit,
+      warmup_rate=float(f.warmup_random_rate), patch_size=m.patch_size, stride=m.stride,
       min_cover=float(f.oracle_min_cover))
 
 

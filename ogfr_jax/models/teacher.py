@@ -52,6 +52,7 @@ class FEPMSpec:
   greedy_pass: bool = True  # run the greedy action's reward pass (self-critical baseline)
   teacher_input: str = 'sampled'
   credit: str = 'image'
+  warmup_rate: float = 0.0  # share of tokens replaced at random while `purify` is off
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
   min_cover: float = 0.5
@@ -147,7 +148,13 @@ class Teacher(nn.Module):
     else:
       own = sel.mask
     pos = vit.patch_pos_embed()
-    out, parts = vit.tail(self.replacement(mid, own & purify, pos), f.layer, train=train,
+    own = own & purify
+    if f.warmup_rate > 0 and train:
+      # Warm-up on randomly replaced tokens: the teacher (and the replacement token) learn
+      # what a replaced token is before the agent's reward asks them what replacing costs.
+      drawn = jax.random.uniform(self.make_rng('agent'), own.shape) < f.warmup_rate
+      own = jnp.where(purify, own, drawn)
+    out, parts = vit.tail(self.replacement(mid, own, pos), f.layer, train=train,
                           cls_only=True)
     res, stats = branch_outputs(self.head, self.part_head, _f32(out[:, 0]), _f32(parts),
                                 train=train)
