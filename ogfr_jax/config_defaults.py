@@ -229,6 +229,10 @@ def base_config() -> ml_collections.ConfigDict:
   # patch tokens whose window is at least half occluder pixels in the synthesised view.
   c.loss.occluder_token_weight = 1.0
   c.loss.agent_weight = 1.0
+  # An auxiliary for the FEPM agent (not in the paper): binary cross-entropy of its token
+  # logits on the synthesised occluded view occ(x) against the tokens the pasted occluder
+  # covers (masks every dataset provides, since the pipeline pastes them). 0 = off.
+  c.loss.agent_occluder_weight = 0.0
   c.loss.teacher_weight = 1.0  # teacher's own ID + triplet terms
   c.loss.student_weight = 1.0
 

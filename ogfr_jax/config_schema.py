@@ -52,7 +52,7 @@ _AT_LEAST_ONE = ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch
                  'eval.query_chunk', 'eval.rerank_k1', 'eval.rerank_k2',
                  'eval.rerank_max_bytes', 'fepm.num_samples')
 _NON_NEGATIVE = ('input.device_prefetch', 'fepm.teacher_warmup_epochs',
-                 'fepm.agent_only_epochs', 'fepm.rate_weight')
+                 'fepm.agent_only_epochs', 'fepm.rate_weight', 'loss.agent_occluder_weight')
 
 
 def field(config: Any, name: str) -> Any:
@@ -154,6 +154,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.fepm.warmup_random_rate={f.warmup_random_rate} must be in [0, 1)')
     if not 0.0 < f.oracle_min_cover <= 1.0:
       raise ValueError(f'config.fepm.oracle_min_cover={f.oracle_min_cover} must be in (0, 1]')
+  if config.loss.agent_occluder_weight > 0 and not config.occlusion.enabled:
+    raise ValueError('config.loss.agent_occluder_weight needs config.occlusion.enabled: the '
+                     "agent's auxiliary learns the occluders the pipeline synthesises")
   if m.student_erase:
     if not config.occlusion.enabled:
       raise ValueError('config.model.student_erase needs config.occlusion.enabled: the '

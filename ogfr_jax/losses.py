@@ -391,6 +391,22 @@ def occluder_token_term(outputs, batch, ctx: Context) -> TermValue:
       'occluder/target_rate': jnp.mean(_f32(target))})
 
 
+@term('agent_occluder', lambda c: c.loss.agent_occluder_weight, build.agent_learns_occluders)
+def agent_occluder_term(outputs, batch, ctx: Context) -> TermValue:
+  """Binary cross-entropy of the agent's logits on occ(x) against the tokens the synthesised
+  occluder covers: a supervised signal for the token scorer that every dataset provides,
+  since the pipeline pastes the occluders itself. It needs no trained teacher, so it runs
+  in every phase of the staged schedule."""
+  del batch, ctx
+  a = outputs['agent']
+  logits, target = a['occluder_scores'], a['occluder_target']
+  predicted = _f32(logits) > 0
+  return TermValue(occluder_token_loss(logits, target), {
+      'agent/occluder_accuracy': jnp.mean(_f32(predicted == target)),
+      'agent/occluder_predicted_rate': jnp.mean(_f32(predicted)),
+      'agent/occluder_target_rate': jnp.mean(_f32(target))})
+
+
 @term('agent', lambda c: c.loss.agent_weight, build.has_agent)
 def agent_term(outputs, batch, ctx: Context) -> TermValue:
   """REINFORCE over the sampled token masks: -(R - b) * log pi(a) per sample, minus the

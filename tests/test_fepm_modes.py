@@ -166,3 +166,36 @@ def test_warmup_replaces_random_tokens_only_while_purification_is_off():
   assert np.abs(warm - clean).max() > 0  # some tokens were replaced in the warm-up pass
   # Once purification is on, the warm-up rate changes nothing: same sampled action, same pass.
   np.testing.assert_array_equal(teacher_feat(0.5, True), teacher_feat(0.0, True))
+
+
+def test_agent_occluder_auxiliary_scores_the_synthesised_occluder_tokens():
+  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(layer=0)
+  c.loss.agent_occluder_weight = 1.0
+  assert 'occ_mask' in build.batch_keys(c)
+  model = build.build_model(c, 4, 2)
+  occ_mask = np.zeros((4, 32, 16), np.uint8)
+  occ_mask[:, :8, :8] = 1  # exactly the window of token (0, 0)
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
+           'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
+           'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
+           'pid': jnp.asarray([0, 1, 2, 3], jnp.int32), 'occ_mask': jnp.asarray(occ_mask)}
+  rngs = {'params': jax.random.PRNGKey(2), 'agent': jax.random.PRNGKey(3),
+          'dropout': jax.random.PRNGKey(4)}
+  variables = model.init(rngs, batch, train=True)
+  out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
+  target = np.asarray(out['agent']['occluder_target'])
+  assert target.shape == (4, 10) and target[:, 0].all() and target.sum() == 4
+  # The agent scores occ(x), not x: its logits there differ from those of the selection.
+  assert np.abs(np.asarray(out['agent']['occluder_scores'])
+                - np.asarray(out['agent']['scores'])).max() > 0
+  term = losses.agent_occluder_term(out, batch, losses.Context(c.loss, c.fepm, jnp.float32(0)))
+  logits = np.asarray(out['agent']['occluder_scores'], np.float64)
+  log_sig = lambda z: -np.logaddexp(0.0, -z)
+  expected = -np.mean(target * log_sig(logits) + (1 - target) * log_sig(-logits))
+  np.testing.assert_allclose(float(term.value), expected, rtol=1e-5)
+  assert losses.active_terms(c)['agent_occluder'] == 1.0
+  c.occlusion.enabled = False
+  with pytest.raises(ValueError, match='agent_occluder_weight'):
+    config_schema.validate(c)

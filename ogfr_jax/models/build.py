@@ -75,6 +75,11 @@ def student_erases(config: Any) -> bool:
   return bool(config.model.student_erase)
 
 
+def agent_learns_occluders(config: Any) -> bool:
+  """The agent's auxiliary: flag the synthesised occluder tokens of occ(x)."""
+  return has_agent(config) and config.loss.agent_occluder_weight > 0
+
+
 def backbone_names(config: Any) -> tuple[str, ...]:
   """Top-level parameter names holding a ViT backbone (for pretrained-weight import)."""
   extra = (('occluder_vit',) if student_erases(config)
@@ -88,7 +93,7 @@ def batch_keys(config: Any) -> tuple[str, ...]:
   """The keys of an input batch the model reads in training, beyond the always-present
   image, occluded, pattern, pid and camid."""
   keys = ()
-  if student_erases(config):
+  if student_erases(config) or agent_learns_occluders(config):
     keys += ('occ_mask',)
   if has_fepm(config) and config.fepm.selection == 'oracle':
     keys += ('contam_mask',)
@@ -140,7 +145,8 @@ def teacher_spec(config: Any) -> TeacherSpec | None:
   if not has_teacher(config):
     return None
   return TeacherSpec(fepm=fepm_spec(config), agent_hidden=int(config.fepm.agent_hidden),
-                     prior_logit=float(config.fepm.prior_logit))
+                     prior_logit=float(config.fepm.prior_logit),
+                     agent_occluders=agent_learns_occluders(config))
 
 
 def build_model(config: Any, num_classes: int, num_cameras: int) -> OGFR:

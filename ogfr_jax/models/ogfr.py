@@ -73,6 +73,7 @@ class TeacherSpec:
   fepm: Optional[FEPMSpec] = None  # None: no purification
   agent_hidden: int = 128
   prior_logit: float = -2.0
+  agent_occluders: bool = False  # the agent also scores occ(x) for its occluder auxiliary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +161,10 @@ class OGFR(nn.Module):
     if self.teacher is not None:
       out.update(self.teacher_branch(batch['image'], batch['camid'], batch['pid'], train=train,
                                      contam_mask=batch.get('contam_mask'), purify=purify))
+    if (self.teacher is not None and self.teacher.agent_occluders and train
+        and 'occ_mask' in batch):
+      out['agent'].update(self.teacher_branch.occluder_scores(batch['occluded'], batch['camid'],
+                                                              batch['occ_mask']))
     out['student'] = self.student_branch(batch['occluded'], batch['camid'], batch['pattern'],
                                          table=self._table(), train=train,
                                          occ_mask=batch.get('occ_mask'))

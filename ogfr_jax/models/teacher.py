@@ -232,6 +232,18 @@ class Teacher(nn.Module):
     grads = jax.grad(total_lp)(weight)
     return jax.lax.stop_gradient(grads.reshape(num, batch, n))
 
+  def occluder_scores(self, occluded: jax.Array, camid: jax.Array,
+                      occ_mask: jax.Array) -> dict[str, jax.Array]:
+    """The agent's logits on the synthesised occluded view occ(x) (tokens after block L of the
+    teacher, under stop_gradient) and the tokens its occluder covers: what the auxiliary
+    `agent_occluder` loss compares. The occluders are pasted by the input pipeline, so their
+    masks come free on any dataset."""
+    f, vit = self.fepm, self.vit
+    mid = vit.run_blocks(vit.embed(occluded, camid), 0, f.layer, train=False)
+    return {'occluder_scores': self.agent(jax.lax.stop_gradient(mid[:, 1:])),
+            'occluder_target': fepm_lib.covered_tokens(occ_mask, f.patch_size, f.stride,
+                                                       f.min_cover)}
+
   def selection(self, image: jax.Array, camid: jax.Array,
                 contam_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """The evaluation-time (greedy) selection: {'mask' [B, N] bool, 'scores' [B, N]}."""
