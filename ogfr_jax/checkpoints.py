@@ -270,7 +270,10 @@ def state_checksums(state: Any) -> dict[str, str]:
   """'path' -> 16 hex digits for every array leaf of `state`, computed on its devices."""
   leaves = {_key_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
             if hasattr(v, 'shape')}
-  sums = jax.device_get({k: _checksum_jit(v) for k, v in leaves.items()})
+  # One leaf at a time, each finished before the next is dispatched: on XLA:CPU a sharded
+  # checksum is a cross-device reduction, and many of them in flight beside another program's
+  # collectives can leave the devices' rendezvous waiting on each other.
+  sums = {k: jax.device_get(jax.block_until_ready(_checksum_jit(v))) for k, v in leaves.items()}
   return {k: f'{int(v[0]):08x}{int(v[1]):08x}' for k, v in sorted(sums.items())}
 
 
