@@ -266,14 +266,90 @@ def _checksum(x: jax.Array) -> jax.Array:
 _checksum_jit = jax.jit(_checksum)
 
 
-def state_checksums(state: Any) -> dict[str, str]:
-  """'path' -> 16 hex digits for every array leaf of `state`, computed on its devices."""
+def _np_fmix32(h: np.ndarray) -> np.ndarray:
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
+def _np_words(x: np.ndarray) -> np.ndarray:
+  """numpy twin of `_words` (uint32 words, a trailing 2 for 8-byte types)."""
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  size = x.dtype.itemsize
+  if size == 4:
+    return np.ascontiguousarray(x).view(np.uint32)
+  if size == 8:
+    return np.ascontiguousarray(x).view(np.uint32).reshape(x.shape + (2,))
+  return np.ascontiguousarray(x).view({1: np.uint8, 2: np.uint16}[size]).astype(np.uint32)
+
+
+def _local_partial_sums(x: jax.Array) -> np.ndarray:
+  """The two sums of `_checksum` over the elements of `x` held by this process (each element
+  counted by the one shard with replica_id 0), with their global positions: the sums are
+  modular, so the processes' partial sums add up to the whole array's."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+    x = jax.random.key_data(x)
+  total = np.zeros(2, np.uint32)
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    w = _np_words(np.asarray(shard.data))
+    full = tuple(x.shape) + w.shape[x.ndim:]
+    starts = [sl.indices(n)[0] for sl, n in zip(shard.index, x.shape)] + [0] * (w.ndim - x.ndim)
+    index = np.zeros(w.shape, np.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):
+      axis = (np.arange(w.shape[d], dtype=np.uint64) + starts[d]) * (stride % 2**32)
+      shape = [1] * w.ndim
+      shape[d] = w.shape[d]
+      index = index + (axis % 2**32).astype(np.uint32).reshape(shape)
+      stride *= full[d]
+    sums = np.array([np.sum(w * (index * np.uint32(2) + np.uint32(1)), dtype=np.uint32),
+                     np.sum(_np_fmix32(w ^ _np_fmix32(index + np.uint32(0x9E3779B9))),
+                            dtype=np.uint32)], np.uint32)
+    total = total + sums  # array arithmetic: wraps mod 2**32 like the device sums
+  return total
+
+
+def _host_sums(leaves: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+  """`_checksum` of every leaf from the processes' host copies of their own shards, combined
+  with one all-gather: no device collective per leaf."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  names = sorted(leaves)
+  local = np.stack([_local_partial_sums(leaves[k]) for k in names]) if names else np.zeros(
+      (0, 2), np.uint32)
+  if jax.process_count() > 1:
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    local = np.sum(gathered.astype(np.uint32), axis=0, dtype=np.uint32)
+  return dict(zip(names, local))
+
+
+def state_checksums(state: Any, *, on_host: bool | None = None) -> dict[str, str]:
+  """'path' -> 16 hex digits for every array leaf of `state`.
+
+  In one process they are computed on the devices, leaf by leaf. With several processes
+  (`on_host` None: decided by the process count) each process sums its own shards on the
+  host and one all-gather adds the partial sums up: a device checksum of a leaf sharded
+  over processes is a cross-process reduction, and hundreds of those at every save and
+  restore are hundreds of chances for a slow process to miss the collective's deadline.
+  Both ways give the same digits.
+  """
   leaves = {_key_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
             if hasattr(v, 'shape')}
-  # One leaf at a time, each finished before the next is dispatched: on XLA:CPU a sharded
-  # checksum is a cross-device reduction, and many of them in flight beside another program's
-  # collectives can leave the devices' rendezvous waiting on each other.
-  sums = {k: jax.device_get(jax.block_until_ready(_checksum_jit(v))) for k, v in leaves.items()}
+  if on_host is None:
+    on_host = jax.process_count() > 1
+  if on_host:
+    leaves = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in leaves.items()}
+    sums = _host_sums(leaves)
+  else:
+    # One leaf at a time, each finished before the next is dispatched: on XLA:CPU a sharded
+    # checksum is a cross-device reduction, and many of them in flight beside another
+    # program's collectives can leave the devices' rendezvous waiting on each other.
+    sums = {k: jax.device_get(jax.block_until_ready(_checksum_jit(v)))
+            for k, v in leaves.items()}
   return {k: f'{int(v[0]):08x}{int(v[1]):08x}' for k, v in sorted(sums.items())}
 
 

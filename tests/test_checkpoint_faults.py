@@ -87,6 +87,25 @@ def test_checksums_do_not_depend_on_the_sharding_and_see_every_bit():
   assert checkpoints.state_checksums({'x': jnp.asarray(swapped)})['x'] != base
 
 
+def test_host_checksums_of_the_shards_equal_the_device_checksums():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('a', 'b'))
+  named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  key = jax.random.PRNGKey(5)
+  state = {
+      'f32': jax.device_put(jax.random.normal(key, (8, 6)), named('a', 'b')),
+      'f32_rows': jax.device_put(jax.random.normal(key, (8, 3, 2)), named('a')),
+      'replicated': jax.device_put(jnp.arange(7, dtype=jnp.int32), named()),
+      'bf16': jax.device_put(jax.random.normal(key, (4, 6)).astype(jnp.bfloat16),
+                             named(None, 'b')),
+      'u32': jnp.asarray(np.arange(6, dtype=np.uint32) * np.uint32(0x9E3779B9)),
+      'flag': jnp.asarray([True, False, True]),
+      'scalar': jnp.float32(2.5),
+      'key': jax.random.key(3),
+  }
+  assert (checkpoints.state_checksums(state, on_host=True)
+          == checkpoints.state_checksums(state, on_host=False))
+
+
 def test_bit_flips_in_the_newest_step_are_detected_and_it_is_set_aside(tmp_path):
   wd = str(tmp_path / 'wd')
   states = _write(wd)
