@@ -48,14 +48,18 @@ def get_config(arg=None):
   c.model.pattern_dropout = 0.3
 
   c.fepm.entropy_weight = 0.001
-  # The purification recipe on this benchmark (WORKSPACE.md / docs/results.md,
-  # "Purification"): act on the patch embedding (layer 0; after the last-but-one block the
-  # contamination is already mixed into CLS), warm the teacher up on clean images, train the
-  # agent against the held teacher, then jointly. Bounded Bernoulli exploration, greedy =
-  # the expected number of tokens, leave-one-out baseline over two samples per image.
+  # The purification recipe on this benchmark (docs/results.md, "Purification"; 20-epoch
+  # rows over seeds 0-2): act on the patch embedding (layer 0; after the last-but-one block
+  # the contamination is already mixed into CLS), warm the teacher up on clean images, then
+  # train all jointly; bounded Bernoulli exploration, greedy = the expected number of tokens,
+  # leave-one-out baseline over two samples per image, and the agent also learns to flag the
+  # synthesised occluders of occ(x). That variant selects planted contamination at 2.7x
+  # chance (recall 0.21) against 1.6x (recall 0.07) for REINFORCE alone with an agent-only
+  # phase against the held teacher; no variant lifts the student above FEPM off.
   c.fepm.layer = 0
   c.fepm.teacher_warmup_epochs = 6.0
-  c.fepm.agent_only_epochs = 6.0
+  c.fepm.agent_only_epochs = 0.0
+  c.loss.agent_occluder_weight = 1.0
   c.fepm.greedy = 'expected_count'
   c.fepm.prob_bounds = (0.02, 0.6)
   c.fepm.baseline = 'leave_one_out'
@@ -87,5 +91,5 @@ def get_config(arg=None):
     c.train.epochs = 2
     c.train.eval_every_epochs = 1
     c.train.log_every = 10
-    c.fepm.teacher_warmup_epochs = c.fepm.agent_only_epochs = 0.5
+    c.fepm.teacher_warmup_epochs = 0.5
   return c
