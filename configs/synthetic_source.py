@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.train.eval_every_epochs = 30
   # Student only, holistic images: what an ImageNet/ReID backbone would have seen.
   c.occlusion.enabled = False
+  c.loss.agent_occluder_weight = 0.0  # learns the synthesised occluders: none here
   c.model.teacher = False
   c.fepm.enabled = False
   c.model.pattern_embed = False

@@ -150,7 +150,7 @@ def _run_all(work: str) -> dict[str, float]:
   data = os.path.join(work, 'data')
   multi_main = [sys.executable, '-m', 'ogfr_jax.main', '--config',
                 f'{CHILD}:cache={data},steps=4,mesh=1x8', '--workdir',
-                os.path.join(work, 'multi')]
+                os.path.join(work, 'multi'), '--log_level=info']  # the runtime line below
   phases = [
       ('one, dp, fsdp', lambda: {
           'one': _child('one', work, devices=1, mesh='1x1'),
