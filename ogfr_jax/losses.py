@@ -383,12 +383,19 @@ def pattern_term(outputs, batch, ctx: Context) -> TermValue:
 def occluder_token_term(outputs, batch, ctx: Context) -> TermValue:
   del batch, ctx
   s = outputs['student']
-  logits, target = s['occluder_logits'], s['occluder_target']
+  return _token_classifier(s['occluder_logits'], s['occluder_target'], 'occluder/token_accuracy',
+                           'occluder/predicted_rate', 'occluder/target_rate')
+
+
+def _token_classifier(logits: jax.Array, target: jax.Array, accuracy: str, predicted_rate: str,
+                      target_rate: str) -> TermValue:
+  """A per-token occluder classifier's cross-entropy with its accuracy and rates under the
+  given metric names."""
   predicted = _f32(logits) > 0
   return TermValue(occluder_token_loss(logits, target), {
-      'occluder/token_accuracy': jnp.mean(_f32(predicted == target)),
-      'occluder/predicted_rate': jnp.mean(_f32(predicted)),
-      'occluder/target_rate': jnp.mean(_f32(target))})
+      accuracy: jnp.mean(_f32(predicted == target)),
+      predicted_rate: jnp.mean(_f32(predicted)),
+      target_rate: jnp.mean(_f32(target))})
 
 
 @term('agent_occluder', lambda c: c.loss.agent_occluder_weight, build.agent_learns_occluders)
@@ -399,12 +406,9 @@ def agent_occluder_term(outputs, batch, ctx: Context) -> TermValue:
   in every phase of the staged schedule."""
   del batch, ctx
   a = outputs['agent']
-  logits, target = a['occluder_scores'], a['occluder_target']
-  predicted = _f32(logits) > 0
-  return TermValue(occluder_token_loss(logits, target), {
-      'agent/occluder_accuracy': jnp.mean(_f32(predicted == target)),
-      'agent/occluder_predicted_rate': jnp.mean(_f32(predicted)),
-      'agent/occluder_target_rate': jnp.mean(_f32(target))})
+  return _token_classifier(a['occluder_scores'], a['occluder_target'],
+                           'agent/occluder_accuracy', 'agent/occluder_predicted_rate',
+                           'agent/occluder_target_rate')
 
 
 @term('agent', lambda c: c.loss.agent_weight, build.has_agent)

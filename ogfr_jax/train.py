@@ -147,12 +147,15 @@ class _Progress:
     self.display = console.ProgressDisplay(self.total_steps, self.steps_per_epoch,
                                            self.global_batch, start_step)
 
+  def _kept_checkpoint(self, what: str) -> str:
+    where = str(self.manager.directory)
+    return (f'The {what}, step {self.saved_step}, is kept in {where}.'
+            if self.saved_step else f'No checkpoint was written in {where}.')
+
   def _nonfinite_error(self, step: int, entry: dict) -> FloatingPointError:
     values = jax.device_get({k: entry[k] for k in ('loss/total', 'grad_norm') if k in entry})
     loss, grad_norm = (float(values.get(k, np.nan)) for k in ('loss/total', 'grad_norm'))
-    where = str(self.manager.directory)
-    kept = (f'The last good checkpoint, step {self.saved_step}, is kept in {where}.'
-            if self.saved_step else f'No checkpoint was written in {where}.')
+    kept = self._kept_checkpoint('last good checkpoint')
     return FloatingPointError(
         f'non-finite loss or gradients at step {step} (loss {loss:.4g}, gradient norm '
         f'{grad_norm:.4g}); that update was not '
@@ -211,9 +214,7 @@ class _Progress:
     share = float(self.config.train.max_skipped_share)
     if skipped <= share * self.total_steps:
       return
-    where = str(self.manager.directory)
-    kept = (f'The last checkpoint, step {self.saved_step}, is kept in {where}.'
-            if self.saved_step else f'No checkpoint was written in {where}.')
+    kept = self._kept_checkpoint('last checkpoint')
     raise FloatingPointError(
         f'{skipped} of the {done} steps so far were skipped for a non-finite loss or gradient, '
         f'more than config.train.max_skipped_share={share:g} of the run\'s {self.total_steps} '

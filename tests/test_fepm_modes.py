@@ -63,6 +63,17 @@ def _tiny_config(**fepm_fields):
   return c
 
 
+def _tiny_batch(**extra):
+  """A training batch of 4 images for `_tiny_config` models and the rngs of one step."""
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
+           'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
+           'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
+           'pid': jnp.asarray([0, 1, 2, 3], jnp.int32), **extra}
+  rngs = {'params': jax.random.PRNGKey(2), 'agent': jax.random.PRNGKey(3),
+          'dropout': jax.random.PRNGKey(4)}
+  return batch, rngs
+
+
 def test_oracle_selection_replaces_exactly_the_planted_tokens():
   c = _tiny_config(selection='oracle', layer=0)
   model = build.build_model(c, 4, 2)
@@ -121,12 +132,7 @@ def test_token_credit_reports_the_reward_gradient_of_every_sampled_token():
   c = _tiny_config(layer=0, credit='token', num_samples=2, baseline='leave_one_out',
                    prob_bounds=(0.1, 0.9))
   model = build.build_model(c, 4, 2)
-  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
-           'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
-           'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
-           'pid': jnp.asarray([0, 1, 2, 3], jnp.int32)}
-  rngs = {'params': jax.random.PRNGKey(2), 'agent': jax.random.PRNGKey(3),
-          'dropout': jax.random.PRNGKey(4)}
+  batch, rngs = _tiny_batch()
   variables = model.init(rngs, batch, train=True)
   out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
   a = out['agent']
@@ -150,12 +156,7 @@ def test_warmup_replaces_random_tokens_only_while_purification_is_off():
   def teacher_feat(rate, purify):
     c = _tiny_config(layer=0, warmup_random_rate=rate)
     model = build.build_model(c, 4, 2)
-    batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
-             'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
-             'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
-             'pid': jnp.asarray([0, 1, 2, 3], jnp.int32)}
-    rngs = {'params': jax.random.PRNGKey(2), 'agent': jax.random.PRNGKey(3),
-            'dropout': jax.random.PRNGKey(4)}
+    batch, rngs = _tiny_batch()
     variables = model.init(rngs, batch, train=True)
     out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'],
                          purify=purify)
@@ -177,12 +178,7 @@ def test_agent_occluder_auxiliary_scores_the_synthesised_occluder_tokens():
   model = build.build_model(c, 4, 2)
   occ_mask = np.zeros((4, 32, 16), np.uint8)
   occ_mask[:, :8, :8] = 1  # exactly the window of token (0, 0)
-  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
-           'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
-           'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
-           'pid': jnp.asarray([0, 1, 2, 3], jnp.int32), 'occ_mask': jnp.asarray(occ_mask)}
-  rngs = {'params': jax.random.PRNGKey(2), 'agent': jax.random.PRNGKey(3),
-          'dropout': jax.random.PRNGKey(4)}
+  batch, rngs = _tiny_batch(occ_mask=jnp.asarray(occ_mask))
   variables = model.init(rngs, batch, train=True)
   out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
   target = np.asarray(out['agent']['occluder_target'])
