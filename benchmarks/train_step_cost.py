@@ -24,6 +24,7 @@ from ogfr_jax import optim
 from ogfr_jax import parallel
 from ogfr_jax import train_state
 from ogfr_jax import train_step
+from ogfr_jax.data import donor_exchange
 from ogfr_jax.models import build
 
 
@@ -44,13 +45,17 @@ def random_batch(config, batch: int, num_classes: int, rng: np.random.Generator)
   h, w = config.input.height, config.input.width
   k = len(config.occlusion.patterns)
   pids = np.repeat(np.arange(batch // 4), 4).astype(np.int32)
-  return {
+  out = {
       'image': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
       'occluded': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
       'pattern': rng.integers(0, k + 1, batch).astype(np.int32),
       'pid': (pids % num_classes).astype(np.int32),
       'camid': rng.integers(0, 6, batch).astype(np.int32),
   }
+  if donor_exchange.on_device(config):
+    # The paste's gather and select run whatever the donors, so none costs the same.
+    out.update(donor_exchange.no_donors(np.arange(batch)))
+  return out
 
 
 def main(argv=None) -> dict:

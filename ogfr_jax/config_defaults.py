@@ -81,6 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.std = (0.5, 0.5, 0.5)
   # What to do with an image that cannot be decoded during training: 'fail' or 'skip'.
   c.input.corrupt_image_policy = 'fail'
+  # Where the donor boxes of the 'person' / 'crop' occluders (pixels of another row of the
+  # global batch) are pasted: 'device' (the train step gathers them from the global image
+  # batch, so each process decodes only its own rows) or 'host' (a process decodes and
+  # augments again every donor row it does not own). Same pixels either way
+  # (data/donor_exchange.py).
+  c.input.donor_exchange = 'device'
 
   # --- occlusion synthesis for the student --------------------------------------------------
   c.occlusion = ml_collections.ConfigDict()

@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'eval.feature': ('pre_bn', 'post_bn'),
     'eval.rerank_mode': ('exact', 'approx', 'auto'),
     'input.corrupt_image_policy': ('fail', 'skip'),
+    'input.donor_exchange': ('device', 'host'),
     'train.nonfinite_policy': ('stop', 'skip'),
     'train.damaged_checkpoint': ('fall_back', 'refuse'),
 }

@@ -28,6 +28,8 @@ RESUMABLE_FIELDS = (
     'train.nonfinite_policy', 'train.stop_check_every',
     # What to do with a damaged checkpoint, and when too many skipped steps end a run.
     'train.damaged_checkpoint', 'train.max_skipped_share',
+    # Where donor occluder pixels are pasted changes where the work runs, not the pixels.
+    'input.donor_exchange',
 )
 
 

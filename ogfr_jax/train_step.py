@@ -1,6 +1,7 @@
 """The pure train step of teacher, student and agent, and its jit with shardings.
 
-`train_step(state, batch)` normalises the pixels on the device, runs the model (teacher with
+`train_step(state, batch)` pastes the donor occluder boxes (when the batch carries them),
+normalises the pixels on the device, runs the model (teacher with
 FEPM, student), sums the named loss terms of the config (`losses.total_loss`), and applies one
 optax update for all parameter groups. A non-finite loss or gradient leaves the state as it
 was (guards.py); the loop applies the policy when it fetches the metrics.
@@ -23,6 +24,7 @@ from ogfr_jax import guards
 from ogfr_jax import losses
 from ogfr_jax import parallel
 from ogfr_jax.data import augment
+from ogfr_jax.data import donor_exchange
 from ogfr_jax.models import build
 from ogfr_jax.train_state import TrainState
 
@@ -66,6 +68,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   drop_rng, agent_rng = jax.random.split(step_rng)
+  # Donor occluder boxes come from other rows of the global batch (data/donor_exchange.py).
+  batch = donor_exchange.fill_donors(batch)
   batch = {**batch, **{k: augment.normalize_on_device(batch[k], config.input.mean,
                                                       config.input.std) for k in IMAGE_KEYS}}
   purify, teacher_trains = fepm_phase(state.step, config, steps_per_epoch)
@@ -131,7 +135,8 @@ def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state):
 
 def step_keys(config) -> tuple[str, ...]:
   """The batch keys the train step of `config` reads."""
-  return STEP_KEYS + build.batch_keys(config)
+  donors = donor_exchange.KEYS if donor_exchange.on_device(config) else ()
+  return STEP_KEYS + build.batch_keys(config) + donors
 
 
 def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings, steps_per_epoch: int = 1):

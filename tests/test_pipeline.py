@@ -75,7 +75,10 @@ def test_batch_layout_and_paired_views(train_split):
   expected = {'image': ((b, H, W, 3), np.uint8), 'occluded': ((b, H, W, 3), np.uint8),
               'pattern': ((b,), np.int32), 'occ_mask': ((b, H, W), np.uint8),
               'contam_mask': ((b, H, W), np.uint8), 'pid': ((b,), np.int32), 'camid': ((b,), np.int32), 'index': ((b,), np.int32),
-              'num_skipped': ((b,), np.int32)}
+              'num_skipped': ((b,), np.int32),
+              # The donor boxes, pasted by the train step (data/donor_exchange.py).
+              'row': ((b,), np.int32), 'donor_row': ((b,), np.int32),
+              'donor_box': ((b, 6), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   ids = batch['pid'].reshape(4, 2)
   assert (ids == ids[:, :1]).all() and len(set(ids[:, 0].tolist())) == 4
@@ -166,10 +169,12 @@ def test_configured_epoch_length_maps_onto_sampler_draws(train_split, extra):
     np.testing.assert_array_equal(got, want)
 
 
-def test_process_slices_concatenate_to_the_global_batch(train_split):
+@pytest.mark.parametrize('donor_exchange', ['host', 'device'])
+def test_process_slices_concatenate_to_the_global_batch(train_split, donor_exchange):
   # prob=1 with donor-based patterns only: most donors sit in the other process's half, which
-  # must rebuild exactly the pixels the single-process run uses.
-  config = _config()
+  # must rebuild exactly the pixels the single-process run uses ('host'), or leave the same
+  # boxes to the devices ('device').
+  config = _config(donor_exchange=donor_exchange)
   config.occlusion.prob = 1.0
   config.occlusion.patterns = ('person', 'crop')
   whole = pipeline.make_train_iterator(train_split, config)

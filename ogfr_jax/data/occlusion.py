@@ -18,8 +18,11 @@ fractions [y0, x0, y1, x1]; such cut-outs go back to that place and scale (jitte
 are scaled to the drawn area and put at the drawn placement.
 
 Work is split into a plan (pattern id and donor row, drawn first so that a caller can fetch the
-donor image) and a render that pastes the occluder. Both draw from one Generator in a fixed
-order, so the result is a pure function of the generator's seed.
+donor image), a draw of the occluder's geometry and pixels (`draw_occlusion`) and, for the
+donor types, the paste of the donor's box (`paste_donor`, or its device twin in
+`data/donor_exchange.py`). All draws come from one Generator in a fixed order, none of them
+after the donor is needed, so the result is a pure function of the generator's seed
+whichever machine holds the donor.
 """
 
 from __future__ import annotations
@@ -345,6 +348,70 @@ def _bank(image: np.ndarray, spec: OcclusionSpec, placement: str, frac: float,
   return occ, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class DonorBox:
+  """Where a donor's pixels go: occ[y:y+h, x:x+w] = donor[sy:sy+h, sx:sx+w]."""
+  y: int
+  x: int
+  h: int
+  w: int
+  sy: int
+  sx: int
+
+  def as_array(self) -> np.ndarray:
+    return np.array([self.y, self.x, self.h, self.w, self.sy, self.sx], np.int32)
+
+
+def draw_occlusion(image: np.ndarray, plan: OcclusionPlan, spec: OcclusionSpec,
+                   rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, DonorBox | None]:
+  """Everything of the planned occluder but the donor's pixels: (occ, mask, box).
+
+  For the person and crop types `occ` is still `image` and `box` says where the donor's
+  pixels go (`paste_donor`); for the others `occ` is final and `box` is None. Every random
+  number of the row is drawn here, in the same order whoever supplies the donor later, so a
+  caller may paste on another machine (the devices) and get the same pixels.
+  """
+  H, W = image.shape[:2]
+  if plan.pattern == 0:
+    return image.copy(), np.zeros((H, W), np.uint8), None
+  name = spec.patterns[plan.pattern - 1]
+  placement = spec.placements[int(rng.integers(len(spec.placements)))]
+  frac = float(rng.uniform(spec.area[0], spec.area[1]))
+  if name == 'object':
+    occ, mask = _object(image, placement, frac, rng)
+    return occ, mask.astype(np.uint8), None
+  if name == 'bank':
+    occ, mask = _bank(image, spec, placement, frac, rng)
+    return occ, mask.astype(np.uint8), None
+  occ = image.copy()
+  mask = np.zeros((H, W), np.uint8)
+  box = None
+  if name == 'texture':
+    y, x, h, w = _band_or_box(H, W, placement, frac, rng)
+    occ[y:y + h, x:x + w] = _texture_patch(h, w, rng)
+  elif name == 'person':
+    # The donor's central columns hold its pedestrian; rows stay aligned so the occluding
+    # person's body parts sit at plausible heights.
+    y, x, h, w = _person_box(H, W, placement, frac, rng)
+    box = DonorBox(y, x, h, w, y, (W - w) // 2)
+  else:  # crop
+    y, x, h, w = _band_or_box(H, W, placement, frac, rng)
+    sy = int(rng.integers(0, H - h + 1))
+    sx = int(rng.integers(0, W - w + 1))
+    box = DonorBox(y, x, h, w, sy, sx)
+  mask[y:y + h, x:x + w] = 1
+  return occ, mask, box
+
+
+def paste_donor(occ: np.ndarray, donor: np.ndarray, box: DonorBox) -> np.ndarray:
+  """`occ` with the donor's pixels of `box` pasted in (a new array)."""
+  out = occ.copy()
+  out[box.y:box.y + box.h, box.x:box.x + box.w] = donor[box.sy:box.sy + box.h,
+                                                        box.sx:box.sx + box.w]
+  return out
+
+
 def render_occlusion(image: np.ndarray, plan: OcclusionPlan, spec: OcclusionSpec,
                      rng: np.random.Generator,
                      donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -354,40 +421,13 @@ def render_occlusion(image: np.ndarray, plan: OcclusionPlan, spec: OcclusionSpec
   [H, W] with 1 on occluder pixels. `donor` is the holistic image of row `plan.donor` (same
   size), required for the person and crop types.
   """
-  H, W = image.shape[:2]
-  if plan.pattern == 0:
-    return image.copy(), np.zeros((H, W), np.uint8)
-  name = spec.patterns[plan.pattern - 1]
-  placement = spec.placements[int(rng.integers(len(spec.placements)))]
-  frac = float(rng.uniform(spec.area[0], spec.area[1]))
-  if name == 'object':
-    occ, mask = _object(image, placement, frac, rng)
-    return occ, mask.astype(np.uint8)
-  if name == 'bank':
-    occ, mask = _bank(image, spec, placement, frac, rng)
-    return occ, mask.astype(np.uint8)
-  if name in DONOR_TYPES:
+  if plan.pattern and spec.patterns[plan.pattern - 1] in DONOR_TYPES:
     if donor is None or donor.shape != image.shape:
-      raise ValueError(f'occlusion type {name!r} needs a donor image of shape {image.shape}, '
-                       f'got {None if donor is None else donor.shape}')
-  occ = image.copy()
-  mask = np.zeros((H, W), np.uint8)
-  if name == 'texture':
-    y, x, h, w = _band_or_box(H, W, placement, frac, rng)
-    occ[y:y + h, x:x + w] = _texture_patch(h, w, rng)
-  elif name == 'person':
-    # The donor's central columns hold its pedestrian; rows stay aligned so the occluding
-    # person's body parts sit at plausible heights.
-    y, x, h, w = _person_box(H, W, placement, frac, rng)
-    sx = (W - w) // 2
-    occ[y:y + h, x:x + w] = donor[y:y + h, sx:sx + w]
-  else:  # crop
-    y, x, h, w = _band_or_box(H, W, placement, frac, rng)
-    sy = int(rng.integers(0, H - h + 1))
-    sx = int(rng.integers(0, W - w + 1))
-    occ[y:y + h, x:x + w] = donor[sy:sy + h, sx:sx + w]
-  mask[y:y + h, x:x + w] = 1
-  return occ, mask
+      raise ValueError(f'occlusion type {spec.patterns[plan.pattern - 1]!r} needs a donor '
+                       f'image of shape {image.shape}, got '
+                       f'{None if donor is None else donor.shape}')
+  occ, mask, box = draw_occlusion(image, plan, spec, rng)
+  return (occ if box is None else paste_donor(occ, donor, box)), mask
 
 
 def synthesise_batch(images: np.ndarray, pids, spec: OcclusionSpec,

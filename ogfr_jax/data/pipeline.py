@@ -43,6 +43,7 @@ import grain
 import numpy as np
 
 from ogfr_jax.data import augment
+from ogfr_jax.data import donor_exchange
 from ogfr_jax.data import image_io
 from ogfr_jax.data import occlusion
 from ogfr_jax.data import records
@@ -100,7 +101,7 @@ class TrainBatchLoader:
   def __init__(self, split: records.Split, *, P: int, K: int, seed: int, epoch_length: int,
                process_index: int, process_count: int, augment_spec: augment.AugmentSpec,
                occlusion_spec: occlusion.OcclusionSpec, corrupt_policy: str,
-               contam: records.PixelMasks | None = None):
+               contam: records.PixelMasks | None = None, donors_on_device: bool = False):
     if corrupt_policy not in CORRUPT_IMAGE_POLICIES:
       raise ValueError(f'config.input.corrupt_image_policy must be one of '
                        f'{CORRUPT_IMAGE_POLICIES}, got {corrupt_policy!r}')
@@ -120,6 +121,7 @@ class TrainBatchLoader:
     self.occlusion_spec = occlusion_spec
     self.corrupt_policy = corrupt_policy
     self.contam = contam
+    self.donors_on_device = bool(donors_on_device)
     self._draw_cache: tuple[int, np.ndarray] | None = None
     self._members: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -194,23 +196,27 @@ class TrainBatchLoader:
     batch_pids = self.pids[indices]
     lo = self.process_index * self.batch
     rows = range(lo, lo + self.batch)
-    # Holistic views by global row; donor rows owned by another process are recomputed here
-    # (same generators, hence the same pixels) rather than exchanged.
+    # Holistic views by global row. With the donors pasted on the devices only this
+    # process's rows are decoded; otherwise donor rows owned by another process are
+    # recomputed here (same generators, hence the same pixels).
     views = {r: self._row(step, r, int(indices[r])) for r in rows}
     n, (H, W) = self.batch, (self.augment_spec.height, self.augment_spec.width)
     occluded = np.empty((n, H, W, 3), np.uint8)
     masks = np.empty((n, H, W), np.uint8)
     patterns = np.empty(n, np.int32)
+    donors = donor_exchange.no_donors(np.arange(lo, lo + n))
     for i, r in enumerate(rows):
       rng = _row_rng(self.seed, step, r, _OCCLUSION_STREAM)
       plan = occlusion.plan_occlusion(self.occlusion_spec, batch_pids, r, rng)
-      donor = None
-      if plan.donor >= 0:
+      occ, masks[i], box = occlusion.draw_occlusion(views[r][0], plan, self.occlusion_spec,
+                                                    rng)
+      if box is not None and self.donors_on_device:
+        donors['donor_row'][i], donors['donor_box'][i] = plan.donor, box.as_array()
+      elif box is not None:
         if plan.donor not in views:
           views[plan.donor] = self._row(step, plan.donor, int(indices[plan.donor]))
-        donor = views[plan.donor][0]
-      occluded[i], masks[i] = occlusion.render_occlusion(views[r][0], plan, self.occlusion_spec,
-                                                         rng, donor)
+        occ = occlusion.paste_donor(occ, views[plan.donor][0], box)
+      occluded[i] = occ
       patterns[i] = plan.pattern
     clean = np.stack([views[r][0] for r in rows])
     used = np.array([views[r][1] for r in rows], np.int32)
@@ -218,7 +224,7 @@ class TrainBatchLoader:
     for i, r in enumerate(rows):
       if views[r][3] is not None:
         contam[i] = views[r][3]
-    return {
+    out = {
         'image': clean,
         'occluded': occluded,
         'pattern': patterns,
@@ -231,6 +237,9 @@ class TrainBatchLoader:
         # This process's rows only: donor rows of other processes are theirs to report.
         NOTES_KEY: [note for r in rows for note in views[r][4]],
     }
+    if self.donors_on_device:
+      out.update(donors)
+    return out
 
 
 # The side file of the planted contamination (written by data/synthetic.py).
@@ -391,6 +400,11 @@ def make_train_iterator(split: records.Split, config, *, process_index: int = 0,
                                    recorded: see the module docstring)
     pid, camid, index int32 [b]    of the image actually read (see num_skipped)
     num_skipped int32 [b]          corrupt files replaced for that row ('skip' policy), else 0
+  and, when `donor_exchange.on_device(config)` (config.input.donor_exchange='device' with a
+  donor type to synthesise), `occluded` still lacks the donor boxes of the person and crop
+  occluders, which the train step pastes from the global `image` batch:
+    row, donor_row int32 [b]       global rows of each row and of its donor (-1: none)
+    donor_box int32 [b, 6]         (y, x, h, w, sy, sx) of the paste (data/donor_exchange.py)
   """
   _check_process(process_index, process_count)
   if len(split) == 0:
@@ -404,7 +418,8 @@ def make_train_iterator(split: records.Split, config, *, process_index: int = 0,
       process_count=process_count, augment_spec=augment.augment_spec(config),
       occlusion_spec=occlusion.occlusion_spec(config),
       corrupt_policy=str(c.corrupt_image_policy),
-      contam=synthetic.contamination_masks(split))
+      contam=synthetic.contamination_masks(split),
+      donors_on_device=donor_exchange.on_device(config))
   if start_epoch < 0:
     raise ValueError(f'start_epoch must be >= 0, got {start_epoch}')
   if c.num_workers < 0 or c.prefetch < 0:

@@ -123,9 +123,20 @@ def train_batches(config, split, *, start_step: int, num_batches: int, augment: 
   it = pipeline.make_train_iterator(split, cfg)
   it.set_state({'step': int(start_step)})
   try:
-    return [next(it) for _ in range(num_batches)]
+    return [_with_donors(next(it)) for _ in range(num_batches)]
   finally:
     it.close()
+
+
+def _with_donors(batch: dict) -> dict:
+  """The batch with its occluded view complete, as the train step sees it: one process
+  holds the whole global batch, so the donor boxes are pasted here."""
+  from ogfr_jax.data import donor_exchange  # pylint: disable=g-import-not-at-top
+  if 'donor_row' not in batch:
+    return batch
+  out = {k: v for k, v in batch.items() if k not in donor_exchange.KEYS}
+  out['occluded'] = donor_exchange.paste_on_host(batch)
+  return out
 
 
 def clutter_tokens(paths: Sequence[str], indices: np.ndarray, side: dict[str, dict],
