@@ -13,6 +13,13 @@ Eval: a fixed order; each process reads a contiguous share of the split in batch
 eval_batch_size / process_count, the last ones padded and flagged by `valid`, and every
 process runs the same number of batches.
 
+Donor occluders: the 'person' and 'crop' types paste a box of another row of the global
+batch. Under config.input.donor_exchange='device' a process decodes only its own rows and
+sends where each donor box goes (`row`, `donor_row`, `donor_box`); the train step pastes the
+boxes from the global image array (data/donor_exchange.py). Under 'host' a process decodes and
+augments again each donor row that another process owns. Every random number is drawn on the
+host in the same order either way, so the pixels are bitwise the same.
+
 Planted contamination: where a split's images lie in a synthetic benchmark folder, its side
 file (`synthetic.contamination_masks`) gives each image's contamination mask, and train and
 eval batches carry it as `contam_mask` (uint8 [b, H, W], 1 on planted pixels), resized,
