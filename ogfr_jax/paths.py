@@ -174,6 +174,17 @@ def write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` whole (a local file is replaced at once, as in write_text)."""
+  if is_remote(path):
+    _p(path).write_bytes(data)
+    return
+  tmp = path + '.tmp'
+  with io.open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
 class AppendFile:
   """A text file opened for appending, also on object stores (which have no append).
 

@@ -169,3 +169,29 @@ def test_init_from_in_the_bucket(bucket, tmp_path, monkeypatch):
   np.testing.assert_array_equal(ckpt.tensors['blocks/0/w'], weights['blocks/0/w'])
   with pytest.raises(FileNotFoundError, match="config.init_from='gs://bkt/weights/none.npz'"):
     pretrained.read_checkpoint('gs://bkt/weights/none.npz')
+
+
+def test_tools_read_and_write_a_bucket_workdir(bucket):
+  from ogfr_jax.tools import common  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.tools import plot_training  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.tools import reevaluate  # pylint: disable=g-import-not-at-top
+  workdir = 'gs://bkt/runs/t'
+  run_config.prepare_workdir(workdir, _config())
+  rows = [{'step': s, 'train/loss/total': 3.0 - s} for s in (1, 2, 3)]
+  bucket.pipe_file(workdir + '/metrics.jsonl',
+                   ''.join(json.dumps(r) + '\n' for r in rows).encode())
+  assert common.workdir_config(workdir).seed == 3
+  assert common.read_jsonl(workdir + '/metrics.jsonl') == rows
+  out = plot_training.main(['--workdir', workdir])
+  assert out == workdir + '/training.png'
+  assert bucket.cat_file(out)[:8] == b'\x89PNG\r\n\x1a\n'
+  png = common.save_png(np.zeros((4, 6, 3), np.uint8), workdir + '/figs/a.png')
+  assert bucket.cat_file(png)[:4] == b'\x89PNG'
+  common.write_json(workdir + '/figs/b.json', {'x': 1})
+  assert json.loads(bucket.cat_file(workdir + '/figs/b.json')) == {'x': 1}
+  assert reevaluate.default_out(workdir, [('eval.rerank', True)]) == (
+      workdir + '/results_rerank-True.json')
+  with pytest.raises(ValueError, match="run's own results.json"):
+    reevaluate.main(['--workdir', workdir, '--out', workdir + '/results.json'])
+  with pytest.raises(FileNotFoundError, match='gs://bkt/runs/t/checkpoints not found'):
+    common.restore_state(workdir)

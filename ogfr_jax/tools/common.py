@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from ogfr_jax import config_schema
+from ogfr_jax import paths
 
 # Top-level parameter names that hold the student's backbone (see models/ogfr.py).
 _STUDENT_BACKBONES = ('student_vit', 'vit')
@@ -30,15 +32,14 @@ _STUDENT_BACKBONES = ('student_vit', 'vit')
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """WORKDIR/config.json as a ConfigDict (the resolved config of the training run)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(paths.resolve(workdir, '--workdir'), 'config.json')
+  if not paths.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir? (pass the '
                             "run's config explicitly where the tool allows it)")
-  with open(path) as f:
-    try:
-      values = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON: {e}') from e
+  try:
+    values = json.loads(paths.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from e
   try:
     # Onto the base config: fields added since the run was written read as their defaults.
     return config_schema.from_json(values)
@@ -55,8 +56,8 @@ def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict[str, A
   """
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = paths.join(paths.resolve(workdir, '--workdir'), 'checkpoints')
+  if not paths.isdir(directory):
     raise FileNotFoundError(f'{directory} not found: is {workdir} a training workdir?')
   # Naming the handlers lets orbax read the items' metadata before anything is restored.
   manager = ocp.CheckpointManager(
@@ -142,7 +143,7 @@ def load_trained(workdir: str, step: Optional[int] = None,
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   return TrainedModel(config=config, model=model, variables=variables, step=step,
                       num_classes=num_classes, num_cameras=num_cameras,
-                      workdir=os.path.abspath(workdir))
+                      workdir=paths.resolve(workdir, '--workdir'))
 
 
 def local_mesh():
@@ -187,11 +188,10 @@ def to_uint8(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Lines of a metrics.jsonl; a line cut short by a crash at the end is skipped."""
-  if not os.path.isfile(path):
+  if not paths.exists(path) or paths.isdir(path):
     raise FileNotFoundError(f'{path} not found: the run has logged no metrics yet')
   rows = []
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = paths.read_text(path).splitlines()
   for i, line in enumerate(lines):
     if not line.strip():
       continue
@@ -338,12 +338,25 @@ def save_png(image: np.ndarray, path: str, colors: int = 0) -> str:
   """Writes an RGB PNG; with `colors` (2..256) an adaptive palette of that many colours, which
   makes figures of noisy photographs several times smaller (for documentation)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img = Image.fromarray(image)
   if colors:
     if not 2 <= colors <= 256:
       raise ValueError(f'--colors must be 0 (full colour) or in [2, 256], got {colors}')
     img = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                        dither=Image.Dither.NONE)
-  img.save(path, format='PNG', optimize=True)
+  buffer = io.BytesIO()
+  img.save(buffer, format='PNG', optimize=True)
+  write_file(path, buffer.getvalue())
   return path
+
+
+def write_file(path: str, data: bytes) -> str:
+  """Writes an output file of a tool, creating its folder; local or on an object store."""
+  path = paths.resolve(path, 'output')
+  paths.makedirs(os.path.dirname(path))
+  paths.write_bytes(path, data)
+  return path
+
+
+def write_json(path: str, value: Any) -> str:
+  return write_file(path, json.dumps(value, indent=2).encode())

@@ -14,11 +14,13 @@ WORKDIR/training.png.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from ogfr_jax import paths
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
@@ -96,9 +98,10 @@ def plot(rows: Sequence[dict[str, Any]], path: str, title: str = '',
   if title:
     fig.suptitle(title, fontsize=11)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=90)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=90)
   plt.close(fig)
+  common.write_file(path, buffer.getvalue())
   return [p[0] for p in panels]
 
 
@@ -112,12 +115,13 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Sequence[str]) -> str:
   args = parse_args(argv)
-  rows = common.read_jsonl(os.path.join(args.workdir, 'metrics.jsonl'))
-  out = args.out or os.path.join(args.workdir, 'training.png')
-  name = os.path.basename(os.path.abspath(args.workdir))
+  workdir = paths.resolve(args.workdir, '--workdir')
+  rows = common.read_jsonl(paths.join(workdir, 'metrics.jsonl'))
+  out = args.out or paths.join(workdir, 'training.png')
+  name = os.path.basename(workdir.rstrip('/'))
   last = max((int(r['step']) for r in rows if 'step' in r), default=0)
   skip = []
-  if os.path.isfile(os.path.join(args.workdir, 'config.json')):
+  if paths.exists(paths.join(workdir, 'config.json')):
     if common.workdir_config(args.workdir).fepm.baseline != 'moving_average':
       # The logged moving average is carried unchanged (zero) under the self-critical baseline.
       skip.append('train/agent/baseline')

@@ -22,6 +22,7 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
+from ogfr_jax import paths
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
@@ -70,7 +71,7 @@ def apply_overrides(config, overrides: Sequence[tuple[str, Any]]):
 
 def default_out(workdir: str, overrides: Sequence[tuple[str, Any]]) -> str:
   tag = '_'.join(f'{f.split(".")[-1]}-{v}' for f, v in overrides) or 'again'
-  return os.path.join(workdir, 'results_' + re.sub(r'[^A-Za-z0-9_.-]+', '-', tag) + '.json')
+  return paths.join(workdir, 'results_' + re.sub(r'[^A-Za-z0-9_.-]+', '-', tag) + '.json')
 
 
 def reevaluate(workdir: str, overrides: Sequence[tuple[str, Any]],
@@ -83,7 +84,7 @@ def reevaluate(workdir: str, overrides: Sequence[tuple[str, Any]],
   data = common.read_split(config, 'test')
   result = evaluate.evaluate_dataset(trained.model, trained.variables, data, config,
                                      common.local_mesh())
-  return {'workdir': os.path.abspath(workdir), 'step': trained.step,
+  return {'workdir': paths.resolve(workdir, '--workdir'), 'step': trained.step,
           'overrides': dict(overrides), 'dataset': data.name, 'metrics': result}
 
 
@@ -98,11 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = p.parse_args(argv)  # a bad command line is a common.UsageError
   overrides = [parse_override(s) for s in args.set]
   out = args.out or default_out(args.workdir, overrides)
-  if os.path.abspath(out) == os.path.abspath(os.path.join(args.workdir, 'results.json')):
+  own = paths.join(paths.resolve(args.workdir, '--workdir'), 'results.json')
+  if paths.resolve(out, '--out') == own:
     raise ValueError(f'--out {out} is the run\'s own results.json: choose another file')
   result = reevaluate(args.workdir, overrides, args.step)
-  with open(out, 'w') as f:
-    json.dump(result, f, indent=2)
+  common.write_json(out, result)
   scores = result['metrics']
   print(f"{result['dataset']} step {result['step']} {result['overrides']}: "
         + ', '.join(f'{k}={scores[k]:.4f}' for k in ('mAP', 'rank1', 'rank5', 'mINP')

@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ogfr_jax import paths as fspaths
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
@@ -342,27 +343,25 @@ def run(args) -> dict[str, Any]:
   figure = common.vstack([common.banner(title, width, size=13)]
                          + [common.banner(l.strip(), width, size=12) for l in lines[1:]]
                          + grouped, gap=6)
-  out = args.out or os.path.join(args.workdir, 'vispurify')
-  summary['figure'] = common.save_png(figure, os.path.join(out, 'vispurify_000.png'),
+  out = args.out or fspaths.join(fspaths.resolve(args.workdir, '--workdir'), 'vispurify')
+  summary['figure'] = common.save_png(figure, fspaths.join(out, 'vispurify_000.png'),
                                       args.colors)
-  with open(os.path.join(out, 'purification.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  common.write_json(fspaths.join(out, 'purification.json'), summary)
   print('\n'.join(lines))
-  print(f'wrote {summary["figure"]} and {os.path.join(out, "purification.json")}')
+  print(f'wrote {summary["figure"]} and {fspaths.join(out, "purification.json")}')
   return summary
 
 
 def run_fepm_report(workdir: str) -> Optional[dict[str, Any]]:
   """The `fepm` object of the run's results.json (evaluator.fepm_report), None without one."""
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
+  path = fspaths.join(fspaths.resolve(workdir, '--workdir'), 'results.json')
+  if not fspaths.exists(path):
     return None
-  with open(path) as f:
-    try:
-      results = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON ({e}); rerun the evaluation '
-                       '(python -m ogfr_jax.main --mode eval) to rewrite it') from e
+  try:
+    results = json.loads(fspaths.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); rerun the evaluation '
+                     '(python -m ogfr_jax.main --mode eval) to rewrite it') from e
   return results.get('fepm')
 
 

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ogfr_jax import paths as fspaths
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
@@ -267,8 +268,8 @@ def run(args) -> dict:
   pages = draw_pages(chosen, data, occlusion_tags(data), topk=args.topk,
                      show_dropped=args.show_dropped, size=size, tile_height=tile_height,
                      per_page=args.per_page, title=title)
-  out = args.out or os.path.join(args.workdir, 'visrank')
-  paths = [common.save_png(page, os.path.join(out, f'visrank_{i:03d}.png'), args.colors)
+  out = args.out or fspaths.join(fspaths.resolve(args.workdir, '--workdir'), 'visrank')
+  paths = [common.save_png(page, fspaths.join(out, f'visrank_{i:03d}.png'), args.colors)
            for i, page in enumerate(pages)]
   print(title)
   for path in paths:
