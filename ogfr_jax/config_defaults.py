@@ -203,6 +203,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Oracle selection and the agent's precision/recall: a token counts as contaminated when at
   # least this share of its window is planted contamination.
   c.fepm.oracle_min_cover = 0.5
+  # The identity-consistency labels of loss.agent_consistency_weight: the share of the batch's
+  # patch tokens labelled (those with the lowest best cosine similarity, after the teacher's
+  # last block in a clean pass, to the tokens of the identity's other batch images), and the
+  # neighbourhood searched, in grid cells around the token's own cell.
+  c.fepm.consistency_share = 0.1
+  c.fepm.consistency_radius = 1
 
   # --- losses ------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -239,6 +245,10 @@ def base_config() -> ml_collections.ConfigDict:
   # logits on the synthesised occluded view occ(x) against the tokens the pasted occluder
   # covers (masks every dataset provides, since the pipeline pastes them). 0 = off.
   c.loss.agent_occluder_weight = 0.0
+  # A second auxiliary for the agent (not in the paper): binary cross-entropy of its token
+  # logits on the clean image against the tokens that no other image of the same identity in
+  # the P x K batch matches nearby (fepm.consistency_*). 0 = off.
+  c.loss.agent_consistency_weight = 0.0
   c.loss.teacher_weight = 1.0  # teacher's own ID + triplet terms
   c.loss.student_weight = 1.0
 

@@ -53,7 +53,8 @@ _AT_LEAST_ONE = ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch
                  'eval.query_chunk', 'eval.rerank_k1', 'eval.rerank_k2',
                  'eval.rerank_max_bytes', 'fepm.num_samples')
 _NON_NEGATIVE = ('input.device_prefetch', 'fepm.teacher_warmup_epochs',
-                 'fepm.agent_only_epochs', 'fepm.rate_weight', 'loss.agent_occluder_weight')
+                 'fepm.agent_only_epochs', 'fepm.rate_weight', 'loss.agent_occluder_weight',
+                 'loss.agent_consistency_weight', 'fepm.consistency_radius')
 
 
 def field(config: Any, name: str) -> Any:
@@ -153,11 +154,17 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
                        'with the others of its image: set config.fepm.num_samples >= 2')
     if not 0.0 <= f.warmup_random_rate < 1.0:
       raise ValueError(f'config.fepm.warmup_random_rate={f.warmup_random_rate} must be in [0, 1)')
+    if not 0.0 < f.consistency_share < 1.0:
+      raise ValueError(f'config.fepm.consistency_share={f.consistency_share} must be in (0, 1)')
     if not 0.0 < f.oracle_min_cover <= 1.0:
       raise ValueError(f'config.fepm.oracle_min_cover={f.oracle_min_cover} must be in (0, 1]')
   if config.loss.agent_occluder_weight > 0 and not config.occlusion.enabled:
     raise ValueError('config.loss.agent_occluder_weight needs config.occlusion.enabled: the '
                      "agent's auxiliary learns the occluders the pipeline synthesises")
+  if config.loss.agent_consistency_weight > 0 and config.input.images_per_id < 2:
+    raise ValueError('config.loss.agent_consistency_weight needs config.input.images_per_id '
+                     ">= 2: its labels compare each image with the identity's other images "
+                     'in the batch')
   if m.student_erase:
     if not config.occlusion.enabled:
       raise ValueError('config.model.student_erase needs config.occlusion.enabled: the '

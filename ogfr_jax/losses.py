@@ -411,6 +411,20 @@ def agent_occluder_term(outputs, batch, ctx: Context) -> TermValue:
                            'agent/occluder_target_rate')
 
 
+@term('agent_consistency', lambda c: c.loss.agent_consistency_weight,
+      build.agent_learns_consistency)
+def agent_consistency_term(outputs, batch, ctx: Context) -> TermValue:
+  """Binary cross-entropy of the agent's logits on the clean image against the tokens that
+  the other images of the same identity in the batch leave unexplained
+  (`fepm.unexplained_tokens`): a label the P x K batch provides on any dataset. Like the
+  occluder auxiliary it needs no reward, so it runs in every phase of the staged schedule."""
+  del batch, ctx
+  a = outputs['agent']
+  return _token_classifier(a['consistency_scores'], a['consistency_target'],
+                           'agent/consistency_accuracy', 'agent/consistency_predicted_rate',
+                           'agent/consistency_target_rate')
+
+
 @term('agent', lambda c: c.loss.agent_weight, build.has_agent)
 def agent_term(outputs, batch, ctx: Context) -> TermValue:
   """REINFORCE over the sampled token masks: -(R - b) * log pi(a) per sample, minus the

@@ -195,3 +195,87 @@ def test_agent_occluder_auxiliary_scores_the_synthesised_occluder_tokens():
   c.occlusion.enabled = False
   with pytest.raises(ValueError, match='agent_occluder_weight'):
     config_schema.validate(c)
+
+
+def _brute_force_match(tokens, pid, grid, radius):
+  """float64 reference of fepm.identity_match: a loop over every token pair."""
+  b, n, _ = tokens.shape
+  gh, gw = grid
+  x = tokens.astype(np.float64)
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  match = np.ones((b, n))
+  for i in range(b):
+    others = [j for j in range(b) if j != i and pid[j] == pid[i]]
+    if not others:
+      continue
+    for t in range(n):
+      r, c = divmod(t, gw)
+      near = [rr * gw + cc for rr in range(gh) for cc in range(gw)
+              if abs(rr - r) <= radius and abs(cc - c) <= radius]
+      match[i, t] = max(float(x[i, t] @ x[j, s]) for j in others for s in near)
+  return match
+
+
+@pytest.mark.parametrize('radius', [0, 1])
+def test_identity_match_equals_the_pairwise_reference(radius):
+  grid, dim = (4, 3), 16
+  pid = np.array([0, 0, 1, 1, 1, 2])  # identity 2 has no other image
+  tokens = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (6, 12, dim)), np.float32)
+  match, has_other = fepm.identity_match(jnp.asarray(tokens), jnp.asarray(pid), grid, radius)
+  np.testing.assert_array_equal(has_other, [True] * 5 + [False])
+  # Cosines of unit vectors: a float32 dot product over `dim` terms plus the two
+  # normalisations, each within a few eps_32 per term.
+  atol = 4 * (dim + 2) * np.finfo(np.float32).eps
+  np.testing.assert_allclose(np.asarray(match), _brute_force_match(tokens, pid, grid, radius),
+                             atol=atol, rtol=0)
+
+
+def test_unexplained_tokens_flag_what_the_identitys_other_images_lack():
+  grid, dim = (4, 3), 16
+  # One-hot tokens, so every cosine is exactly 0 or 1: cell t of identity 0 shows e_t. Image 1
+  # carries a foreign patch (e_15) at cell 5; image 2 shows at cell 7 what belongs one row
+  # lower (e_10, cell 10); image 3 is the only image of identity 1.
+  eye = np.eye(dim, dtype=np.float32)
+  tokens = np.stack([eye[:12]] * 3 + [eye[::-1][:12]]).copy()
+  tokens[1, 5] = eye[15]
+  tokens[2, 7] = eye[10]
+  pid = jnp.asarray([0, 0, 0, 1])
+
+  def labels(radius, count):
+    return np.asarray(fepm.unexplained_tokens(jnp.asarray(tokens), pid, grid, radius,
+                                              share=count / tokens[..., 0].size))
+
+  at1 = labels(1, 1)
+  assert at1.sum() == 1 and at1[1, 5]
+  # At radius 0 the displaced token is no longer explained by its neighbour cell.
+  at0 = labels(0, 2)
+  assert at0.sum() == 2 and at0[1, 5] and at0[2, 7]
+  # An identity alone in the batch gets no label, however large the share.
+  assert not labels(1, 40)[3].any()
+
+
+def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
+  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(layer=0, consistency_share=0.25)
+  c.loss.agent_consistency_weight = 1.0
+  model = build.build_model(c, 4, 2)
+  batch, rngs = _tiny_batch()
+  batch['pid'] = jnp.asarray([0, 0, 1, 1], jnp.int32)
+  variables = model.init(rngs, batch, train=True)
+  out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
+  a = out['agent']
+  target = np.asarray(a['consistency_target'])
+  assert target.shape == (4, 10) and target.sum() == 10  # round(0.25 x 40)
+  # The scorer reads the clean tokens the selection reads: the same logits.
+  np.testing.assert_array_equal(a['consistency_scores'], a['scores'])
+  term = losses.agent_consistency_term(out, batch,
+                                       losses.Context(c.loss, c.fepm, jnp.float32(0)))
+  logits = np.asarray(a['consistency_scores'], np.float64)
+  log_sig = lambda z: -np.logaddexp(0.0, -z)
+  expected = -np.mean(target * log_sig(logits) + (1 - target) * log_sig(-logits))
+  np.testing.assert_allclose(float(term.value), expected, rtol=1e-5)
+  assert losses.active_terms(c)['agent_consistency'] == 1.0
+  c.input.images_per_id = 1
+  with pytest.raises(ValueError, match='agent_consistency_weight'):
+    config_schema.validate(c)

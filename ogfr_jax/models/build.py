@@ -80,6 +80,11 @@ def agent_learns_occluders(config: Any) -> bool:
   return has_agent(config) and config.loss.agent_occluder_weight > 0
 
 
+def agent_learns_consistency(config: Any) -> bool:
+  """The agent's auxiliary: flag the tokens the identity's other batch images do not explain."""
+  return has_agent(config) and config.loss.agent_consistency_weight > 0
+
+
 def backbone_names(config: Any) -> tuple[str, ...]:
   """Top-level parameter names holding a ViT backbone (for pretrained-weight import)."""
   extra = (('occluder_vit',) if student_erases(config)
@@ -124,7 +129,9 @@ def fepm_spec(config: Any) -> FEPMSpec | None:
       prob_bounds=(float(f.prob_bounds[0]), float(f.prob_bounds[1])),
       num_samples=int(f.num_samples), greedy_pass=f.baseline == 'self_critical',
       teacher_input=f.teacher_input, credit=f.credit,
-      warmup_rate=float(f.warmup_random_rate), patch_size=m.patch_size, stride=m.stride,
+      warmup_rate=float(f.warmup_random_rate), consistency=agent_learns_consistency(config),
+      consistency_radius=int(f.consistency_radius),
+      consistency_share=float(f.consistency_share), patch_size=m.patch_size, stride=m.stride,
       min_cover=float(f.oracle_min_cover))
 
 

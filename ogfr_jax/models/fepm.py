@@ -61,6 +61,58 @@ def covered_tokens(mask: jax.Array, patch: int, stride: int,
   return (total / (patch * patch) >= min_cover - 1e-6).reshape(total.shape[0], -1)
 
 
+def identity_match(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int],
+                   radius: int) -> tuple[jax.Array, jax.Array]:
+  """How well the other images of the same identity in the batch explain each patch token.
+
+  tokens [B, N, D] (patch tokens, row-major over `grid`), pid [B]. For token n of image b:
+  the best cosine similarity to any token of another image of b's identity within `radius`
+  grid cells (Chebyshev) of n's cell. Returns (match [B, N] float32, has_other [B] bool);
+  where an identity has no other image in the batch, match is +1 (nothing to compare).
+
+  Computed one grid offset at a time ([B, N, B] per offset), so memory stays
+  O(B^2 N) whatever the token width.
+  """
+  b, n, d = tokens.shape
+  gh, gw = grid
+  if gh * gw != n:
+    raise ValueError(f'identity_match: {n} patch tokens do not form the {gh}x{gw} grid')
+  x = tokens.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+  x = x.reshape(b, gh, gw, d)
+  same = (pid[:, None] == pid[None, :]) & ~jnp.eye(b, dtype=jnp.bool_)  # [B, B]
+  rows, cols = jnp.arange(gh)[:, None], jnp.arange(gw)[None, :]
+  best = jnp.full((b, gh, gw), -jnp.inf, jnp.float32)
+  for dy in range(-radius, radius + 1):
+    for dx in range(-radius, radius + 1):
+      # shifted[c, i, j] = x[c, i + dy, j + dx]; cells whose neighbour falls off the grid
+      # are left out rather than wrapped.
+      shifted = jnp.roll(x, (-dy, -dx), axis=(1, 2))
+      inside = ((rows + dy >= 0) & (rows + dy < gh) & (cols + dx >= 0) & (cols + dx < gw))
+      sim = jnp.einsum('bhwd,chwd->bhwc', x, shifted)
+      ok = same[:, None, None, :] & inside[None, :, :, None]
+      best = jnp.maximum(best, jnp.max(jnp.where(ok, sim, -jnp.inf), axis=-1))
+  has_other = jnp.any(same, axis=-1)
+  match = jnp.where(has_other[:, None, None], best, 1.0)
+  return match.reshape(b, n), has_other
+
+
+def unexplained_tokens(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int], radius: int,
+                       share: float) -> jax.Array:
+  """bool [B, N]: the `share` of the batch's patch tokens that the other images of the same
+  identity explain least (`identity_match`). A pedestrian's own body and clothes recur in
+  every image of that identity, so what matches nothing there is contamination (another
+  person's clothing, a passer-by, clutter) or a view-specific background. Images whose identity
+  has no other image in the batch get no token."""
+  match, has_other = identity_match(tokens, pid, grid, radius)
+  b, n = match.shape
+  k = max(1, int(round(share * b * n)))
+  # Only rows with a comparison take part; the others sit at +1 and below every threshold.
+  score = jnp.where(has_other[:, None], -match, -jnp.inf).reshape(-1)
+  threshold = jax.lax.top_k(score, k)[0][-1]
+  return (score.reshape(b, n) >= threshold) & has_other[:, None]
+
+
 def blend_tokens(tokens: jax.Array, weight: jax.Array, replacement: jax.Array,
                  pos_embed: jax.Array) -> jax.Array:
   """Soft replacement: patch token i becomes (1 - w_i) x_i + w_i (replacement + pos_i); the CLS

@@ -53,6 +53,12 @@ class FEPMSpec:
   teacher_input: str = 'sampled'
   credit: str = 'image'
   warmup_rate: float = 0.0  # share of tokens replaced at random while `purify` is off
+  # The agent's identity-consistency auxiliary (loss.agent_consistency_weight): label the
+  # `consistency_share` of the batch's tokens that the identity's other images explain least
+  # (within `consistency_radius` grid cells, in the clean pass's last-block tokens).
+  consistency: bool = False
+  consistency_radius: int = 1
+  consistency_share: float = 0.1
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
   min_cover: float = 0.5
@@ -200,7 +206,21 @@ class Teacher(nn.Module):
         agent['sample_masks'] = jnp.stack(masks[:num])
         agent['token_grads'] = self._reward_token_grads(frozen, jnp.stack(masks[:num]), pos,
                                                         stats, pid)
+    if f.consistency:
+      agent.update(self._consistency_targets(frozen, pid))
     return {'teacher': res, 'agent': agent}
+
+  def _consistency_targets(self, frozen: jax.Array, pid: jax.Array) -> dict[str, jax.Array]:
+    """The agent's logits on the clean tokens after block L (held) and the identity-consistency
+    pseudo-labels: patch tokens, after the last block of a clean deterministic pass, that no
+    other image of the same identity in the batch matches nearby
+    (`fepm.unexplained_tokens`). Both under stop_gradient: the labels only teach the scorer."""
+    f, vit = self.fepm, self.vit
+    last = jax.lax.stop_gradient(vit.run_blocks(frozen, f.layer, vit.depth, train=False))
+    target = fepm_lib.unexplained_tokens(last[:, 1:], pid, vit.grid, f.consistency_radius,
+                                         f.consistency_share)
+    return {'consistency_scores': self.agent(frozen[:, 1:]),
+            'consistency_target': jax.lax.stop_gradient(target)}
 
   def _reward_token_grads(self, frozen: jax.Array, masks: jax.Array, pos: jax.Array,
                           stats: tuple[jax.Array, jax.Array], pid: jax.Array) -> jax.Array:
