@@ -55,7 +55,9 @@ def get_config(arg=None):
   # leave-one-out baseline over two samples per image, and the agent also learns to flag the
   # synthesised occluders of occ(x). That variant selects planted contamination at 2.7x
   # chance (recall 0.21) against 1.6x (recall 0.07) for REINFORCE alone with an agent-only
-  # phase against the held teacher; no variant lifts the student above FEPM off.
+  # phase against the held teacher; no variant lifts the student above FEPM off. The
+  # identity-consistency labels (loss.agent_consistency_weight) instead of the occluder
+  # auxiliary tie with it over seeds 0-2 (precision 0.175 +- 0.022, recall 0.22).
   c.fepm.layer = 0
   c.fepm.teacher_warmup_epochs = 6.0
   c.fepm.agent_only_epochs = 0.0
