@@ -121,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.model.patch_size={config.model.patch_size} is larger than the '
                      f'input {config.input.height}x{config.input.width}')
   _validate_model(config)
+  from ogfr_jax.data import occlusion  # pylint: disable=g-import-not-at-top
+  occlusion.check_names(config)
   e = config.eval
   if e.rerank_topn < max(e.rerank_k1 + 1, e.rerank_k2):
     raise ValueError(f'config.eval.rerank_topn={e.rerank_topn} must be >= max('

@@ -224,13 +224,18 @@ def test_main_empty_query_folder(tmp_path):
   assert_one_line_error(status, lines, 'query is empty', str(tree.root / 'query'))
 
 
-def test_main_unknown_occlusion_pattern(tmp_path):
+@pytest.mark.parametrize('patterns,needles', [
+    ("('object','nosuch')", ('config.occlusion.patterns', 'nosuch', 'known types')),
+    # A comma-separated override arrives as one name; the error shows the tuple to write.
+    ('object,crop', ('config.occlusion.patterns', "\"('object', 'crop')\"")),
+])
+def test_main_bad_occlusion_pattern_fails_at_config_load(tmp_path, patterns, needles):
   tree = fx.make_market1501(tmp_path)
   status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}',
-                        '--config.occlusion.patterns=object,nosuch')
-  assert status == 2
-  errors = [l for l in lines if 'error' in l.lower() or 'Traceback' in l]
-  assert_one_line_error(status, errors, 'config.occlusion.patterns', 'nosuch')
+                        f'--config.occlusion.patterns={patterns}')
+  # Checked with the config, before the run header, the model and the workdir.
+  assert_one_line_error(status, lines, *needles)
+  assert not (tmp_path / 'wd').exists()
 
 
 def test_main_refuses_a_malicious_init_from(tmp_path):

@@ -45,6 +45,42 @@ PLACEMENTS = ('bottom', 'top', 'left', 'right', 'center')
 DONOR_TYPES = frozenset({'person', 'crop'})
 
 
+def check_fields(fields: dict) -> None:
+  """Every check of config.occlusion that needs no file (names, ranges, the held-out types).
+  `fields`: OcclusionSpec's fields; bank_dir is not read."""
+  for name in ('patterns', 'holdout', 'placements'):
+    joined = [v for v in fields[name] if ',' in v]
+    if joined:
+      # A command-line override `--config.occlusion.patterns=a,b` arrives as the one
+      # string 'a,b'.
+      raise ValueError(f'config.occlusion.{name}: {joined[0]!r} is one name with a comma; '
+                       f'give several as a tuple, e.g. '
+                       f'--config.occlusion.{name}="{tuple(joined[0].split(","))}"')
+  patterns, holdout, placements = fields['patterns'], fields['holdout'], fields['placements']
+  unknown = [p for p in patterns if p not in PATTERN_TYPES]
+  if unknown or not patterns:
+    raise ValueError(f'config.occlusion.patterns: unknown or empty pattern types {unknown} '
+                     f'in {patterns}; known types are {PATTERN_TYPES}')
+  if len(set(patterns)) != len(patterns):
+    raise ValueError(f'config.occlusion.patterns lists a type twice: {patterns}')
+  bad = [p for p in holdout if p not in patterns]
+  if bad:
+    raise ValueError(f'config.occlusion.holdout names {bad}, which are not in '
+                     f'config.occlusion.patterns {patterns}')
+  if fields['enabled'] and fields['prob'] > 0 and set(patterns) <= set(holdout):
+    raise ValueError(f'config.occlusion.holdout {holdout} holds out every type of '
+                     f'config.occlusion.patterns {patterns}; nothing is left to train on')
+  bad = [p for p in placements if p not in PLACEMENTS]
+  if bad or not placements:
+    raise ValueError(f'config.occlusion.placements: unknown or empty placements {bad} in '
+                     f'{placements}; known placements are {PLACEMENTS}')
+  lo, hi = fields['area']
+  if not 0.0 < lo <= hi <= 1.0:
+    raise ValueError(f'config.occlusion.area must satisfy 0 < lo <= hi <= 1, got {fields["area"]}')
+  if not 0.0 <= fields['prob'] <= 1.0:
+    raise ValueError(f'config.occlusion.prob must lie in [0, 1], got {fields["prob"]}')
+
+
 @dataclasses.dataclass(frozen=True)
 class OcclusionSpec:
   """`config.occlusion` in validated form (a small picklable value for input workers)."""
@@ -57,29 +93,7 @@ class OcclusionSpec:
   bank_dir: str = ''  # folder of occluder cut-outs, for the 'bank' type
 
   def __post_init__(self):
-    unknown = [p for p in self.patterns if p not in PATTERN_TYPES]
-    if unknown or not self.patterns:
-      raise ValueError(f'config.occlusion.patterns: unknown or empty pattern types {unknown} '
-                       f'in {self.patterns}; known types are {PATTERN_TYPES}')
-    if len(set(self.patterns)) != len(self.patterns):
-      raise ValueError(f'config.occlusion.patterns lists a type twice: {self.patterns}')
-    bad = [p for p in self.holdout if p not in self.patterns]
-    if bad:
-      raise ValueError(f'config.occlusion.holdout names {bad}, which are not in '
-                       f'config.occlusion.patterns {self.patterns}')
-    if self.enabled and self.prob > 0 and not self.train_ids:
-      raise ValueError(f'config.occlusion.holdout {self.holdout} holds out every type of '
-                       f'config.occlusion.patterns {self.patterns}; nothing is left to train on')
-    bad = [p for p in self.placements if p not in PLACEMENTS]
-    if bad or not self.placements:
-      raise ValueError(f'config.occlusion.placements: unknown or empty placements {bad} in '
-                       f'{self.placements}; known placements are {PLACEMENTS}')
-    lo, hi = self.area
-    if not 0.0 < lo <= hi <= 1.0:
-      raise ValueError(f'config.occlusion.area must satisfy 0 < lo <= hi <= 1, got {self.area}')
-    if not 0.0 <= self.prob <= 1.0:
-      raise ValueError(f'config.occlusion.prob must lie in [0, 1], got {self.prob}')
-
+    check_fields(dataclasses.asdict(self))
     if (self.enabled and 'bank' in self.patterns and 'bank' not in self.holdout
         and not self.bank_dir):
       raise ValueError("config.occlusion.patterns has 'bank' but no occluder bank folder is "
@@ -113,17 +127,30 @@ def bank_folder(config) -> str:
   return os.path.join(root, 'occluders') if root else ''
 
 
+def _fields(config) -> dict:
+  c = config.occlusion
+  return dict(enabled=bool(c.enabled), prob=float(c.prob),
+              patterns=tuple(str(p) for p in c.patterns),
+              holdout=tuple(str(p) for p in c.holdout),
+              placements=tuple(str(p) for p in c.placements),
+              area=tuple(float(v) for v in c.area))
+
+
+def check_names(config) -> None:
+  """The names and ranges of `config.occlusion`, checked without reading any file (at
+  config load time, before the dataset and its occluder bank exist); raises naming the bad
+  field."""
+  # Not through the constructor: it also asks for the bank folder, which only the dataset
+  # knows.
+  check_fields(_fields(config))
+
+
 def occlusion_spec(config) -> OcclusionSpec:
   """Reads `config.occlusion` into an OcclusionSpec (raises naming the bad field)."""
-  c = config.occlusion
-  patterns = tuple(str(p) for p in c.patterns)
-  holdout = tuple(str(p) for p in c.holdout)
-  uses_bank = bool(c.enabled) and 'bank' in patterns and 'bank' not in holdout
-  spec = OcclusionSpec(
-      enabled=bool(c.enabled), prob=float(c.prob), patterns=patterns, holdout=holdout,
-      placements=tuple(str(p) for p in c.placements),
-      area=tuple(float(v) for v in c.area),
-      bank_dir=bank_folder(config) if uses_bank else '')
+  fields = _fields(config)
+  uses_bank = (fields['enabled'] and 'bank' in fields['patterns']
+               and 'bank' not in fields['holdout'])
+  spec = OcclusionSpec(**fields, bank_dir=bank_folder(config) if uses_bank else '')
   if uses_bank:
     load_bank(spec.bank_dir)  # fail now, naming the folder, rather than in an input worker
   return spec
