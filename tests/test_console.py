@@ -17,20 +17,12 @@ class _Terminal(io.StringIO):
 
 @pytest.fixture(autouse=True)
 def _console_state():
-  """Each test starts as process 0 writing to its own stream, and leaves nothing behind."""
+  """Each test starts as process 0 writing to its own stream, and leaves nothing behind (the
+  logging levels and handler are restored by conftest)."""
   saved = dict(console._state)  # pylint: disable=protected-access
-  root_level = std_logging.getLogger().level
-  verbosity = logging.get_verbosity()
   yield
   console._state.clear()  # pylint: disable=protected-access
   console._state.update(saved)  # pylint: disable=protected-access
-  std_logging.getLogger().setLevel(root_level)
-  logging.set_verbosity(verbosity)
-  handler = logging.get_absl_handler()
-  handler.setFormatter(logging.PythonFormatter())
-  for f in list(handler.filters):
-    if isinstance(f, console._ConsoleFilter):  # pylint: disable=protected-access
-      handler.removeFilter(f)
 
 
 SUMMARY = {'loss/total': 3.21449, 'loss/student_id': 1.2, 'loss/student_triplet': 0.31,

@@ -118,9 +118,10 @@ def test_slurm_requeues_on_the_time_limit_signal(tmp_path):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   calls = tmp_path / 'calls'
+  # The fake tasks handle SIGTERM from before they announce themselves.
   _script(bin_dir / 'srun', f'''#!/bin/bash
-echo "srun $*" >> {calls}
 trap 'echo "tasks: SIGTERM, checkpoint" >> {calls}; exit 143' TERM
+echo "srun $*" >> {calls}
 while true; do sleep 0.1; done
 ''')
   _script(bin_dir / 'scontrol', f'#!/bin/bash\necho "scontrol $*" >> {calls}\n')
