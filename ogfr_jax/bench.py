@@ -396,7 +396,8 @@ def check_torch_python(path: str) -> str:
 _MIRRORED = {
     'model.teacher': True, 'model.shared_backbone': False, 'model.jpm': False,
     'model.pattern_embed': True, 'fepm.enabled': True, 'fepm.selection': 'agent',
-    'fepm.action': 'bernoulli', 'fepm.baseline': 'self_critical', 'optim.agent_name': 'adam',
+    'fepm.action': 'bernoulli', 'fepm.baseline': 'self_critical', 'fepm.agent_context': 'none',
+    'optim.agent_name': 'adam',
     'optim.grad_clip': 0.0,
 }
 

@@ -162,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fepm.action = 'bernoulli'  # 'bernoulli' per token, or 'topk' without replacement
   c.fepm.topk_fraction = 0.1  # k / num_patches for 'topk' and for 'random'
   c.fepm.agent_hidden = 128
+  # What the agent reads besides each token: 'none' (the token alone) or 'global' (also the
+  # mean of the image's tokens, DynamicViT's local + global predictor; models/fepm.Agent).
+  c.fepm.agent_context = 'none'
   c.fepm.eta = 0.1  # reward penalty per replaced fraction
   # 'self_critical' (b = reward of the greedy action), 'moving_average' (of past batch-mean
   # rewards) or 'leave_one_out' (b = mean reward of the image's other num_samples - 1 actions).

@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'fepm.baseline': ('self_critical', 'moving_average', 'leave_one_out'),
     'fepm.teacher_input': ('sampled', 'greedy', 'clean'),
     'fepm.credit': ('image', 'token'),
+    'fepm.agent_context': ('none', 'global'),
     'loss.kd_feature': ('mse', 'cos', 'both'),
     'loss.kd_feature_input': ('feat', 'bn_feat'),
     'loss.triplet_feature_input': ('feat', 'bn_feat'),
@@ -156,6 +157,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
                        'with the others of its image: set config.fepm.num_samples >= 2')
     if not 0.0 <= f.warmup_random_rate < 1.0:
       raise ValueError(f'config.fepm.warmup_random_rate={f.warmup_random_rate} must be in [0, 1)')
+    if f.agent_context == 'global' and (f.agent_hidden < 2 or f.agent_hidden % 2):
+      raise ValueError(f"config.fepm.agent_context='global' splits the agent's hidden features "
+                       f'in two halves: config.fepm.agent_hidden={f.agent_hidden} must be even')
     if not 0.0 < f.consistency_share < 1.0:
       raise ValueError(f'config.fepm.consistency_share={f.consistency_share} must be in (0, 1)')
     if not 0.0 < f.oracle_min_cover <= 1.0:

@@ -279,3 +279,66 @@ def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
   c.input.images_per_id = 1
   with pytest.raises(ValueError, match='agent_consistency_weight'):
     config_schema.validate(c)
+
+
+def _gelu64(x):
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  return 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0)))
+
+
+def _agent_reference(params, x, context):
+  """The agent's logits in float64 from its parameters, and the same chain over absolute
+  values (what bounds the float32 rounding of each product)."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+  x = np.asarray(x, np.float64)
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  z = (x - mu) / np.sqrt(var + 1e-6) * p['norm']['scale'] + p['norm']['bias']
+  h = _gelu64(z @ p['fc1']['kernel'] + p['fc1']['bias'])
+  mag = np.abs(z) @ np.abs(p['fc1']['kernel']) + np.abs(p['fc1']['bias'])
+  if context == 'global':
+    half = h.shape[-1] // 2
+    h = np.concatenate([h[..., :half], np.broadcast_to(h[..., half:].mean(1, keepdims=True),
+                                                       h[..., half:].shape)], -1)
+    mag = np.concatenate([mag[..., :half], np.broadcast_to(mag[..., half:].max(1, keepdims=True),
+                                                           mag[..., half:].shape)], -1)
+    h = _gelu64(h @ p['mix']['kernel'] + p['mix']['bias'])
+    mag = 1.2 * mag @ np.abs(p['mix']['kernel']) + np.abs(p['mix']['bias'])
+  out = h @ p['fc2']['kernel'] + p['fc2']['bias']
+  mag = 1.2 * mag @ np.abs(p['fc2']['kernel']) + np.abs(p['fc2']['bias'])
+  return out[..., 0], mag[..., 0]
+
+
+@pytest.mark.parametrize('context', ['none', 'global'])
+def test_agent_context_scores_each_token_against_its_own_image_only(context):
+  b, n, dim, hidden = 3, 10, 12, 8
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (b, n, dim)), np.float32)
+  agent = fepm.Agent(hidden=hidden, prior_logit=-1.0, context=context)
+  variables = agent.init(jax.random.PRNGKey(2), jnp.asarray(x))
+  logits = np.asarray(agent.apply(variables, jnp.asarray(x)))
+  reference, magnitude = _agent_reference(variables['params'], x, context)
+  # float32 products over at most max(dim, hidden) terms per layer, the token mean over n, and
+  # the LayerNorm's statistics over dim: each within (terms + 2) eps_32 of the absolute-value
+  # chain (GELU's slope is below 1.2, which the chain carries).
+  eps = np.finfo(np.float32).eps
+  atol = 3 * (max(dim, hidden, n) + 2) * eps * magnitude
+  assert np.all(np.abs(logits - reference) <= atol), np.max(np.abs(logits - reference) / atol)
+  # Changing one token of image 1 leaves images 0 and 2 bitwise alone; in its own image it
+  # moves the other tokens' scores only when the agent reads the image's summary.
+  changed = x.copy()
+  changed[1, 4] = -2.0 * x[1, 4]  # a new direction (LayerNorm removes a plain offset)
+  moved = np.asarray(agent.apply(variables, jnp.asarray(changed)))
+  np.testing.assert_array_equal(moved[[0, 2]], logits[[0, 2]])
+  others = np.delete(np.arange(n), 4)
+  if context == 'none':
+    np.testing.assert_array_equal(moved[1, others], logits[1, others])
+  else:
+    assert np.all(moved[1, others] != logits[1, others])
+  assert moved[1, 4] != logits[1, 4]
+
+
+def test_agent_context_global_needs_an_even_hidden_width():
+  c = config_defaults.base_config()
+  c.fepm.agent_context, c.fepm.agent_hidden = 'global', 7
+  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='agent_hidden=7 must be even'):
+    config_schema.validate(c)

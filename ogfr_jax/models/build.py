@@ -153,6 +153,7 @@ def teacher_spec(config: Any) -> TeacherSpec | None:
     return None
   return TeacherSpec(fepm=fepm_spec(config), agent_hidden=int(config.fepm.agent_hidden),
                      prior_logit=float(config.fepm.prior_logit),
+                     agent_context=str(config.fepm.agent_context),
                      agent_occluders=agent_learns_occluders(config))
 
 

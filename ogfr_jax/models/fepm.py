@@ -278,8 +278,19 @@ def select(logits: jax.Array, *, action: str, k: int, key: Optional[jax.Array],
   raise ValueError(f"fepm.action={action!r}: use 'bernoulli' or 'topk'")
 
 
+# What the agent sees of a token's image besides the token itself (fepm.agent_context).
+AGENT_CONTEXTS = ('none', 'global')
+
+
 class Agent(nn.Module):
-  """Token-scoring policy network: LayerNorm -> Dense(hidden) -> GELU -> Dense(1) per patch.
+  """Token-scoring policy network.
+
+  context 'none': LayerNorm -> Dense(hidden) -> GELU -> Dense(1), each patch token on its own.
+  context 'global' (the local + global predictor of DynamicViT): after LayerNorm -> Dense(hidden)
+  -> GELU, the second half of every token's hidden features is replaced by that half averaged
+  over the image's patch tokens, then Dense(hidden) -> GELU -> Dense(1). A token is then scored
+  against a summary of its whole image: a patch of clothing is contamination or the target's
+  own only relative to what the rest of the image wears.
 
   Its input is under stop_gradient, so the policy gradient never reaches the backbone and the
   backbone's losses never reach the agent; it runs in float32 whatever the backbone dtype, since
@@ -287,14 +298,23 @@ class Agent(nn.Module):
   """
   hidden: int = 128
   prior_logit: float = -2.0
+  context: str = 'none'
 
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
     """patches [B, N, D] -> logits [B, N] float32."""
+    if self.context not in AGENT_CONTEXTS:
+      raise ValueError(f'fepm.agent_context={self.context!r}: use one of {AGENT_CONTEXTS}')
     x = jax.lax.stop_gradient(patches).astype(jnp.float32)
     x = nn.LayerNorm(vit_lib.LN_EPS, name='norm')(x)
     x = nn.Dense(self.hidden, kernel_init=vit_lib.TRUNC_INIT, name='fc1')(x)
     x = nn.gelu(x, approximate=False)
+    if self.context == 'global':
+      half = self.hidden // 2
+      pooled = jnp.mean(x[..., half:], axis=1, keepdims=True)
+      x = jnp.concatenate([x[..., :half], jnp.broadcast_to(pooled, x[..., half:].shape)], -1)
+      x = nn.Dense(self.hidden, kernel_init=vit_lib.TRUNC_INIT, name='mix')(x)
+      x = nn.gelu(x, approximate=False)
     x = nn.Dense(1, kernel_init=vit_lib.TRUNC_INIT,
                  bias_init=nn.initializers.constant(self.prior_logit), name='fc2')(x)
     return x[..., 0]

@@ -73,6 +73,7 @@ class TeacherSpec:
   fepm: Optional[FEPMSpec] = None  # None: no purification
   agent_hidden: int = 128
   prior_logit: float = -2.0
+  agent_context: str = 'none'
   agent_occluders: bool = False  # the agent also scores occ(x) for its occluder auxiliary
 
 
@@ -135,7 +136,8 @@ class OGFR(nn.Module):
       if t.fepm is not None:
         self.fepm = replacement = fepm_lib.TokenReplacement()
         if t.fepm.selection == 'agent':
-          self.agent = agent = fepm_lib.Agent(hidden=t.agent_hidden, prior_logit=t.prior_logit)
+          self.agent = agent = fepm_lib.Agent(hidden=t.agent_hidden, prior_logit=t.prior_logit,
+                                              context=t.agent_context)
       self.teacher_branch = Teacher(
           vit=teacher_vit, head=self.teacher_head,
           part_head=self.teacher_part_head if b.jpm else None, fepm=t.fepm,
