@@ -207,11 +207,14 @@ def base_config() -> ml_collections.ConfigDict:
   # least this share of its window is planted contamination.
   c.fepm.oracle_min_cover = 0.5
   # The identity-consistency labels of loss.agent_consistency_weight: the share of the batch's
-  # patch tokens labelled (those with the lowest best cosine similarity, after the teacher's
-  # last block in a clean pass, to the tokens of the identity's other batch images), and the
-  # neighbourhood searched, in grid cells around the token's own cell.
+  # patch tokens labelled (those with the lowest best cosine similarity, in a clean pass, to
+  # the tokens of the identity's other batch images), the neighbourhood searched, in grid
+  # cells around the token's own cell, and the block whose output tokens are compared
+  # (1-based; 0: the patch embedding; negative from the end, -1: the last block). It must
+  # not come before fepm.layer: the labels continue the pass the agent reads.
   c.fepm.consistency_share = 0.1
   c.fepm.consistency_radius = 1
+  c.fepm.consistency_block = -1
 
   # --- losses ------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()

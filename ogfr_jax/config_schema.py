@@ -160,6 +160,12 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if f.agent_context == 'global' and (f.agent_hidden < 2 or f.agent_hidden % 2):
       raise ValueError(f"config.fepm.agent_context='global' splits the agent's hidden features "
                        f'in two halves: config.fepm.agent_hidden={f.agent_hidden} must be even')
+    blocks = build.consistency_blocks(config)
+    if not layer <= blocks <= depth:
+      raise ValueError(f'config.fepm.consistency_block={f.consistency_block} resolves to the '
+                       f'output of block {blocks}; it must be in [{layer}, {depth}] (from '
+                       f'config.fepm.layer={f.layer} to the last of the {depth} blocks; '
+                       f'negative counts from the end, -1 is the last block)')
     if not 0.0 < f.consistency_share < 1.0:
       raise ValueError(f'config.fepm.consistency_share={f.consistency_share} must be in (0, 1)')
     if not 0.0 < f.oracle_min_cover <= 1.0:

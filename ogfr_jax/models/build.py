@@ -117,6 +117,14 @@ def backbone_spec(config: Any, num_cameras: int) -> BackboneSpec:
       attention_impl=m.attention_impl, remat=m.remat, kernels=m.kernels)
 
 
+def consistency_blocks(config: Any) -> int:
+  """fepm.consistency_block resolved to a block count in [0, depth]: the consistency labels
+  compare the tokens after that many blocks (negative counts from the end: -1 is the last
+  block's output)."""
+  depth, v = vit_size(config)[1], int(config.fepm.consistency_block)
+  return depth + 1 + v if v < 0 else v
+
+
 def fepm_spec(config: Any) -> FEPMSpec | None:
   if not has_fepm(config):
     return None
@@ -131,7 +139,8 @@ def fepm_spec(config: Any) -> FEPMSpec | None:
       teacher_input=f.teacher_input, credit=f.credit,
       warmup_rate=float(f.warmup_random_rate), consistency=agent_learns_consistency(config),
       consistency_radius=int(f.consistency_radius),
-      consistency_share=float(f.consistency_share), patch_size=m.patch_size, stride=m.stride,
+      consistency_share=float(f.consistency_share),
+      consistency_blocks=consistency_blocks(config), patch_size=m.patch_size, stride=m.stride,
       min_cover=float(f.oracle_min_cover))
 
 

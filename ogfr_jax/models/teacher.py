@@ -55,10 +55,12 @@ class FEPMSpec:
   warmup_rate: float = 0.0  # share of tokens replaced at random while `purify` is off
   # The agent's identity-consistency auxiliary (loss.agent_consistency_weight): label the
   # `consistency_share` of the batch's tokens that the identity's other images explain least
-  # (within `consistency_radius` grid cells, in the clean pass's last-block tokens).
+  # (within `consistency_radius` grid cells, in the clean pass's tokens after
+  # `consistency_blocks` blocks, in [layer, depth]; None: all of them).
   consistency: bool = False
   consistency_radius: int = 1
   consistency_share: float = 0.1
+  consistency_blocks: Optional[int] = None
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
   min_cover: float = 0.5
@@ -212,12 +214,13 @@ class Teacher(nn.Module):
 
   def _consistency_targets(self, frozen: jax.Array, pid: jax.Array) -> dict[str, jax.Array]:
     """The agent's logits on the clean tokens after block L (held) and the identity-consistency
-    pseudo-labels: patch tokens, after the last block of a clean deterministic pass, that no
-    other image of the same identity in the batch matches nearby
+    pseudo-labels: patch tokens, after `consistency_blocks` blocks of a clean deterministic
+    pass, that no other image of the same identity in the batch matches nearby
     (`fepm.unexplained_tokens`). Both under stop_gradient: the labels only teach the scorer."""
     f, vit = self.fepm, self.vit
-    last = jax.lax.stop_gradient(vit.run_blocks(frozen, f.layer, vit.depth, train=False))
-    target = fepm_lib.unexplained_tokens(last[:, 1:], pid, vit.grid, f.consistency_radius,
+    stop = vit.depth if f.consistency_blocks is None else f.consistency_blocks
+    compared = jax.lax.stop_gradient(vit.run_blocks(frozen, f.layer, stop, train=False))
+    target = fepm_lib.unexplained_tokens(compared[:, 1:], pid, vit.grid, f.consistency_radius,
                                          f.consistency_share)
     return {'consistency_scores': self.agent(frozen[:, 1:]),
             'consistency_target': jax.lax.stop_gradient(target)}
