@@ -281,6 +281,47 @@ def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
     config_schema.validate(c)
 
 
+@pytest.mark.parametrize('block', [0, 1, -1])
+def test_consistency_labels_compare_the_tokens_after_the_configured_block(block):
+  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(layer=0, consistency_share=0.25, consistency_block=block)
+  c.loss.agent_consistency_weight = 1.0
+  config_schema.validate(c)
+  model = build.build_model(c, 4, 2)
+  batch, rngs = _tiny_batch()
+  batch['pid'] = jnp.asarray([0, 0, 1, 1], jnp.int32)
+  variables = model.init(rngs, batch, train=True)
+  out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
+  target = np.asarray(out['agent']['consistency_target'])
+  stop = build.consistency_blocks(c)
+  assert stop == (block if block >= 0 else build.vit_size(c)[1])
+
+  def tokens_after(m, image, camid):
+    vit = m.teacher_branch.vit
+    return vit.run_blocks(vit.embed(image, camid), 0, stop, train=False)[:, 1:]
+
+  tokens = model.apply(variables, batch['image'], batch['camid'], method=tokens_after)
+  match, _ = fepm.identity_match(tokens, batch['pid'], build.token_grid(c), 1)
+  match = np.asarray(match, np.float64)
+  # The labels are the 10 (= 0.25 x 40) lowest matches. The two programs may round the
+  # blocks differently: a cosine of 64-wide float32 vectors after at most two blocks moves by
+  # well under 1e-4, so only tokens that close to the threshold may disagree.
+  threshold = np.sort(match.reshape(-1))[9]
+  near = np.abs(match - threshold) <= 1e-4
+  np.testing.assert_array_equal(target[~near], (match <= threshold)[~near])
+  assert target.sum() == 10
+
+
+def test_consistency_block_must_not_precede_the_selection():
+  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
+  depth = build.vit_size(_tiny_config())[1]
+  for layer, block in ((1, 0), (0, depth + 1), (0, -depth - 2)):
+    c = _tiny_config(layer=layer, consistency_block=block)
+    c.loss.agent_consistency_weight = 1.0
+    with pytest.raises(ValueError, match='consistency_block'):
+      config_schema.validate(c)
+
+
 def _gelu64(x):
   from scipy import special  # pylint: disable=g-import-not-at-top
   return 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0)))
