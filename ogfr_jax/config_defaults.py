@@ -270,6 +270,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 5
   c.optim.grad_clip = 0.0  # 0 = off
   c.optim.agent_name = 'adam'
+  # Constant, for the policy gradient alone. The supervised auxiliaries (agent_occluder_weight,
+  # agent_consistency_weight) need far more: configs/synthetic.py uses 1e-2.
   c.optim.agent_lr = 1e-4
 
   # --- schedule, logging, checkpoints --------------------------------------------------------
