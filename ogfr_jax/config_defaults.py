@@ -173,8 +173,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.fepm.num_samples = 1  # sampled actions per image; each costs one reward pass
   # The greedy Bernoulli action (evaluation, the self-critical baseline): 'positive' takes
   # logit > 0, which is empty while the agent sits at prior_logit < 0; 'expected_count' takes
-  # the round(sum_i p_i) best-scored tokens, as many as the policy selects on average.
+  # the round(sum_i p_i) best-scored tokens, as many as the policy selects on average;
+  # 'quantile' the tokens scored at or above a running average (momentum greedy_momentum) of
+  # the score that selects greedy_share of each training batch's tokens, a threshold that is
+  # calibrated on training images and then fixed, whatever an evaluation batch holds.
   c.fepm.greedy = 'positive'
+  c.fepm.greedy_share = 0.1
+  c.fepm.greedy_momentum = 0.99
+  # The agent's token scores averaged over this (rows, cols) window of grid cells (odd sizes)
+  # before the policy, the greedy rule and the report read them: contamination covers whole
+  # regions (a passer-by, a garment) while a per-token scorer errs token by token. (1, 1): off.
+  c.fepm.score_window = (1, 1)
   # PatchDrop-style bounds of the Bernoulli policy: p = lo + (hi - lo) * sigmoid(logit), so no
   # token's selection probability can collapse to 0 or 1. (0, 1): unbounded.
   c.fepm.prob_bounds = (0.0, 1.0)
@@ -215,6 +224,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.fepm.consistency_share = 0.1
   c.fepm.consistency_radius = 1
   c.fepm.consistency_block = -1
+  # Earlier images of each training identity that those labels also compare with (0: only the
+  # batch's other images). A ring buffer per identity in 'batch_stats', checkpointed with the
+  # state: identities x this x patch tokens x width float32 (Occluded-Duke at ViT-B/16 stride
+  # 12 and 4: 702 x 4 x 210 x 768 x 4 B = 1.8 GB, split over the fsdp axis).
+  c.fepm.consistency_memory = 0
 
   # --- losses ------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -273,6 +287,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Constant, for the policy gradient alone. The supervised auxiliaries (agent_occluder_weight,
   # agent_consistency_weight) need far more: configs/synthetic.py uses 1e-2.
   c.optim.agent_lr = 1e-4
+  c.optim.agent_schedule = 'constant'  # or 'cosine': decay to 1% of agent_lr over the run
 
   # --- schedule, logging, checkpoints --------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'model.student_erase_detector': ('student', 'separate'),
     'fepm.selection': ('agent', 'random', 'oracle'),
     'fepm.action': ('bernoulli', 'topk'),
-    'fepm.greedy': ('positive', 'expected_count'),
+    'fepm.greedy': ('positive', 'expected_count', 'quantile'),
     'fepm.baseline': ('self_critical', 'moving_average', 'leave_one_out'),
     'fepm.teacher_input': ('sampled', 'greedy', 'clean'),
     'fepm.credit': ('image', 'token'),
@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'loss.student_triplet_views': ('all', 'unoccluded'),
     'optim.name': ('sgd', 'adamw'),
     'optim.agent_name': ('adam', 'sgd'),
+    'optim.agent_schedule': ('constant', 'cosine'),
     'eval.feature': ('pre_bn', 'post_bn'),
     'eval.rerank_mode': ('exact', 'approx', 'auto'),
     'input.corrupt_image_policy': ('fail', 'skip'),
@@ -55,7 +56,8 @@ _AT_LEAST_ONE = ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch
                  'eval.rerank_max_bytes', 'fepm.num_samples')
 _NON_NEGATIVE = ('input.device_prefetch', 'fepm.teacher_warmup_epochs',
                  'fepm.agent_only_epochs', 'fepm.rate_weight', 'loss.agent_occluder_weight',
-                 'loss.agent_consistency_weight', 'fepm.consistency_radius')
+                 'loss.agent_consistency_weight', 'fepm.consistency_radius',
+                 'fepm.consistency_memory')
 
 
 def field(config: Any, name: str) -> Any:
@@ -146,6 +148,15 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     lo, hi = (float(v) for v in f.prob_bounds)
     if not 0.0 <= lo < hi <= 1.0:
       raise ValueError(f'config.fepm.prob_bounds={tuple(f.prob_bounds)}: need 0 <= lo < hi <= 1')
+    window, grid = tuple(f.score_window), build.token_grid(config)
+    if (len(window) != 2 or any(int(w) != w or w < 1 or w % 2 == 0 for w in window)
+        or window[0] > grid[0] or window[1] > grid[1]):
+      raise ValueError(f'config.fepm.score_window={window}: need two odd sizes (rows, cols) '
+                       f'of at most the {grid[0]} x {grid[1]} token grid')
+    if not 0.0 < f.greedy_share < 1.0:
+      raise ValueError(f'config.fepm.greedy_share={f.greedy_share} must be in (0, 1)')
+    if not 0.0 <= f.greedy_momentum < 1.0:
+      raise ValueError(f'config.fepm.greedy_momentum={f.greedy_momentum} must be in [0, 1)')
     if f.selection == 'random' or f.action == 'topk':
       gh, gw = build.token_grid(config)
       fepm.num_selected(f.topk_fraction, gh * gw)

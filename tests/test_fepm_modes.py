@@ -53,6 +53,24 @@ def test_expected_count_greedy_selects_the_policy_mean_number_of_best_tokens():
     fepm.select(logits, action='bernoulli', k=0, key=None, greedy='all')
 
 
+def test_window_mean_averages_the_grid_cells_inside_the_window():
+  grid = (4, 3)
+  logits = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 12)), np.float32)
+  x = logits.reshape(2, *grid).astype(np.float64)
+  for window in ((3, 1), (1, 3), (3, 3), (1, 1)):
+    expected = np.zeros_like(x)
+    for r, c in itertools.product(range(grid[0]), range(grid[1])):
+      rows = slice(max(r - window[0] // 2, 0), r + window[0] // 2 + 1)
+      cols = slice(max(c - window[1] // 2, 0), c + window[1] // 2 + 1)
+      expected[:, r, c] = x[:, rows, cols].mean(axis=(1, 2))
+    got = np.asarray(fepm.window_mean(jnp.asarray(logits), grid, window))
+    # A float32 sum of at most 9 terms and one division.
+    np.testing.assert_allclose(got, expected.reshape(2, 12), rtol=0,
+                               atol=10 * np.finfo(np.float32).eps * np.abs(x).max())
+  with pytest.raises(ValueError, match='window'):
+    fepm.window_mean(jnp.asarray(logits), grid, (2, 1))
+
+
 def _tiny_config(**fepm_fields):
   c = config_defaults.base_config()
   c.model.size = 'tiny'
@@ -197,22 +215,25 @@ def test_agent_occluder_auxiliary_scores_the_synthesised_occluder_tokens():
     config_schema.validate(c)
 
 
-def _brute_force_match(tokens, pid, grid, radius):
+def _brute_force_match(tokens, pid, grid, radius, memory=None, valid=None):
   """float64 reference of fepm.identity_match: a loop over every token pair."""
   b, n, _ = tokens.shape
   gh, gw = grid
-  x = tokens.astype(np.float64)
-  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  x = unit(tokens.astype(np.float64))
   match = np.ones((b, n))
   for i in range(b):
-    others = [j for j in range(b) if j != i and pid[j] == pid[i]]
+    others = [x[j] for j in range(b) if j != i and pid[j] == pid[i]]
+    if memory is not None:
+      others += [unit(memory[i, m].astype(np.float64)) for m in range(memory.shape[1])
+                 if valid[i, m]]
     if not others:
       continue
     for t in range(n):
       r, c = divmod(t, gw)
       near = [rr * gw + cc for rr in range(gh) for cc in range(gw)
               if abs(rr - r) <= radius and abs(cc - c) <= radius]
-      match[i, t] = max(float(x[i, t] @ x[j, s]) for j in others for s in near)
+      match[i, t] = max(float(x[i, t] @ o[s]) for o in others for s in near)
   return match
 
 
@@ -228,6 +249,126 @@ def test_identity_match_equals_the_pairwise_reference(radius):
   atol = 4 * (dim + 2) * np.finfo(np.float32).eps
   np.testing.assert_allclose(np.asarray(match), _brute_force_match(tokens, pid, grid, radius),
                              atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize('radius', [0, 1])
+def test_identity_match_with_memory_equals_the_pairwise_reference(radius):
+  grid, dim, slots = (4, 3), 16, 3
+  pid = np.array([0, 0, 1, 2, 2, 3])
+  tokens = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (6, 12, dim)), np.float32)
+  memory = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (6, slots, 12, dim)), np.float32)
+  # Row 2 (identity 1, alone in the batch) is explained by its memory alone; row 5 has none.
+  valid = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 0], [1, 1, 1], [0, 0, 0]], bool)
+  match, has_other = fepm.identity_match(jnp.asarray(tokens), jnp.asarray(pid), grid, radius,
+                                         jnp.asarray(memory), jnp.asarray(valid))
+  np.testing.assert_array_equal(has_other, [True] * 5 + [False])
+  atol = 4 * (dim + 2) * np.finfo(np.float32).eps  # as in the test without memory
+  np.testing.assert_allclose(
+      np.asarray(match), _brute_force_match(tokens, pid, grid, radius, memory, valid),
+      atol=atol, rtol=0)
+
+
+def test_identity_memory_is_a_ring_buffer_per_identity_that_skips_the_images_own_slot():
+  ids, slots, n, d = 3, 2, 4, 2
+  table = jnp.zeros((ids, slots, n, d)), jnp.full((ids, slots), -1, jnp.int32)
+  nxt = jnp.zeros((ids,), jnp.int32)
+  tok = lambda index: jnp.broadcast_to(jnp.asarray(index, jnp.float32)[:, None, None],
+                                       (len(index), n, d))
+  # Identity 0 has three rows: the first two fill its two slots, the third is not stored.
+  index = jnp.asarray([10, 11, 12, 20], jnp.int32)
+  memory, index_table, nxt = fepm.memory_write(*table, nxt, tok(index), jnp.asarray([0, 0, 0, 1]),
+                                               index)
+  np.testing.assert_array_equal(index_table, [[10, 11], [20, -1], [-1, -1]])
+  np.testing.assert_array_equal(nxt, [0, 1, 0])
+  np.testing.assert_array_equal(memory[:, :, 0, 0], [[10, 11], [20, 0], [0, 0]])
+  # Identity 1 continues at slot 1 and then wraps around to overwrite slot 0.
+  index = jnp.asarray([21, 22], jnp.int32)
+  memory, index_table, nxt = fepm.memory_write(memory, index_table, nxt, tok(index),
+                                               jnp.asarray([1, 1]), index)
+  np.testing.assert_array_equal(index_table, [[10, 11], [22, 21], [-1, -1]])
+  np.testing.assert_array_equal(nxt, [0, 1, 0])
+  np.testing.assert_array_equal(memory[1, :, 0, 0], [22, 21])
+  # Reading: every filled slot of the row's identity except the row's own image.
+  read, valid = fepm.memory_read(memory, index_table, jnp.asarray([0, 1, 2]),
+                                 jnp.asarray([11, 5, 7]))
+  np.testing.assert_array_equal(valid, [[True, False], [True, True], [False, False]])
+  np.testing.assert_array_equal(read[:, :, 0, 0], [[10, 11], [22, 21], [0, 0]])
+
+
+def test_consistency_memory_explains_an_identity_alone_in_the_batch():
+  c = _tiny_config(layer=0, consistency_share=0.25, consistency_memory=2)
+  c.loss.agent_consistency_weight = 1.0
+  assert 'index' in build.batch_keys(c)
+  model = build.build_model(c, 4, 2)
+  batch, rngs = _tiny_batch(index=jnp.asarray([10, 11, 12, 13], jnp.int32))
+  batch['pid'] = jnp.asarray([0, 0, 1, 1], jnp.int32)
+  variables = model.init(rngs, batch, train=False)
+  out, updates = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
+  state = updates['batch_stats']['teacher_branch']
+  np.testing.assert_array_equal(state['consistency_memory_index'][:2], [[10, 11], [12, 13]])
+
+  def tokens_after(m, image, camid):
+    vit = m.teacher_branch.vit
+    return vit.run_blocks(vit.embed(image, camid), 0, build.consistency_blocks(c),
+                          train=False)[:, 1:]
+
+  stored = model.apply(variables, batch['image'], batch['camid'], method=tokens_after)
+  # The same blocks in two programs, which may round differently: per block a float32 error of
+  # about (64 + 256) eps relative to O(1) activations (its widest reductions), so 1e-4 over
+  # the two blocks of the tiny ViT.
+  np.testing.assert_allclose(state['consistency_memory'][[0, 0, 1, 1], [0, 1, 0, 1]], stored,
+                             atol=1e-4, rtol=1e-4)
+  # Next batch: one image per identity. Identities 0 and 1 are now compared with their stored
+  # images (image 10 not with itself), identities 2 and 3 with nothing, so they get no label.
+  nxt = dict(batch, pid=jnp.asarray([0, 1, 2, 3], jnp.int32),
+             index=jnp.asarray([10, 14, 15, 16], jnp.int32))
+  out, _ = model.apply({**variables, 'batch_stats': updates['batch_stats']}, nxt, train=True,
+                       rngs=rngs, mutable=['batch_stats'])
+  target = np.asarray(out['agent']['consistency_target'])
+  assert target[:2].sum() == 10 and not target[2:].any()
+  # Without the memory the same batch has no identity to compare within.
+  c.fepm.consistency_memory = 0
+  plain = build.build_model(c, 4, 2)
+  out, _ = plain.apply({'params': variables['params'], 'batch_stats': {
+      k: v for k, v in variables['batch_stats'].items() if k != 'teacher_branch'}}, nxt,
+      train=True, rngs=rngs, mutable=['batch_stats'])
+  assert not np.asarray(out['agent']['consistency_target']).any()
+
+
+def test_quantile_greedy_uses_a_running_threshold_calibrated_on_training_batches():
+  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(layer=0, greedy='quantile', greedy_share=0.25, greedy_momentum=0.5,
+                   score_window=(3, 1))
+  config_schema.validate(c)
+  model = build.build_model(c, 4, 2)
+  batch, rngs = _tiny_batch()
+  variables = model.init(rngs, batch, train=False)
+  out, updates = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
+  scores = np.asarray(out['agent']['scores'])
+  # The selection reads the window mean of the agent's own token scores.
+  raw = model.apply(variables, batch['image'], batch['camid'],
+                    method=lambda m, image, camid: m.teacher_branch.agent(
+                        m.teacher_branch.vit.embed(image, camid)[:, 1:]))
+  np.testing.assert_array_equal(
+      scores, np.asarray(fepm.window_mean(raw, build.token_grid(c), (3, 1))))
+  state = updates['batch_stats']['teacher_branch']
+  tenth = np.sort(scores.reshape(-1))[-10]  # round(0.25 x 40) = 10 tokens
+  # One step at momentum 0.5: sum 0.5 x q, weight 0.5, so the threshold is q itself.
+  assert float(state['greedy_threshold_weight']) == 0.5
+  assert float(state['greedy_threshold_sum']) == 0.5 * tenth
+  np.testing.assert_array_equal(out['agent']['greedy_mask'], scores >= tenth)
+  # Evaluation keeps the stored threshold, whatever the batch: a shifted threshold selects
+  # what it says, not the batch's own top share.
+  shifted = jax.tree.map(lambda v: v, updates['batch_stats'])
+  shifted['teacher_branch']['greedy_threshold_sum'] = jnp.float32(0.5 * (tenth + 1.0))
+  sel = model.apply({**variables, 'batch_stats': shifted}, batch['image'], batch['camid'],
+                    method=model.teacher_selection)
+  np.testing.assert_array_equal(sel['mask'], scores >= np.float32(tenth + 1.0))
+  for field, value in (('score_window', (2, 1)), ('score_window', (7, 1)),
+                       ('greedy_share', 1.0), ('greedy_momentum', 1.0)):
+    bad = _tiny_config(layer=0, **{field: value})
+    with pytest.raises(ValueError, match=field):
+      config_schema.validate(bad)
 
 
 def test_unexplained_tokens_flag_what_the_identitys_other_images_lack():

@@ -102,6 +102,8 @@ def batch_keys(config: Any) -> tuple[str, ...]:
     keys += ('occ_mask',)
   if has_fepm(config) and config.fepm.selection == 'oracle':
     keys += ('contam_mask',)
+  if agent_learns_consistency(config) and config.fepm.consistency_memory:
+    keys += ('index',)
   return keys
 
 
@@ -140,7 +142,11 @@ def fepm_spec(config: Any) -> FEPMSpec | None:
       warmup_rate=float(f.warmup_random_rate), consistency=agent_learns_consistency(config),
       consistency_radius=int(f.consistency_radius),
       consistency_share=float(f.consistency_share),
-      consistency_blocks=consistency_blocks(config), patch_size=m.patch_size, stride=m.stride,
+      consistency_blocks=consistency_blocks(config),
+      consistency_memory=int(f.consistency_memory),
+      score_window=(int(f.score_window[0]), int(f.score_window[1])),
+      greedy_share=float(f.greedy_share), greedy_momentum=float(f.greedy_momentum),
+      patch_size=m.patch_size, stride=m.stride,
       min_cover=float(f.oracle_min_cover))
 
 

@@ -61,26 +61,37 @@ def covered_tokens(mask: jax.Array, patch: int, stride: int,
   return (total / (patch * patch) >= min_cover - 1e-6).reshape(total.shape[0], -1)
 
 
+def _unit(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
 def identity_match(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int],
-                   radius: int) -> tuple[jax.Array, jax.Array]:
-  """How well the other images of the same identity in the batch explain each patch token.
+                   radius: int, memory: Optional[jax.Array] = None,
+                   memory_valid: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """How well the other images of the same identity explain each patch token.
 
   tokens [B, N, D] (patch tokens, row-major over `grid`), pid [B]. For token n of image b:
   the best cosine similarity to any token of another image of b's identity within `radius`
-  grid cells (Chebyshev) of n's cell. Returns (match [B, N] float32, has_other [B] bool);
-  where an identity has no other image in the batch, match is +1 (nothing to compare).
+  grid cells (Chebyshev) of n's cell. The other images are those of the batch and, when
+  given, `memory` [B, M, N, D]: M earlier images of row b's identity (`memory_valid` [B, M]
+  marks the slots that hold one). Returns (match [B, N] float32, has_other [B] bool); where
+  an identity has no other image, match is +1 (nothing to compare).
 
-  Computed one grid offset at a time ([B, N, B] per offset), so memory stays
-  O(B^2 N) whatever the token width.
+  Computed one grid offset at a time ([B, N, B + M] per offset), so memory stays
+  O(B (B + M) N) whatever the token width.
   """
   b, n, d = tokens.shape
   gh, gw = grid
   if gh * gw != n:
     raise ValueError(f'identity_match: {n} patch tokens do not form the {gh}x{gw} grid')
-  x = tokens.astype(jnp.float32)
-  x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-  x = x.reshape(b, gh, gw, d)
+  x = _unit(tokens).reshape(b, gh, gw, d)
   same = (pid[:, None] == pid[None, :]) & ~jnp.eye(b, dtype=jnp.bool_)  # [B, B]
+  if memory is not None:
+    m = memory.shape[1]
+    mem = _unit(memory).reshape(b, m, gh, gw, d)
+    valid = (jnp.ones((b, m), jnp.bool_) if memory_valid is None
+             else memory_valid.astype(jnp.bool_))
   rows, cols = jnp.arange(gh)[:, None], jnp.arange(gw)[None, :]
   best = jnp.full((b, gh, gw), -jnp.inf, jnp.float32)
   for dy in range(-radius, radius + 1):
@@ -92,25 +103,61 @@ def identity_match(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int],
       sim = jnp.einsum('bhwd,chwd->bhwc', x, shifted)
       ok = same[:, None, None, :] & inside[None, :, :, None]
       best = jnp.maximum(best, jnp.max(jnp.where(ok, sim, -jnp.inf), axis=-1))
+      if memory is not None:
+        sim = jnp.einsum('bhwd,bmhwd->bhwm', x, jnp.roll(mem, (-dy, -dx), axis=(2, 3)))
+        ok = valid[:, None, None, :] & inside[None, :, :, None]
+        best = jnp.maximum(best, jnp.max(jnp.where(ok, sim, -jnp.inf), axis=-1))
   has_other = jnp.any(same, axis=-1)
+  if memory is not None:
+    has_other |= jnp.any(valid, axis=-1)
   match = jnp.where(has_other[:, None, None], best, 1.0)
   return match.reshape(b, n), has_other
 
 
 def unexplained_tokens(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int], radius: int,
-                       share: float) -> jax.Array:
+                       share: float, memory: Optional[jax.Array] = None,
+                       memory_valid: Optional[jax.Array] = None) -> jax.Array:
   """bool [B, N]: the `share` of the batch's patch tokens that the other images of the same
-  identity explain least (`identity_match`). A pedestrian's own body and clothes recur in
-  every image of that identity, so what matches nothing there is contamination (another
-  person's clothing, a passer-by, clutter) or a view-specific background. Images whose identity
-  has no other image in the batch get no token."""
-  match, has_other = identity_match(tokens, pid, grid, radius)
+  identity (in the batch, and in `memory` when given) explain least (`identity_match`). A
+  pedestrian's own body and clothes recur in every image of that identity, so what matches
+  nothing there is contamination (another person's clothing, a passer-by, clutter) or a
+  view-specific background. Images whose identity has no other image get no token."""
+  match, has_other = identity_match(tokens, pid, grid, radius, memory, memory_valid)
   b, n = match.shape
   k = max(1, int(round(share * b * n)))
   # Only rows with a comparison take part; the others sit at +1 and below every threshold.
   score = jnp.where(has_other[:, None], -match, -jnp.inf).reshape(-1)
   threshold = jax.lax.top_k(score, k)[0][-1]
   return (score.reshape(b, n) >= threshold) & has_other[:, None]
+
+
+def memory_read(tokens: jax.Array, index_table: jax.Array, pid: jax.Array, index: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """The identity memory's slots for each row of a batch: (tokens [B, M, N, D], valid [B, M]).
+  A slot is valid when it holds an image (index >= 0) other than the row's own image, which
+  would otherwise explain its own contamination from an earlier augmented view."""
+  slots = index_table[pid]
+  return tokens[pid], (slots >= 0) & (slots != index[:, None])
+
+
+def memory_write(tokens: jax.Array, index_table: jax.Array, next_slot: jax.Array,
+                 batch_tokens: jax.Array, pid: jax.Array, index: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Ring-buffer write of a batch into the identity memory (tokens [I, M, N, D], index_table
+  [I, M], next_slot [I], for I identities): the j-th row of an identity in the batch goes to
+  slot (next_slot + j) mod M, for j < M; later rows of that identity are not stored, so no two
+  rows write one slot and the result does not depend on scatter order."""
+  m = tokens.shape[1]
+  same = pid[:, None] == pid[None, :]
+  rank = jnp.sum(jnp.tril(same, -1), axis=1)  # earlier rows of the same identity
+  count = jnp.minimum(jnp.sum(same, axis=1), m)
+  slot = (next_slot[pid] + rank) % m
+  ids = jnp.where(rank < m, pid, tokens.shape[0])  # out of range: dropped
+  tokens = tokens.at[ids, slot].set(batch_tokens.astype(tokens.dtype), mode='drop')
+  index_table = index_table.at[ids, slot].set(index.astype(index_table.dtype), mode='drop')
+  # Every row of an identity writes the same value here.
+  next_slot = next_slot.at[pid].set((next_slot[pid] + count) % m)
+  return tokens, index_table, next_slot
 
 
 def blend_tokens(tokens: jax.Array, weight: jax.Array, replacement: jax.Array,
@@ -247,23 +294,54 @@ def random_mask(key: jax.Array, shape: tuple[int, ...], k: int) -> jax.Array:
 # --- One policy step --------------------------------------------------------------------------
 
 
-GREEDY_RULES = ('positive', 'expected_count')
+GREEDY_RULES = ('positive', 'expected_count', 'quantile')
+
+
+def window_mean(logits: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
+  """Each token's score averaged over the `window` (rows, cols; odd) of grid cells centred on
+  it, counting only the cells inside the grid. logits [B, N] row-major over `grid`."""
+  wh, ww = (int(v) for v in window)
+  if (wh, ww) == (1, 1):
+    return logits
+  b, n = logits.shape
+  gh, gw = grid
+  if gh * gw != n or wh % 2 == 0 or ww % 2 == 0:
+    raise ValueError(f'window_mean: window {window} (odd sizes) over {n} tokens in {grid}')
+  x = logits.astype(jnp.float32).reshape(b, gh, gw)
+  pad = ((0, 0), (wh // 2, wh // 2), (ww // 2, ww // 2))
+  dims, ones = (1, wh, ww), jnp.ones_like(x)
+  total = jax.lax.reduce_window(jnp.pad(x, pad), 0.0, jax.lax.add, dims, (1, 1, 1), 'VALID')
+  count = jax.lax.reduce_window(jnp.pad(ones, pad), 0.0, jax.lax.add, dims, (1, 1, 1), 'VALID')
+  return (total / count).reshape(b, n)
+
+
+def top_share_threshold(logits: jax.Array, share: float) -> jax.Array:
+  """The score of the round(share x size)-th best token of the whole batch (at least one)."""
+  flat = logits.astype(jnp.float32).reshape(-1)
+  k = max(1, int(round(share * flat.shape[0])))
+  return jax.lax.top_k(flat, k)[0][-1]
 
 
 def select(logits: jax.Array, *, action: str, k: int, key: Optional[jax.Array],
-           bounds: tuple[float, float] = UNBOUNDED, greedy: str = 'positive') -> Selection:
+           bounds: tuple[float, float] = UNBOUNDED, greedy: str = 'positive',
+           threshold: Optional[jax.Array] = None) -> Selection:
   """Samples an action (when `key` is given) or takes the greedy one (key None), with log pi.
 
   logits [B, N] float32. With key None the returned mask is the greedy action and log_prob is
   its log-probability, which is what an evaluation pass reports. `greedy` (Bernoulli only):
   'positive' takes the tokens with p > 1/2 of the unbounded policy (logit > 0);
-  'expected_count' the round(sum p) best-scored tokens (`expected_count_mask`).
+  'expected_count' the round(sum p) best-scored tokens (`expected_count_mask`); 'quantile'
+  the tokens scored at or above `threshold`.
   """
   if action == 'bernoulli':
     if greedy == 'positive':
       greedy_mask = logits > 0
     elif greedy == 'expected_count':
       greedy_mask = expected_count_mask(logits, bounds)
+    elif greedy == 'quantile':
+      if threshold is None:
+        raise ValueError("fepm.greedy='quantile' needs the running score threshold")
+      greedy_mask = logits >= threshold
     else:
       raise ValueError(f'fepm.greedy={greedy!r}: use one of {list(GREEDY_RULES)}')
     mask = greedy_mask if key is None else bernoulli_sample(key, logits, bounds)

@@ -162,7 +162,8 @@ class OGFR(nn.Module):
     out = {}
     if self.teacher is not None:
       out.update(self.teacher_branch(batch['image'], batch['camid'], batch['pid'], train=train,
-                                     contam_mask=batch.get('contam_mask'), purify=purify))
+                                     contam_mask=batch.get('contam_mask'), purify=purify,
+                                     index=batch.get('index')))
     if (self.teacher is not None and self.teacher.agent_occluders and train
         and 'occ_mask' in batch):
       out['agent'].update(self.teacher_branch.occluder_scores(batch['occluded'], batch['camid'],

@@ -61,6 +61,15 @@ class FEPMSpec:
   consistency_radius: int = 1
   consistency_share: float = 0.1
   consistency_blocks: Optional[int] = None
+  # Earlier images kept per training identity for those labels (0: the batch's only).
+  consistency_memory: int = 0
+  # Agent scores averaged over this (rows, cols) window of grid cells before any selection.
+  score_window: tuple[int, int] = (1, 1)
+  # greedy 'quantile': the greedy action takes the tokens scored at or above a running
+  # average (momentum `greedy_momentum`) of the score that selects `greedy_share` of each
+  # training batch's tokens, so evaluation needs no batch statistics.
+  greedy_share: float = 0.1
+  greedy_momentum: float = 0.99
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
   min_cover: float = 0.5
@@ -98,6 +107,28 @@ class Teacher(nn.Module):
   replacement: Optional[fepm_lib.TokenReplacement] = None
   agent: Optional[fepm_lib.Agent] = None
 
+  def setup(self):
+    f = self.fepm
+    if f is not None and f.selection == 'agent' and f.greedy == 'quantile':
+      # A bias-corrected moving average (as Adam's moments): the threshold is sum / weight.
+      self.threshold_sum = self.variable('batch_stats', 'greedy_threshold_sum', jnp.zeros, (),
+                                         jnp.float32)
+      self.threshold_weight = self.variable('batch_stats', 'greedy_threshold_weight', jnp.zeros,
+                                            (), jnp.float32)
+    if f is not None and f.consistency and f.consistency_memory:
+      # The identity memory of the consistency labels: for every training identity the
+      # compared tokens of its last `consistency_memory` images, their split indices (-1: an
+      # empty slot) and the next slot to write. It lives in 'batch_stats', the collection
+      # the train step updates, checkpoints and keeps out of the gradient.
+      ids, m = self.head.num_classes, f.consistency_memory
+      n = self.vit.grid[0] * self.vit.grid[1]
+      self.memory_tokens = self.variable('batch_stats', 'consistency_memory', jnp.zeros,
+                                         (ids, m, n, self.vit.dim), jnp.float32)
+      self.memory_index = self.variable('batch_stats', 'consistency_memory_index',
+                                        lambda: jnp.full((ids, m), -1, jnp.int32))
+      self.memory_next = self.variable('batch_stats', 'consistency_memory_next', jnp.zeros,
+                                       (ids,), jnp.int32)
+
   # --- selection ------------------------------------------------------------------------------
 
   def planted_tokens(self, contam_mask: Optional[jax.Array]) -> jax.Array:
@@ -119,12 +150,25 @@ class Teacher(nn.Module):
       key = self.make_rng('agent') if self.has_rng('agent') else jax.random.PRNGKey(0)
       mask = fepm_lib.random_mask(key, (b, n), f.k)
       return [fepm_lib.Selection(mask, None, None, None)], None
-    scores = self.agent(mid[:, 1:])
+    scores = fepm_lib.window_mean(self.agent(mid[:, 1:]), self.vit.grid, f.score_window)
     k = f.k if f.action == 'topk' else 0
     keys = (jax.random.split(self.make_rng('agent'), num_samples) if sample
             else [None] * num_samples)
+    threshold = self._greedy_threshold(scores, update=sample) if f.greedy == 'quantile' else None
     return [fepm_lib.select(scores, action=f.action, k=k, key=key, bounds=f.prob_bounds,
-                            greedy=f.greedy) for key in keys], scores
+                            greedy=f.greedy, threshold=threshold) for key in keys], scores
+
+  def _greedy_threshold(self, scores: jax.Array, *, update: bool) -> jax.Array:
+    """The running score threshold of greedy 'quantile', updated with this batch when training.
+    Before any training step it is this batch's own threshold."""
+    f = self.fepm
+    batch = jax.lax.stop_gradient(fepm_lib.top_share_threshold(scores, f.greedy_share))
+    total, weight = self.threshold_sum.value, self.threshold_weight.value
+    if update and self.is_mutable_collection('batch_stats'):
+      m = f.greedy_momentum
+      total, weight = m * total + (1 - m) * batch, m * weight + (1 - m)
+      self.threshold_sum.value, self.threshold_weight.value = total, weight
+    return jnp.where(weight > 0, total / jnp.maximum(weight, 1e-12), batch)
 
   # --- forward passes -----------------------------------------------------------------------
 
@@ -133,9 +177,12 @@ class Teacher(nn.Module):
     return branch_outputs(self.head, self.part_head, _f32(out[:, 0]), _f32(parts), train=train)
 
   def __call__(self, image: jax.Array, camid: jax.Array, pid: jax.Array, *, train: bool,
-               contam_mask: Optional[jax.Array] = None, purify: Any = True
-               ) -> dict[str, Any]:
+               contam_mask: Optional[jax.Array] = None, purify: Any = True,
+               index: Optional[jax.Array] = None) -> dict[str, Any]:
     """{'teacher': branch outputs[, 'agent': what the agent's loss and metrics read]}.
+
+    `index` (the images' training-split indices) is read by the consistency labels' identity
+    memory only.
 
     `purify` (a bool, possibly traced) switches the replacement off while keeping every
     shape: a teacher warm-up phase trains on the clean sequence with the same program.
@@ -209,19 +256,34 @@ class Teacher(nn.Module):
         agent['token_grads'] = self._reward_token_grads(frozen, jnp.stack(masks[:num]), pos,
                                                         stats, pid)
     if f.consistency:
-      agent.update(self._consistency_targets(frozen, pid))
+      agent.update(self._consistency_targets(frozen, pid, index))
     return {'teacher': res, 'agent': agent}
 
-  def _consistency_targets(self, frozen: jax.Array, pid: jax.Array) -> dict[str, jax.Array]:
+  def _consistency_targets(self, frozen: jax.Array, pid: jax.Array,
+                           index: Optional[jax.Array]) -> dict[str, jax.Array]:
     """The agent's logits on the clean tokens after block L (held) and the identity-consistency
     pseudo-labels: patch tokens, after `consistency_blocks` blocks of a clean deterministic
-    pass, that no other image of the same identity in the batch matches nearby
-    (`fepm.unexplained_tokens`). Both under stop_gradient: the labels only teach the scorer."""
+    pass, that no other image of the same identity (in the batch, and in the identity memory
+    when `consistency_memory` > 0) matches nearby (`fepm.unexplained_tokens`). Both under
+    stop_gradient: the labels only teach the scorer. The batch is written to the memory after
+    its labels are drawn, so an image is never compared with itself."""
     f, vit = self.fepm, self.vit
     stop = vit.depth if f.consistency_blocks is None else f.consistency_blocks
-    compared = jax.lax.stop_gradient(vit.run_blocks(frozen, f.layer, stop, train=False))
-    target = fepm_lib.unexplained_tokens(compared[:, 1:], pid, vit.grid, f.consistency_radius,
-                                         f.consistency_share)
+    compared = jax.lax.stop_gradient(vit.run_blocks(frozen, f.layer, stop, train=False))[:, 1:]
+    memory = valid = None
+    if f.consistency_memory:
+      if index is None:
+        raise ValueError("fepm.consistency_memory needs the batch's 'index' (the images' "
+                         'training-split indices), which this batch lacks')
+      memory, valid = fepm_lib.memory_read(self.memory_tokens.value, self.memory_index.value,
+                                           pid, index)
+    target = fepm_lib.unexplained_tokens(compared, pid, vit.grid, f.consistency_radius,
+                                         f.consistency_share, memory, valid)
+    if f.consistency_memory and self.is_mutable_collection('batch_stats'):
+      (self.memory_tokens.value, self.memory_index.value,
+       self.memory_next.value) = fepm_lib.memory_write(
+           self.memory_tokens.value, self.memory_index.value, self.memory_next.value,
+           compared, pid, index)
     return {'consistency_scores': self.agent(frozen[:, 1:]),
             'consistency_target': jax.lax.stop_gradient(target)}
 
