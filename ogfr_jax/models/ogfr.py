@@ -20,7 +20,9 @@ Parameter tree (top-level names under 'params'):
                              (student.erase.separate); filled from init_from like the backbones
   agent                      the token-scoring policy: the only module named 'agent', so the
                              optimizer can give it its own update rule by path
-'batch_stats' holds the BNNeck running statistics of each head.
+'batch_stats' holds the BNNeck running statistics of each head and, under teacher_branch, the
+FEPM state the train step updates without a gradient: the consistency labels' identity memory
+(fepm.consistency_memory) and the running threshold of the quantile greedy rule.
 
 Rng streams: 'dropout' (stochastic depth, pattern dropout) and 'agent' (action sampling) in
 training; evaluation needs none, except random selection, which falls back to a fixed key.
