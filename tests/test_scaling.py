@@ -54,6 +54,12 @@ LAYOUTS = ('dp', 'fsdp', 'multi', '2to1', '1to2')
 LOSS_RTOL = 5e-5
 PARAM_ATOL = 2e-5
 FEATURE_ATOL = 2e-5
+# The identity memory of the consistency labels (batch_stats/teacher_branch/consistency_memory)
+# holds raw block activations, not parameters: a parameter difference of PARAM_ATOL reaches
+# them through the patch embedding's 16 x 16 x 3 = 768-term sums, which with independent signs
+# grow it by sqrt(768) (measured: 4.4e-5 on activations up to 4.2).
+ACTIVATION_ATOL = PARAM_ATOL * np.sqrt(16 * 16 * 3)
+ACTIVATION_KEYS = ('batch_stats/teacher_branch/consistency_memory',)
 RUN_TIMEOUT_S = 900
 
 
@@ -214,9 +220,9 @@ def runs(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
   return out
 
 
-def _max_diff(a: dict, b: dict, prefix: str) -> float:
-  keys = sorted(k for k in a if k.startswith(prefix))
-  assert keys and keys == sorted(k for k in b if k.startswith(prefix))
+def _max_diff(a: dict, b: dict, prefix: str, exclude: tuple[str, ...] = ()) -> float:
+  keys = sorted(k for k in a if k.startswith(prefix) and k not in exclude)
+  assert keys and keys == sorted(k for k in b if k.startswith(prefix) and k not in exclude)
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in keys)
 
 
@@ -272,13 +278,16 @@ def test_losses_parameters_and_features_match_one_device(runs, layout):
   loss_diff = max(abs(float(l) - reference[int(s)]) / abs(reference[int(s)])
                   for s, l in zip(steps, other['losses']))
   param_diff = _max_diff(one, other, 'params/')
-  stats_diff = _max_diff(one, other, 'batch_stats/')
+  stats_diff = _max_diff(one, other, 'batch_stats/', exclude=ACTIVATION_KEYS)
+  activation_diff = max(_max_diff(one, other, k) for k in ACTIVATION_KEYS)
   feature_diff = float(np.max(np.abs(one['query_features'] - other['query_features'])))
   print(f'{layout}: max relative loss diff {loss_diff:.2e}, max |param diff| {param_diff:.2e}, '
-        f'max |batch_stats diff| {stats_diff:.2e}, max |feature diff| {feature_diff:.2e}')
+        f'max |batch_stats diff| {stats_diff:.2e}, max |memory diff| {activation_diff:.2e}, '
+        f'max |feature diff| {feature_diff:.2e}')
   assert loss_diff < LOSS_RTOL
   assert param_diff < PARAM_ATOL
   assert stats_diff < PARAM_ATOL
+  assert activation_diff < ACTIVATION_ATOL
   assert feature_diff < FEATURE_ATOL
 
 
