@@ -74,8 +74,8 @@ def identity_match(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int],
   tokens [B, N, D] (patch tokens, row-major over `grid`), pid [B]. For token n of image b:
   the best cosine similarity to any token of another image of b's identity within `radius`
   grid cells (Chebyshev) of n's cell. The other images are those of the batch and, when
-  given, `memory` [B, M, N, D]: M earlier images of row b's identity (`memory_valid` [B, M]
-  marks the slots that hold one). Returns (match [B, N] float32, has_other [B] bool); where
+  given, `memory` [B, M, N, D]: M earlier images of row b's identity (`memory_valid` [B, M],
+  required with it, marks the slots that hold one). Returns (match [B, N] float32, has_other [B] bool); where
   an identity has no other image, match is +1 (nothing to compare).
 
   Computed one grid offset at a time ([B, N, B + M] per offset), so memory stays
@@ -90,8 +90,7 @@ def identity_match(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int],
   if memory is not None:
     m = memory.shape[1]
     mem = _unit(memory).reshape(b, m, gh, gw, d)
-    valid = (jnp.ones((b, m), jnp.bool_) if memory_valid is None
-             else memory_valid.astype(jnp.bool_))
+    valid = memory_valid.astype(jnp.bool_)
   rows, cols = jnp.arange(gh)[:, None], jnp.arange(gw)[None, :]
   best = jnp.full((b, gh, gw), -jnp.inf, jnp.float32)
   for dy in range(-radius, radius + 1):
@@ -123,12 +122,9 @@ def unexplained_tokens(tokens: jax.Array, pid: jax.Array, grid: tuple[int, int],
   nothing there is contamination (another person's clothing, a passer-by, clutter) or a
   view-specific background. Images whose identity has no other image get no token."""
   match, has_other = identity_match(tokens, pid, grid, radius, memory, memory_valid)
-  b, n = match.shape
-  k = max(1, int(round(share * b * n)))
-  # Only rows with a comparison take part; the others sit at +1 and below every threshold.
-  score = jnp.where(has_other[:, None], -match, -jnp.inf).reshape(-1)
-  threshold = jax.lax.top_k(score, k)[0][-1]
-  return (score.reshape(b, n) >= threshold) & has_other[:, None]
+  # Only rows with a comparison take part; the others sit at -inf, below every threshold.
+  score = jnp.where(has_other[:, None], -match, -jnp.inf)
+  return (score >= top_share_threshold(score, share)) & has_other[:, None]
 
 
 def memory_read(tokens: jax.Array, index_table: jax.Array, pid: jax.Array, index: jax.Array
@@ -309,9 +305,11 @@ def window_mean(logits: jax.Array, grid: tuple[int, int], window: tuple[int, int
     raise ValueError(f'window_mean: window {window} (odd sizes) over {n} tokens in {grid}')
   x = logits.astype(jnp.float32).reshape(b, gh, gw)
   pad = ((0, 0), (wh // 2, wh // 2), (ww // 2, ww // 2))
-  dims, ones = (1, wh, ww), jnp.ones_like(x)
+  dims = (1, wh, ww)
   total = jax.lax.reduce_window(jnp.pad(x, pad), 0.0, jax.lax.add, dims, (1, 1, 1), 'VALID')
-  count = jax.lax.reduce_window(jnp.pad(ones, pad), 0.0, jax.lax.add, dims, (1, 1, 1), 'VALID')
+  # Cells inside the grid per window: the same for every row.
+  count = jax.lax.reduce_window(jnp.pad(jnp.ones((1, gh, gw), jnp.float32), pad), 0.0,
+                                jax.lax.add, dims, (1, 1, 1), 'VALID')
   return (total / count).reshape(b, n)
 
 
