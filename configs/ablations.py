@@ -18,9 +18,6 @@ Args: `step=NAME`; `dataset=occluded_duke` (or another dataset name) runs the la
 ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for smoke tests.
 """
 
-import importlib.util
-import os
-
 STEPS = ('vit_baseline', 'occ_synthesis', 'kd', 'fepm_random', 'fepm_agent', 'full',
          'student_erase')
 
@@ -45,10 +42,6 @@ def get_config(arg=None):
 
 
 def _dataset_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{arg.dataset}.py')
-  if not os.path.exists(path):
-    raise ValueError(f'no config file for dataset {arg.dataset!r} ({path})')
-  spec = importlib.util.spec_from_file_location(f'ogfr_config_{arg.dataset}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('runlocal' if arg.runlocal else None)
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  return config_defaults.sibling_config(__file__, f'{arg.dataset}.py',
+                                        'runlocal' if arg.runlocal else None)

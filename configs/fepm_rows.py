@@ -12,9 +12,6 @@ configs/synthetic_holdout.py (query occluder types never synthesised in training
 `runlocal` for smoke tests. Figures: WORKSPACE.md / docs/results.md ("Purification").
 """
 
-import importlib.util
-import os
-
 ROWS = ('none', 'random', 'agent', 'oracle')
 
 
@@ -24,21 +21,15 @@ def apply_row(c, row):
   c.fepm.enabled = row != 'none'
   if row != 'none':
     c.fepm.selection = row
-  if row != 'agent':
-    # Nothing learns in the agent-only phase without an agent: the teacher would only be held.
-    c.fepm.agent_only_epochs = 0.0
   return c
 
 
 def _base(protocol, runlocal):
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
   name = {'standard': 'synthetic.py', 'holdout': 'synthetic_holdout.py'}.get(protocol)
   if name is None:
     raise ValueError(f"protocol={protocol!r}: use 'standard' or 'holdout'")
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(f'ogfr_config_{protocol}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('runlocal' if runlocal else None)
+  return config_defaults.sibling_config(__file__, name, 'runlocal' if runlocal else None)
 
 
 def get_config(arg=None):

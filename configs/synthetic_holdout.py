@@ -19,23 +19,13 @@ Args (`configs/synthetic_holdout.py:ARG`): `holdout=vehicle+board` names the hel
 '+'); `runlocal` shrinks everything for smoke tests, as in configs/synthetic.py.
 """
 
-import importlib.util
-import os
-
-
-def _synthetic_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'synthetic.py')
-  spec = importlib.util.spec_from_file_location('ogfr_config_synthetic', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
 
 def get_config(arg=None):
   from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
   from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   arg = config_defaults.parse_arg(arg, holdout='vehicle+board', runlocal=False)
-  c = _synthetic_config('runlocal' if arg.runlocal else None)
+  c = config_defaults.sibling_config(__file__, 'synthetic.py',
+                                     'runlocal' if arg.runlocal else None)
   holdout = tuple(v for v in arg.holdout.split('+') if v)
   # Checks the names (and that some type is left for training) now, naming the field.
   synthetic.resolve_config(dict(c.synthetic.to_dict(), holdout_occluders=holdout))

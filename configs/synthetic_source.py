@@ -17,16 +17,10 @@ row of the ablation table:
 Args: `runlocal` for smoke tests.
 """
 
-import importlib.util
-import os
-
 
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'synthetic.py')
-  spec = importlib.util.spec_from_file_location('ogfr_config_synthetic', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  c = config_defaults.sibling_config(__file__, 'synthetic.py', arg)
   runlocal = 'runlocal' in str(arg or '')
   c.synthetic.seed = 1000  # another world: identities, cameras and backgrounds all differ
   if not runlocal:
@@ -35,7 +29,6 @@ def get_config(arg=None):
     c.train.eval_every_epochs = 30
   # Student only, holistic images: what an ImageNet/ReID backbone would have seen.
   c.occlusion.enabled = False
-  c.loss.agent_occluder_weight = 0.0  # learns the synthesised occluders: none here
   c.model.teacher = False
   c.fepm.enabled = False
   c.model.pattern_embed = False

@@ -394,10 +394,9 @@ def check_torch_python(path: str) -> str:
 # Config choices that change the step's work and that torch_reference.py mirrors only at
 # their default values.
 _MIRRORED = {
-    'model.teacher': True, 'model.shared_backbone': False, 'model.jpm': False,
+    'model.teacher': True, 'model.jpm': False,
     'model.pattern_embed': True, 'fepm.enabled': True, 'fepm.selection': 'agent',
-    'fepm.action': 'bernoulli', 'fepm.baseline': 'self_critical', 'fepm.agent_context': 'none',
-    'optim.agent_name': 'adam',
+    'fepm.baseline': 'self_critical',
     'optim.grad_clip': 0.0,
 }
 

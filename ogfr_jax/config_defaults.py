@@ -116,12 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.jpm_parts = 4
   c.model.dtype = 'float32'  # compute dtype: float32 or bfloat16 (parameters stay float32)
   c.model.teacher = True  # False: student only (ViT baseline ablations; no KD, no FEPM)
-  c.model.shared_backbone = False  # teacher and student share backbone parameters
   # Occlusion-Aware ViT: learnable pattern embeddings E[0..K] added to the student's tokens.
   c.model.pattern_embed = True
-  c.model.pattern_test_policy = 'none'  # 'none' -> E[0]; 'soft' -> sum_k p_k E[k]
   # Chance per training image that the student gets E[0] instead of E[k] (it still predicts
-  # k); trains the first pass of the 'soft' policy, which sees E[0].
+  # k): E[0] is what the student is given at test time, where the pattern is unknown.
   c.model.pattern_dropout = 0.0
   # What the pattern classifier reads: 'bn_feat' (the BNNeck output) or 'feat' (the CLS
   # feature). Pre-BN CLS features of a trained ReID ViT share a large constant component and
@@ -152,83 +150,53 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.student_erase_detector = 'student'
 
   # --- Feature Erasing and Purification Module (teacher) -------------------------------------
+  # The purification recipe: the one setting measured to act (docs/results.md,
+  # "Purification"), shared by every config. The agent scores the patch tokens of the patch
+  # embedding (layer 0), its greedy action takes the tokens above a threshold calibrated on
+  # training batches to select `share` of them, and besides REINFORCE (leave-one-out baseline
+  # over two sampled actions per image) it learns the identity-consistency labels
+  # (loss.agent_consistency_weight) with its own Adam (optim.agent_lr, cosine decay).
   c.fepm = ml_collections.ConfigDict()
   c.fepm.enabled = True
-  c.fepm.layer = -1  # agent acts after block L; negative counts from the end (-1: before last)
-  # 'agent' (REINFORCE), 'random' (ablation: random tokens), or 'oracle' (exactly the tokens
-  # covered by the batch's planted contamination, `contam_mask`: the upper-bound row on the
-  # synthetic benchmark, whose side files record it).
+  c.fepm.layer = 0  # agent acts after block L; negative counts from the end (-1: before last)
+  # 'agent' (REINFORCE), or the controls 'random' (random tokens) and 'oracle' (exactly the
+  # tokens covered by the batch's planted contamination, `contam_mask`: the upper-bound row
+  # on the synthetic benchmark, whose side files record it).
   c.fepm.selection = 'agent'
-  c.fepm.action = 'bernoulli'  # 'bernoulli' per token, or 'topk' without replacement
-  c.fepm.topk_fraction = 0.1  # k / num_patches for 'topk' and for 'random'
+  c.fepm.random_fraction = 0.1  # share of the patch tokens the 'random' control replaces
   c.fepm.agent_hidden = 128
-  # What the agent reads besides each token: 'none' (the token alone) or 'global' (also the
-  # mean of the image's tokens, DynamicViT's local + global predictor; models/fepm.Agent).
-  c.fepm.agent_context = 'none'
-  c.fepm.eta = 0.1  # reward penalty per replaced fraction
-  # 'self_critical' (b = reward of the greedy action), 'moving_average' (of past batch-mean
-  # rewards) or 'leave_one_out' (b = mean reward of the image's other num_samples - 1 actions).
-  c.fepm.baseline = 'self_critical'
-  c.fepm.baseline_momentum = 0.9
-  c.fepm.num_samples = 1  # sampled actions per image; each costs one reward pass
-  # The greedy Bernoulli action (evaluation, the self-critical baseline): 'positive' takes
-  # logit > 0, which is empty while the agent sits at prior_logit < 0; 'expected_count' takes
-  # the round(sum_i p_i) best-scored tokens, as many as the policy selects on average;
-  # 'quantile' the tokens scored at or above a running average (momentum greedy_momentum) of
-  # the score that selects greedy_share of each training batch's tokens, a threshold that is
-  # calibrated on training images and then fixed, whatever an evaluation batch holds.
-  c.fepm.greedy = 'positive'
-  c.fepm.greedy_share = 0.1
-  c.fepm.greedy_momentum = 0.99
+  c.fepm.prior_logit = -2.0  # initial bias of the agent: ~12% selection rate at start
+  # Share of each training batch's patch tokens that the greedy action selects (a running
+  # threshold on the agent's scores, fixed at evaluation) and that the consistency labels label.
+  c.fepm.share = 0.1
   # The agent's token scores averaged over this (rows, cols) window of grid cells (odd sizes)
   # before the policy, the greedy rule and the report read them: contamination covers whole
   # regions (a passer-by, a garment) while a per-token scorer errs token by token. (1, 1): off.
-  c.fepm.score_window = (1, 1)
+  c.fepm.score_window = (3, 1)
   # PatchDrop-style bounds of the Bernoulli policy: p = lo + (hi - lo) * sigmoid(logit), so no
   # token's selection probability can collapse to 0 or 1. (0, 1): unbounded.
-  c.fepm.prob_bounds = (0.0, 1.0)
-  # DynamicViT-style selection-rate target: rate_weight * (mean_i p_i - rate_target)^2 added to
-  # the agent's loss; rate_weight 0 = off.
-  c.fepm.rate_target = 0.1
-  c.fepm.rate_weight = 0.0
-  # The mask the teacher's own pass (its losses, the distillation target) purifies with:
-  # 'sampled' (the agent's sampled action), 'greedy', or 'clean' (no replacement).
-  c.fepm.teacher_input = 'sampled'
-  # How the reward reaches the tokens of a sampled action: 'image' (the REINFORCE estimate
-  # with one advantage per sampled mask, reward minus baseline) or 'token' (per-token
-  # advantages: the first-order change of the reward if that token's action were flipped,
-  # from the gradient of the reward pass with respect to each token's replacement weight;
-  # biased to first order, but free of the variance of all the other tokens' actions).
-  c.fepm.credit = 'image'
-  # Staged schedule: the first teacher_warmup_epochs train without purification and without
-  # the agent; the next agent_only_epochs train the agent against a teacher whose parameters
-  # are held (PatchDrop trains its policy against a fixed classifier); then all train jointly.
-  c.fepm.teacher_warmup_epochs = 0.0
-  # During the warm-up the teacher's own pass replaces this share of tokens at random
-  # (0: clean warm-up), so that the teacher and the replacement token have seen replaced
-  # tokens before the agent-only phase holds them: held untrained, every replacement is off
-  # the teacher's distribution and the reward only says that replacing costs.
-  c.fepm.warmup_random_rate = 0.0
-  c.fepm.agent_only_epochs = 0.0
-  c.fepm.entropy_weight = 0.01
-  c.fepm.prior_logit = -2.0  # initial bias of the agent: ~12% selection rate at start
+  c.fepm.prob_bounds = (0.02, 0.6)
+  # 'self_critical' (b = reward of the greedy action, the paper's reading) or 'leave_one_out'
+  # (b = mean reward of the image's other num_samples - 1 actions).
+  c.fepm.baseline = 'leave_one_out'
+  c.fepm.num_samples = 2  # sampled actions per image; each costs one reward pass
+  c.fepm.eta = 0.02  # reward penalty per replaced fraction
+  c.fepm.entropy_weight = 0.001
+  # The first warmup_fraction of the run trains the teacher on clean images, without the
+  # agent's reward; then all train jointly. A fraction, so a shortened run still reaches it.
+  c.fepm.warmup_fraction = 0.15
   # Oracle selection and the agent's precision/recall: a token counts as contaminated when at
   # least this share of its window is planted contamination.
   c.fepm.oracle_min_cover = 0.5
-  # The identity-consistency labels of loss.agent_consistency_weight: the share of the batch's
-  # patch tokens labelled (those with the lowest best cosine similarity, in a clean pass, to
-  # the tokens of the identity's other batch images), the neighbourhood searched, in grid
-  # cells around the token's own cell, and the block whose output tokens are compared
-  # (1-based; 0: the patch embedding; negative from the end, -1: the last block). It must
-  # not come before fepm.layer: the labels continue the pass the agent reads.
-  c.fepm.consistency_share = 0.1
-  c.fepm.consistency_radius = 1
-  c.fepm.consistency_block = -1
+  # The block whose output tokens the identity-consistency labels compare (1-based; 0: the
+  # patch embedding; negative from the end, -1: the last block). It must not come before
+  # fepm.layer: the labels continue the pass the agent reads.
+  c.fepm.consistency_block = 1
   # Earlier images of each training identity that those labels also compare with (0: only the
   # batch's other images). A ring buffer per identity in 'batch_stats', checkpointed with the
   # state: identities x this x patch tokens x width float32 (Occluded-Duke at ViT-B/16 stride
-  # 12 and 4: 702 x 4 x 210 x 768 x 4 B = 1.8 GB, split over the fsdp axis).
-  c.fepm.consistency_memory = 0
+  # 11 and 4: 702 x 4 x 242 x 768 x 4 B = 2.1 GB, split over the fsdp axis).
+  c.fepm.consistency_memory = 4
 
   # --- losses ------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -249,7 +217,7 @@ def base_config() -> ml_collections.ConfigDict:
   # and distillation losses and keeps them away from other identities as negatives.
   c.loss.student_triplet_views = 'all'
   c.loss.kd_weight = 1.0
-  c.loss.kd_feature = 'cos'  # 'mse', 'cos' or 'both'
+  # Feature distillation: the mean of 1 - cos(student, teacher).
   # Which features are distilled: 'bn_feat' (BNNeck output: centred and scaled per dimension,
   # so the loss sees what separates identities) or 'feat' (pre-BN CLS feature, whose shared
   # constant component makes 1 - cos nearly 0 for any pair).
@@ -261,14 +229,10 @@ def base_config() -> ml_collections.ConfigDict:
   # patch tokens whose window is at least half occluder pixels in the synthesised view.
   c.loss.occluder_token_weight = 1.0
   c.loss.agent_weight = 1.0
-  # An auxiliary for the FEPM agent (not in the paper): binary cross-entropy of its token
-  # logits on the synthesised occluded view occ(x) against the tokens the pasted occluder
-  # covers (masks every dataset provides, since the pipeline pastes them). 0 = off.
-  c.loss.agent_occluder_weight = 0.0
-  # A second auxiliary for the agent (not in the paper): binary cross-entropy of its token
-  # logits on the clean image against the tokens that no other image of the same identity in
-  # the P x K batch matches nearby (fepm.consistency_*). 0 = off.
-  c.loss.agent_consistency_weight = 0.0
+  # An auxiliary for the agent (not in the paper): binary cross-entropy of its token logits on
+  # the clean image against the tokens that no other image of the same identity in the P x K
+  # batch (or the identity memory) matches nearby (fepm.consistency_*). 0 = off.
+  c.loss.agent_consistency_weight = 1.0
   c.loss.teacher_weight = 1.0  # teacher's own ID + triplet terms
   c.loss.student_weight = 1.0
 
@@ -283,11 +247,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.no_decay_norm_and_embed = True
   c.optim.warmup_epochs = 5
   c.optim.grad_clip = 0.0  # 0 = off
-  c.optim.agent_name = 'adam'
-  # Constant, for the policy gradient alone. The supervised auxiliaries (agent_occluder_weight,
-  # agent_consistency_weight) need far more: configs/synthetic.py uses 1e-2.
-  c.optim.agent_lr = 1e-4
-  c.optim.agent_schedule = 'constant'  # or 'cosine': decay to 1% of agent_lr over the run
+  # The agent's own Adam, decayed (cosine) to 1% of agent_lr over the run.
+  c.optim.agent_lr = 1e-2
 
   # --- schedule, logging, checkpoints --------------------------------------------------------
   c.train = ml_collections.ConfigDict()
@@ -365,3 +326,17 @@ def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
   c.train.epochs = 1
   c.train.steps_per_epoch = 4
   c.train.log_every = 2
+
+
+def sibling_config(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file `name` (e.g. 'synthetic.py') in the folder of
+  `config_file` (a config's own __file__): how one config builds on another."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  if not os.path.exists(path):
+    raise ValueError(f'no config file {path}')
+  spec = importlib.util.spec_from_file_location(f'ogfr_config_{name[:-3]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

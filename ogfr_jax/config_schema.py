@@ -24,23 +24,14 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'model.remat': ('none', 'dots', 'block'),
     'model.kernels': ('plain', 'cpu'),
     'model.attention_impl': ('xla', 'cudnn'),
-    'model.pattern_test_policy': ('none', 'soft'),
     'model.pattern_head_input': ('feat', 'bn_feat'),
     'model.student_erase_detector': ('student', 'separate'),
     'fepm.selection': ('agent', 'random', 'oracle'),
-    'fepm.action': ('bernoulli', 'topk'),
-    'fepm.greedy': ('positive', 'expected_count', 'quantile'),
-    'fepm.baseline': ('self_critical', 'moving_average', 'leave_one_out'),
-    'fepm.teacher_input': ('sampled', 'greedy', 'clean'),
-    'fepm.credit': ('image', 'token'),
-    'fepm.agent_context': ('none', 'global'),
-    'loss.kd_feature': ('mse', 'cos', 'both'),
+    'fepm.baseline': ('self_critical', 'leave_one_out'),
     'loss.kd_feature_input': ('feat', 'bn_feat'),
     'loss.triplet_feature_input': ('feat', 'bn_feat'),
     'loss.student_triplet_views': ('all', 'unoccluded'),
     'optim.name': ('sgd', 'adamw'),
-    'optim.agent_name': ('adam', 'sgd'),
-    'optim.agent_schedule': ('constant', 'cosine'),
     'eval.feature': ('pre_bn', 'post_bn'),
     'eval.rerank_mode': ('exact', 'approx', 'auto'),
     'input.corrupt_image_policy': ('fail', 'skip'),
@@ -54,9 +45,7 @@ _AT_LEAST_ONE = ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch
                  'train.log_every', 'train.checkpoint_every', 'train.stop_check_every',
                  'eval.query_chunk', 'eval.rerank_k1', 'eval.rerank_k2',
                  'eval.rerank_max_bytes', 'fepm.num_samples')
-_NON_NEGATIVE = ('input.device_prefetch', 'fepm.teacher_warmup_epochs',
-                 'fepm.agent_only_epochs', 'fepm.rate_weight', 'loss.agent_occluder_weight',
-                 'loss.agent_consistency_weight', 'fepm.consistency_radius',
+_NON_NEGATIVE = ('input.device_prefetch', 'loss.agent_consistency_weight',
                  'fepm.consistency_memory')
 
 
@@ -153,38 +142,25 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         or window[0] > grid[0] or window[1] > grid[1]):
       raise ValueError(f'config.fepm.score_window={window}: need two odd sizes (rows, cols) '
                        f'of at most the {grid[0]} x {grid[1]} token grid')
-    if not 0.0 < f.greedy_share < 1.0:
-      raise ValueError(f'config.fepm.greedy_share={f.greedy_share} must be in (0, 1)')
-    if not 0.0 <= f.greedy_momentum < 1.0:
-      raise ValueError(f'config.fepm.greedy_momentum={f.greedy_momentum} must be in [0, 1)')
-    if f.selection == 'random' or f.action == 'topk':
+    if not 0.0 < f.share < 1.0:
+      raise ValueError(f'config.fepm.share={f.share} must be in (0, 1)')
+    if not 0.0 <= f.warmup_fraction < 1.0:
+      raise ValueError(f'config.fepm.warmup_fraction={f.warmup_fraction} must be in [0, 1)')
+    if f.selection == 'random':
       gh, gw = build.token_grid(config)
-      fepm.num_selected(f.topk_fraction, gh * gw)
-    if f.credit == 'token' and f.action != 'bernoulli':
-      raise ValueError("config.fepm.credit='token' flips one token's action at a time, which "
-                       "needs independent tokens: set config.fepm.action='bernoulli'")
+      fepm.num_selected(f.random_fraction, gh * gw)
     if f.baseline == 'leave_one_out' and f.num_samples < 2:
       raise ValueError("config.fepm.baseline='leave_one_out' compares each sampled action "
                        'with the others of its image: set config.fepm.num_samples >= 2')
-    if not 0.0 <= f.warmup_random_rate < 1.0:
-      raise ValueError(f'config.fepm.warmup_random_rate={f.warmup_random_rate} must be in [0, 1)')
-    if f.agent_context == 'global' and (f.agent_hidden < 2 or f.agent_hidden % 2):
-      raise ValueError(f"config.fepm.agent_context='global' splits the agent's hidden features "
-                       f'in two halves: config.fepm.agent_hidden={f.agent_hidden} must be even')
     blocks = build.consistency_blocks(config)
     if not layer <= blocks <= depth:
       raise ValueError(f'config.fepm.consistency_block={f.consistency_block} resolves to the '
                        f'output of block {blocks}; it must be in [{layer}, {depth}] (from '
                        f'config.fepm.layer={f.layer} to the last of the {depth} blocks; '
                        f'negative counts from the end, -1 is the last block)')
-    if not 0.0 < f.consistency_share < 1.0:
-      raise ValueError(f'config.fepm.consistency_share={f.consistency_share} must be in (0, 1)')
     if not 0.0 < f.oracle_min_cover <= 1.0:
       raise ValueError(f'config.fepm.oracle_min_cover={f.oracle_min_cover} must be in (0, 1]')
-  if config.loss.agent_occluder_weight > 0 and not config.occlusion.enabled:
-    raise ValueError('config.loss.agent_occluder_weight needs config.occlusion.enabled: the '
-                     "agent's auxiliary learns the occluders the pipeline synthesises")
-  if config.loss.agent_consistency_weight > 0 and config.input.images_per_id < 2:
+  if build.agent_learns_consistency(config) and config.input.images_per_id < 2:
     raise ValueError('config.loss.agent_consistency_weight needs config.input.images_per_id '
                      ">= 2: its labels compare each image with the identity's other images "
                      'in the batch')

@@ -101,23 +101,12 @@ def _unit(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
-def kd_feature_loss(student_feat: jax.Array, teacher_feat: jax.Array,
-                    kind: str = 'cos') -> jax.Array:
-  """Feature distillation; the teacher side is a constant (stop_gradient).
-
-  'mse': mean over all elements of (s - t)^2; 'cos': mean of 1 - cos(s, t) over the last axis;
-  'both': their sum. Works on [B, D] and [B, P, D].
-  """
+def kd_feature_loss(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
+  """Feature distillation, the mean of 1 - cos(s, t) over the last axis; the teacher side is
+  a constant (stop_gradient). Works on [B, D] and [B, P, D]."""
   s = _f32(student_feat)
   t = jax.lax.stop_gradient(_f32(teacher_feat))
-  if kind not in ('mse', 'cos', 'both'):
-    raise ValueError(f"loss.kd_feature={kind!r}: use 'mse', 'cos' or 'both'")
-  total = jnp.zeros((), _F32)
-  if kind in ('mse', 'both'):
-    total += jnp.mean(jnp.square(s - t))
-  if kind in ('cos', 'both'):
-    total += jnp.mean(1.0 - jnp.sum(_unit(s) * _unit(t), axis=-1))
-  return total
+  return jnp.mean(1.0 - jnp.sum(_unit(s) * _unit(t), axis=-1))
 
 
 def kd_logit_loss(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -170,60 +159,26 @@ def reinforce_loss(logp: jax.Array, reward: jax.Array, baseline: Any, entropy: j
   return -jnp.mean(advantage * _f32(logp)) - entropy_weight * jnp.mean(_f32(entropy))
 
 
-def token_advantage(token_grads: jax.Array, masks: jax.Array, eta: float) -> jax.Array:
-  """Per-token advantage of the action taken: R(a) - R(a with token i flipped), to first
-  order. The reward is R(w) = lp(w) - lp_clean - eta * mean_i w_i over replacement weights
-  w, so flipping a_i changes it by (dlp/dw_i - eta / N) * (1 - 2 a_i), and the advantage of
-  the action taken is the negative of that. token_grads, masks [S, B, N] -> [S, B, N]."""
-  slope = _f32(token_grads) - eta / masks.shape[-1]
-  return slope * (2.0 * _f32(masks) - 1.0)
-
-
-def token_reinforce_loss(logits: jax.Array, masks: jax.Array, advantage: jax.Array,
-                         bounds: tuple[float, float], entropy: jax.Array,
-                         entropy_weight: float) -> jax.Array:
-  """-mean_{s,b} sum_i stop_grad(A_sbi) log pi(a_sbi) - w * mean(H): REINFORCE with each
-  token's own advantage. logits [B, N] (the agent's), masks/advantage [S, B, N]."""
-  log_p, log_q = fepm_lib.token_log_probs(logits, bounds)
-  per_token = jnp.where(masks, log_p[None], log_q[None])
-  weighted = jax.lax.stop_gradient(_f32(advantage)) * per_token
-  return (-jnp.mean(jnp.sum(weighted, axis=-1))
-          - entropy_weight * jnp.mean(_f32(entropy)))
-
-
-def agent_baseline(kind: str, reward: jax.Array, baseline_ema: jax.Array, *,
-                   greedy_reward: Optional[jax.Array] = None,
-                   momentum: float = 0.9) -> tuple[jax.Array, jax.Array]:
-  """(baseline used this step, new moving average). `reward` is [B] or [S, B] (S sampled
+def agent_baseline(kind: str, reward: jax.Array, *,
+                   greedy_reward: Optional[jax.Array] = None) -> jax.Array:
+  """The baseline of each sampled action's reward. `reward` is [B] or [S, B] (S sampled
   actions per image).
 
-  'self_critical': b = reward of the greedy action on the same image; the average is carried
-  unchanged. 'moving_average': b = the average of past batch-mean rewards (before this step's
-  update, so it does not depend on this step's actions), then updated with momentum.
-  'leave_one_out': b_s = mean reward of the image's other S - 1 actions (needs S >= 2), which
-  does not depend on action s, so the estimate stays unbiased.
+  'self_critical': b = reward of the greedy action on the same image. 'leave_one_out':
+  b_s = mean reward of the image's other S - 1 actions (needs S >= 2), which does not depend
+  on action s, so the estimate stays unbiased.
   """
-  baseline_ema = _f32(baseline_ema)
   reward = _f32(reward)
   if kind == 'self_critical':
     if greedy_reward is None:
       raise ValueError("fepm.baseline='self_critical' needs the greedy action's reward")
-    return _f32(greedy_reward), baseline_ema
-  if kind == 'moving_average':
-    new = momentum * baseline_ema + (1.0 - momentum) * jnp.mean(reward)
-    return baseline_ema, jax.lax.stop_gradient(new)
+    return _f32(greedy_reward)
   if kind == 'leave_one_out':
     num = reward.shape[0] if reward.ndim == 2 else 1
     if num < 2:
       raise ValueError("fepm.baseline='leave_one_out' needs fepm.num_samples >= 2")
-    return (jnp.sum(reward, axis=0, keepdims=True) - reward) / (num - 1), baseline_ema
-  raise ValueError(f"fepm.baseline={kind!r}: use 'self_critical', 'moving_average' or "
-                   "'leave_one_out'")
-
-
-def rate_penalty(probs: jax.Array, target: float) -> jax.Array:
-  """(mean selection probability - target)^2: DynamicViT's keep-ratio term for the agent."""
-  return jnp.square(jnp.mean(_f32(probs)) - target)
+    return (jnp.sum(reward, axis=0, keepdims=True) - reward) / (num - 1)
+  raise ValueError(f"fepm.baseline={kind!r}: use 'self_critical' or 'leave_one_out'")
 
 
 # --- the OGFR objective: named, weighted terms -------------------------------------------------
@@ -238,7 +193,6 @@ def rate_penalty(probs: jax.Array, target: float) -> jax.Array:
 class TermValue(NamedTuple):
   value: jax.Array  # unweighted scalar; logged as loss/<name>
   metrics: dict[str, jax.Array] = {}
-  state: dict[str, jax.Array] = {}  # carried in the train state (the reward moving average)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +200,7 @@ class Context:
   """What terms read besides the model outputs and the batch."""
   loss: Any  # config.loss
   fepm: Any  # config.fepm
-  baseline_ema: jax.Array
-  agent_on: Any = 1.0  # 0 during a teacher warm-up phase (fepm.teacher_warmup_epochs)
+  agent_on: Any = 1.0  # 0 during a teacher warm-up phase (fepm.warmup_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,22 +229,19 @@ def active_terms(config: Any) -> dict[str, float]:
   return {name: float(t.weight(config)) for name, t in TERMS.items() if t.needs(config)}
 
 
-def total_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any,
-               baseline_ema: jax.Array, *, agent_on: Any = 1.0
-               ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
-  """(sum_t w_t L_t, metrics, new reward moving average) over `active_terms(config)`."""
-  ctx = Context(config.loss, config.fepm, _f32(baseline_ema), agent_on)
+def total_loss(outputs: dict[str, Any], batch: dict[str, jax.Array], config: Any, *,
+               agent_on: Any = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(sum_t w_t L_t, metrics) over `active_terms(config)`."""
+  ctx = Context(config.loss, config.fepm, agent_on)
   total = jnp.zeros((), _F32)
   metrics: dict[str, jax.Array] = {}
-  new_ema = ctx.baseline_ema
   for name, weight in active_terms(config).items():
     out = TERMS[name].fn(outputs, batch, ctx)
     total += weight * out.value
     metrics[f'loss/{name}'] = out.value
     metrics.update(out.metrics)
-    new_ema = out.state.get('baseline_ema', new_ema)
   metrics['loss/total'] = total
-  return total, metrics, new_ema
+  return total, metrics
 
 
 def _global_and_parts(global_term: jax.Array, part_term: Optional[jax.Array]) -> jax.Array:
@@ -355,9 +305,9 @@ def kd_feature_term(outputs, batch, ctx: Context) -> TermValue:
   del batch
   s, t, lc = outputs['student'], outputs['teacher'], ctx.loss
   key = lc.kd_feature_input
-  parts = (kd_feature_loss(s[f'part_{key}s'], t[f'part_{key}s'], lc.kd_feature)
+  parts = (kd_feature_loss(s[f'part_{key}s'], t[f'part_{key}s'])
            if 'part_feats' in s and 'part_feats' in t else None)
-  return TermValue(_global_and_parts(kd_feature_loss(s[key], t[key], lc.kd_feature), parts))
+  return TermValue(_global_and_parts(kd_feature_loss(s[key], t[key]), parts))
 
 
 @term('kd_logit', lambda c: c.loss.kd_logit_weight, build.has_teacher)
@@ -398,26 +348,13 @@ def _token_classifier(logits: jax.Array, target: jax.Array, accuracy: str, predi
       target_rate: jnp.mean(_f32(target))})
 
 
-@term('agent_occluder', lambda c: c.loss.agent_occluder_weight, build.agent_learns_occluders)
-def agent_occluder_term(outputs, batch, ctx: Context) -> TermValue:
-  """Binary cross-entropy of the agent's logits on occ(x) against the tokens the synthesised
-  occluder covers: a supervised signal for the token scorer that every dataset provides,
-  since the pipeline pastes the occluders itself. It needs no trained teacher, so it runs
-  in every phase of the staged schedule."""
-  del batch, ctx
-  a = outputs['agent']
-  return _token_classifier(a['occluder_scores'], a['occluder_target'],
-                           'agent/occluder_accuracy', 'agent/occluder_predicted_rate',
-                           'agent/occluder_target_rate')
-
-
 @term('agent_consistency', lambda c: c.loss.agent_consistency_weight,
       build.agent_learns_consistency)
 def agent_consistency_term(outputs, batch, ctx: Context) -> TermValue:
   """Binary cross-entropy of the agent's logits on the clean image against the tokens that
   the other images of the same identity in the batch leave unexplained
-  (`fepm.unexplained_tokens`): a label the P x K batch provides on any dataset. Like the
-  occluder auxiliary it needs no reward, so it runs in every phase of the staged schedule."""
+  (`fepm.unexplained_tokens`): a label the P x K batch provides on any dataset. It needs no
+  reward, so it runs in every phase of the staged schedule."""
   del batch, ctx
   a = outputs['agent']
   return _token_classifier(a['consistency_scores'], a['consistency_target'],
@@ -428,24 +365,14 @@ def agent_consistency_term(outputs, batch, ctx: Context) -> TermValue:
 @term('agent', lambda c: c.loss.agent_weight, build.has_agent)
 def agent_term(outputs, batch, ctx: Context) -> TermValue:
   """REINFORCE over the sampled token masks: -(R - b) * log pi(a) per sample, minus the
-  entropy bonus, plus the optional selection-rate penalty; zero while `ctx.agent_on` is 0."""
+  entropy bonus; zero while `ctx.agent_on` is 0."""
   del batch
   a, fc = outputs['agent'], ctx.fepm
   reward = agent_reward(a['lp_samples'], a['lp_clean'][None], a['sample_rates'], fc.eta)
   greedy_reward = (agent_reward(a['lp_greedy'], a['lp_clean'], a['greedy_select_rate'], fc.eta)
                    if 'lp_greedy' in a else None)
-  baseline, new_ema = agent_baseline(fc.baseline, reward, ctx.baseline_ema,
-                                     greedy_reward=greedy_reward, momentum=fc.baseline_momentum)
-  on = _f32(ctx.agent_on)
-  new_ema = on * new_ema + (1.0 - on) * ctx.baseline_ema
-  if fc.credit == 'token':
-    advantage = token_advantage(a['token_grads'], a['sample_masks'], fc.eta)
-    value = token_reinforce_loss(a['scores'], a['sample_masks'], advantage,
-                                 tuple(fc.prob_bounds), a['entropy'], fc.entropy_weight)
-  else:
-    value = reinforce_loss(a['logp'], reward, baseline, a['entropy'], fc.entropy_weight)
-  if fc.rate_weight:
-    value += fc.rate_weight * rate_penalty(a['probs'], fc.rate_target)
+  baseline = agent_baseline(fc.baseline, reward, greedy_reward=greedy_reward)
+  value = reinforce_loss(a['logp'], reward, baseline, a['entropy'], fc.entropy_weight)
   metrics = {'agent/reward': jnp.mean(reward),
              'agent/select_rate': jnp.mean(_f32(a['select_rate'])),
              'agent/mean_prob': jnp.mean(_f32(a['probs'])),
@@ -456,6 +383,4 @@ def agent_term(outputs, batch, ctx: Context) -> TermValue:
              'agent/entropy': jnp.mean(_f32(a['entropy']))}
   if greedy_reward is not None:
     metrics['agent/greedy_reward'] = jnp.mean(greedy_reward)
-  if fc.credit == 'token':
-    metrics['agent/token_advantage_std'] = jnp.std(advantage)
-  return TermValue(on * value, metrics, {'baseline_ema': new_ema})
+  return TermValue(_f32(ctx.agent_on) * value, metrics)

@@ -50,14 +50,10 @@ def lr_schedule(cfg: ml_collections.ConfigDict, global_batch: int, steps_per_epo
 
 
 def agent_lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
-  """The agent's learning rate: `agent_lr` throughout ('constant'), or cosine decay from it to
-  1% over the run ('cosine'). A scorer fitted to labels that change every batch ends wherever
-  its last steps left it at a constant rate; decaying averages those steps out."""
-  if cfg.agent_schedule == 'constant':
-    return cfg.agent_lr
-  if cfg.agent_schedule == 'cosine':
-    return optax.cosine_decay_schedule(cfg.agent_lr, max(total_steps, 1), alpha=0.01)
-  raise ValueError(f'config.optim.agent_schedule={cfg.agent_schedule!r}: use constant or cosine')
+  """The agent's learning rate: cosine decay from `agent_lr` to 1% over the run. A scorer
+  fitted to labels that change every batch ends wherever its last steps left it at a
+  constant rate; decaying averages those steps out."""
+  return optax.cosine_decay_schedule(cfg.agent_lr, max(total_steps, 1), alpha=0.01)
 
 
 def _base(cfg, lr, weight_decay: float) -> optax.GradientTransformation:
@@ -77,13 +73,7 @@ def make_optimizer(config: ml_collections.ConfigDict, global_batch: int,
   schedule = lr_schedule(cfg, global_batch, steps_per_epoch, total_steps)
   bias_schedule = lambda step: cfg.bias_lr_factor * schedule(step)
   bias_decay = 0.0 if cfg.no_decay_norm_and_embed else cfg.weight_decay
-  agent_lr = agent_lr_schedule(cfg, total_steps)
-  if cfg.agent_name == 'adam':
-    agent_tx = optax.adam(agent_lr)
-  elif cfg.agent_name == 'sgd':
-    agent_tx = optax.sgd(agent_lr, momentum=0.9)
-  else:
-    raise ValueError(f'config.optim.agent_name={cfg.agent_name!r}: use adam or sgd')
+  agent_tx = optax.adam(agent_lr_schedule(cfg, total_steps))
   transforms = {
       'weights': _base(cfg, schedule, cfg.weight_decay),
       'bias': _base(cfg, bias_schedule, bias_decay),

@@ -986,7 +986,7 @@ def load_backbone(params: Mapping[str, Any], path: str, config: Any, *, fmt: str
   missing = [n for n in names if n not in params]
   if missing:
     raise ValueError(f'the parameter tree has no {missing} (top-level names: {sorted(params)}); '
-                     f'was it built from this config (model.teacher, model.shared_backbone)?')
+                     f'was it built from this config (model.teacher)?')
   grid = build.token_grid(config)
   heads = build.vit_size(config)[2]
   flat = _flat(params)
@@ -1077,9 +1077,6 @@ def lossy_parts(config: Any, branch: str = 'student') -> list[str]:
     parts.append('model.student_erase: the occluder-token erasure before the blocks')
   if m.jpm:
     parts.append('model.jpm: the part features (JPM branch) concatenated to the CLS feature')
-  if branch == 'student' and m.pattern_embed and m.pattern_test_policy != 'none':
-    parts.append(f'model.pattern_test_policy={m.pattern_test_policy}: a pattern embedding '
-                 'predicted from the image (pattern head), not the constant E[0]')
   if config.eval.feature != 'pre_bn':
     parts.append(f'eval.feature={config.eval.feature}: the BNNeck after the backbone')
   return parts
@@ -1118,7 +1115,7 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
     with sie_weight in the metadata under `reid.sie_weight`;
   - `reid.pattern_embed_0` [D]: the student's test-time pattern embedding E[0] on every
     token, written only when it is not folded into pos_embed.
-  With `fold_pattern_embed` (and model.pattern_embed with pattern_test_policy 'none') E[0], a
+  With `fold_pattern_embed` (and model.pattern_embed) E[0], a
   constant added to every token, is folded into pos_embed instead.
 
   Parts of the run's inference features that a timm ViT cannot represent (`lossy_parts`: the
@@ -1142,8 +1139,7 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
           file=sys.stderr)
   tensors = vit_to_timm(params[name])
   folded = 'no'
-  uses_e0 = (branch == 'student' and config.model.pattern_embed and 'pattern_embed' in params
-             and config.model.pattern_test_policy == 'none')
+  uses_e0 = (branch == 'student' and config.model.pattern_embed and 'pattern_embed' in params)
   if uses_e0:
     e0 = np.asarray(params['pattern_embed'], np.float32)[0]
     if fold_pattern_embed:

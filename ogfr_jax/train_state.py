@@ -28,7 +28,6 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  baseline: jax.Array  # moving-average reward baseline of the agent
   rng: jax.Array
   # Updates skipped because the loss or a gradient was not finite (kept with the state, so
   # the count survives restarts and is exact without a host sync per step).
@@ -57,7 +56,7 @@ def init_state(model, tx, config, rng) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-      baseline=jnp.zeros((), jnp.float32), rng=train_rng,
+      rng=train_rng,
       nonfinite_steps=jnp.zeros((), jnp.int32))
 
 

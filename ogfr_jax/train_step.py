@@ -6,9 +6,9 @@ FEPM, student), sums the named loss terms of the config (`losses.total_loss`), a
 optax update for all parameter groups. A non-finite loss or gradient leaves the state as it
 was (guards.py); the loop applies the policy when it fetches the metrics.
 
-The staged FEPM schedule is a function of the step inside the program (one compilation):
-teacher warm-up (no purification, no agent loss), then the agent against held teacher
-parameters, then joint training (config.fepm.teacher_warmup_epochs / agent_only_epochs).
+The FEPM schedule is a function of the step inside the program (one compilation): a teacher
+warm-up without purification and without the agent's reward (the first
+config.fepm.warmup_fraction of the run), then joint training.
 """
 
 from __future__ import annotations
@@ -33,27 +33,19 @@ from ogfr_jax.train_state import TrainState
 STEP_KEYS = ('image', 'occluded', 'pattern', 'pid', 'camid')
 # Pixel batches (uint8 from the pipeline) that the step normalises on the device.
 IMAGE_KEYS = ('image', 'occluded')
-# Top-level parameter names of the teacher, held during the agent-only phase.
-TEACHER_PARAMS = ('teacher_vit', 'teacher_head', 'teacher_part_head', 'fepm')
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The teacher's warm-up in steps: fepm.warmup_fraction of the run, so that a shortened
+  schedule still reaches the agent."""
+  total = config.train.epochs * steps_per_epoch
+  return int(round(config.fepm.warmup_fraction * total))
 
 
 def fepm_phase(step: jax.Array, config: ml_collections.ConfigDict,
-               steps_per_epoch: int) -> tuple[jax.Array, jax.Array]:
-  """(purify, teacher_trains) at `step` for the staged schedule: warm-up (False, True), agent
-  only (True, False), joint (True, True)."""
-  f = config.fepm
-  warmup = int(round(f.teacher_warmup_epochs * steps_per_epoch))
-  agent_only = int(round(f.agent_only_epochs * steps_per_epoch))
-  purify = step >= warmup
-  teacher_trains = (step < warmup) | (step >= warmup + agent_only)
-  return purify, teacher_trains
-
-
-def _hold_teacher(teacher_trains: jax.Array, new, old):
-  """`new` params with the teacher's subtrees replaced by `old` while the teacher is held.
-  A shared backbone (`vit`) is the student's too and keeps training."""
-  return {k: (jax.tree.map(lambda a, b: jnp.where(teacher_trains, a, b), v, old[k])
-              if k in TEACHER_PARAMS else v) for k, v in new.items()}
+               steps_per_epoch: int) -> jax.Array:
+  """Whether the teacher purifies (and the agent's reward trains it) at `step`."""
+  return step >= warmup_steps(config, steps_per_epoch)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
@@ -62,8 +54,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   """One optimisation step of teacher, student and agent. Pure; jitted by the caller.
 
   When the loss or the gradient norm is not finite the step still counts (the batch is used
-  up) but parameters, optimizer state, BN statistics and the reward baseline keep their
-  previous values; metrics 'guard/nonfinite' (this step, 0 or 1) and 'guard/nonfinite_total'
+  up) but parameters, optimizer state and BN statistics keep their previous values; metrics 'guard/nonfinite' (this step, 0 or 1) and 'guard/nonfinite_total'
   report it, and the loop applies config.train.nonfinite_policy when it fetches them.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
@@ -72,26 +63,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   batch = donor_exchange.fill_donors(batch)
   batch = {**batch, **{k: augment.normalize_on_device(batch[k], config.input.mean,
                                                       config.input.std) for k in IMAGE_KEYS}}
-  purify, teacher_trains = fepm_phase(state.step, config, steps_per_epoch)
+  purify = fepm_phase(state.step, config, steps_per_epoch)
 
   def loss_fn(params):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, batch, train=True,
         purify=purify, rngs={'dropout': drop_rng, 'agent': agent_rng},
         mutable=['batch_stats'])
-    loss, metrics, baseline = losses.total_loss(outputs, batch, config, state.baseline,
-                                                agent_on=purify.astype(jnp.float32))
-    return loss, (metrics, updates.get('batch_stats', state.batch_stats), baseline)
+    loss, metrics = losses.total_loss(outputs, batch, config,
+                                      agent_on=purify.astype(jnp.float32))
+    return loss, (metrics, updates.get('batch_stats', state.batch_stats))
 
-  (loss, (metrics, batch_stats, baseline)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = _global_norm(grads)
   finite = guards.is_finite(loss, grad_norm)
   params, opt_state = _update_if_finite(finite, tx, grads, state.params, state.opt_state)
-  if build.has_fepm(config) and config.fepm.agent_only_epochs > 0:
-    params = _hold_teacher(teacher_trains, params, state.params)
-  batch_stats, baseline = guards.finite_update(
-      finite, (batch_stats, baseline), (state.batch_stats, state.baseline))
+  batch_stats = guards.finite_update(finite, batch_stats, state.batch_stats)
   nonfinite_steps = jnp.asarray(state.nonfinite_steps, jnp.int32) + (~finite).astype(jnp.int32)
   metrics = dict(metrics)
   metrics['grad_norm'] = grad_norm
@@ -100,9 +87,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   metrics['guard/nonfinite_total'] = nonfinite_steps.astype(jnp.float32)
   if build.has_fepm(config):
     metrics['fepm/purify'] = purify.astype(jnp.float32)
-    metrics['fepm/teacher_trains'] = teacher_trains.astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, baseline=baseline,
+                            opt_state=opt_state,
                             nonfinite_steps=nonfinite_steps)
   return new_state, metrics
 

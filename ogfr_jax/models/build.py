@@ -75,11 +75,6 @@ def student_erases(config: Any) -> bool:
   return bool(config.model.student_erase)
 
 
-def agent_learns_occluders(config: Any) -> bool:
-  """The agent's auxiliary: flag the synthesised occluder tokens of occ(x)."""
-  return has_agent(config) and config.loss.agent_occluder_weight > 0
-
-
 def agent_learns_consistency(config: Any) -> bool:
   """The agent's auxiliary: flag the tokens the identity's other batch images do not explain."""
   return has_agent(config) and config.loss.agent_consistency_weight > 0
@@ -89,8 +84,6 @@ def backbone_names(config: Any) -> tuple[str, ...]:
   """Top-level parameter names holding a ViT backbone (for pretrained-weight import)."""
   extra = (('occluder_vit',) if student_erases(config)
            and config.model.student_erase_detector == 'separate' else ())
-  if has_teacher(config) and config.model.shared_backbone:
-    return ('vit',) + extra
   return (('teacher_vit', 'student_vit') if has_teacher(config) else ('student_vit',)) + extra
 
 
@@ -98,7 +91,7 @@ def batch_keys(config: Any) -> tuple[str, ...]:
   """The keys of an input batch the model reads in training, beyond the always-present
   image, occluded, pattern, pid and camid."""
   keys = ()
-  if student_erases(config) or agent_learns_occluders(config):
+  if student_erases(config):
     keys += ('occ_mask',)
   if has_fepm(config) and config.fepm.selection == 'oracle':
     keys += ('contam_mask',)
@@ -132,21 +125,16 @@ def fepm_spec(config: Any) -> FEPMSpec | None:
     return None
   f, m = config.fepm, config.model
   n = token_grid(config)[0] * token_grid(config)[1]
-  needs_k = f.selection == 'random' or f.action == 'topk'
   return FEPMSpec(
-      layer=fepm_layer(config), selection=f.selection, action=f.action,
-      k=fepm_lib.num_selected(f.topk_fraction, n) if needs_k else 1, greedy=f.greedy,
+      layer=fepm_layer(config), selection=f.selection,
+      k=fepm_lib.num_selected(f.random_fraction, n) if f.selection == 'random' else 1,
       prob_bounds=(float(f.prob_bounds[0]), float(f.prob_bounds[1])),
       num_samples=int(f.num_samples), greedy_pass=f.baseline == 'self_critical',
-      teacher_input=f.teacher_input, credit=f.credit,
-      warmup_rate=float(f.warmup_random_rate), consistency=agent_learns_consistency(config),
-      consistency_radius=int(f.consistency_radius),
-      consistency_share=float(f.consistency_share),
+      consistency=agent_learns_consistency(config),
       consistency_blocks=consistency_blocks(config),
       consistency_memory=int(f.consistency_memory),
       score_window=(int(f.score_window[0]), int(f.score_window[1])),
-      greedy_share=float(f.greedy_share), greedy_momentum=float(f.greedy_momentum),
-      patch_size=m.patch_size, stride=m.stride,
+      share=float(f.share), patch_size=m.patch_size, stride=m.stride,
       min_cover=float(f.oracle_min_cover))
 
 
@@ -160,21 +148,18 @@ def student_spec(config: Any) -> StudentSpec:
   return StudentSpec(
       num_patterns=num_patterns(config) if has_pattern_embed(config) else 0,
       pattern_dropout=float(m.pattern_dropout), pattern_head_input=m.pattern_head_input,
-      pattern_test_policy=m.pattern_test_policy, erase=erase)
+      erase=erase)
 
 
 def teacher_spec(config: Any) -> TeacherSpec | None:
   if not has_teacher(config):
     return None
   return TeacherSpec(fepm=fepm_spec(config), agent_hidden=int(config.fepm.agent_hidden),
-                     prior_logit=float(config.fepm.prior_logit),
-                     agent_context=str(config.fepm.agent_context),
-                     agent_occluders=agent_learns_occluders(config))
+                     prior_logit=float(config.fepm.prior_logit))
 
 
 def build_model(config: Any, num_classes: int, num_cameras: int) -> OGFR:
   """The OGFR module of `config` for `num_classes` training identities and a camera table of
   `num_cameras` rows (at least 1)."""
   return OGFR(backbone=backbone_spec(config, num_cameras), num_classes=int(num_classes),
-              student=student_spec(config), teacher=teacher_spec(config),
-              shared_backbone=has_teacher(config) and bool(config.model.shared_backbone))
+              student=student_spec(config), teacher=teacher_spec(config))

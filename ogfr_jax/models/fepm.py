@@ -5,17 +5,11 @@ The agent scores every patch token after block L; a selection (boolean mask over
 number of patch tokens, so shapes stay static) picks tokens to erase, and each erased token is
 replaced by a learnable embedding plus that token's position embedding.
 
-Policies over a mask a in {0,1}^N given logits l:
-- 'bernoulli': independent tokens, a_i ~ Bernoulli(sigmoid(l_i));
-  log pi(a) = sum_i [a_i log sigmoid(l_i) + (1 - a_i) log sigmoid(-l_i)]. Greedy: l_i > 0.
-- 'topk': exactly k tokens drawn without replacement with probability proportional to exp(l)
-  (Plackett-Luce). Sampled with the Gumbel-top-k trick: the k largest of l_i + G_i, G_i iid
-  Gumbel, in decreasing order, are distributed as an ordered PL draw i_1..i_k, whose probability
-  is prod_j exp(l_{i_j}) / sum_{m not in i_<j} exp(l_m). We use the probability of the ordered
-  draw as log pi: the reward depends only on the unordered set, so E[R * grad log p(order)] is
-  still the exact gradient of E[R] (the order is an auxiliary variable of the sampler), and it
-  avoids summing over k! orderings. Greedy: the k largest logits.
-- 'random' (ablation): k tokens uniformly without replacement; nothing is learned.
+The policy over a mask a in {0,1}^N given logits l is Bernoulli per token:
+a_i ~ Bernoulli(p_i), p_i = lo + (hi - lo) sigmoid(l_i), and
+log pi(a) = sum_i [a_i log p_i + (1 - a_i) log (1 - p_i)]. Its greedy action takes the tokens
+scored at or above a threshold calibrated on training batches (`top_share_threshold`). The
+'random' control draws k tokens uniformly without replacement; nothing is learned.
 """
 
 from __future__ import annotations
@@ -167,11 +161,11 @@ def blend_tokens(tokens: jax.Array, weight: jax.Array, replacement: jax.Array,
 
 
 def num_selected(fraction: float, num_tokens: int) -> int:
-  """k for 'topk' and 'random' selection: round(fraction * N), which must be in [1, N]."""
+  """k of the 'random' control: round(fraction * N), which must be in [1, N]."""
   k = int(round(fraction * num_tokens))
   if not 1 <= k <= num_tokens:
-    raise ValueError(f'fepm.topk_fraction={fraction} selects {k} of {num_tokens} patch tokens; '
-                     f'it must select between 1 and {num_tokens}')
+    raise ValueError(f'fepm.random_fraction={fraction} selects {k} of {num_tokens} patch '
+                     f'tokens; it must select between 1 and {num_tokens}')
   return k
 
 
@@ -220,66 +214,19 @@ def bernoulli_entropy(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
   return jnp.sum(per_token, axis=-1)
 
 
-def expected_count_mask(logits: jax.Array, bounds: tuple[float, float] = UNBOUNDED
-                        ) -> jax.Array:
-  """The greedy action that selects as many tokens as the policy does on average: the
-  round(sum_i p_i) highest-scored tokens of each row. Unlike `logits > 0` it is not empty
-  while the agent starts from a low prior, so a self-critical baseline built on it compares
-  two purifications of the same size from the first step on."""
-  logits = logits.astype(jnp.float32)
-  count = jnp.round(jnp.sum(selection_probs(logits, bounds), axis=-1, keepdims=True))
-  rank = jnp.argsort(jnp.argsort(-logits, axis=-1), axis=-1)
-  return rank < count
-
-
-# --- Plackett-Luce (top-k without replacement) policy -----------------------------------------
+# --- The random control ------------------------------------------------------------------
 
 
 def gumbel_topk(key: jax.Array, logits: jax.Array, k: int) -> jax.Array:
-  """Ordered indices [..., k] of a Plackett-Luce draw without replacement (Gumbel-top-k)."""
+  """Indices [..., k] of a draw without replacement with probability proportional to exp(l)
+  (Gumbel-top-k)."""
   perturbed = logits.astype(jnp.float32) + jax.random.gumbel(key, logits.shape, jnp.float32)
   return jax.lax.top_k(perturbed, k)[1]
 
 
 def order_to_mask(order: jax.Array, num_tokens: int) -> jax.Array:
-  """Ordered indices [..., k] -> boolean mask [..., N]."""
+  """Indices [..., k] -> boolean mask [..., N]."""
   return jnp.any(jax.nn.one_hot(order, num_tokens, dtype=jnp.bool_), axis=-2)
-
-
-def _pl_step_logits(logits: jax.Array, order: jax.Array) -> jax.Array:
-  """[..., k, N]: the logits at each draw j with the tokens drawn before j masked to -inf."""
-  n = logits.shape[-1]
-  picked = jax.nn.one_hot(order, n, dtype=jnp.int32)  # [..., k, N]
-  before = jnp.cumsum(picked, axis=-2) - picked  # drawn strictly before step j
-  return jnp.where(before > 0, -jnp.inf, logits[..., None, :].astype(jnp.float32))
-
-
-def plackett_luce_log_prob(logits: jax.Array, order: jax.Array) -> jax.Array:
-  """log p(i_1, ..., i_k) = sum_j [l_{i_j} - logsumexp(l over tokens not drawn before j)]."""
-  step = jax.nn.log_softmax(_pl_step_logits(logits, order), axis=-1)
-  chosen = jnp.take_along_axis(step, order[..., None], axis=-1)[..., 0]
-  return jnp.sum(chosen, axis=-1)
-
-
-def plackett_luce_entropy(logits: jax.Array, order: jax.Array) -> jax.Array:
-  """Sum of the entropies of each draw's conditional distribution along the sampled order.
-
-  By the chain rule its expectation over orders is the entropy of the ordered draw, so it is an
-  unbiased single-sample estimate; as a regulariser it is differentiated with the prefix held
-  fixed (the usual surrogate: there is no closed form for the entropy of a PL draw).
-  """
-  step = _pl_step_logits(logits, order)
-  logp = jax.nn.log_softmax(step, axis=-1)
-  # Tokens drawn before step j have p = 0 and logp = -inf; zero them before multiplying so that
-  # neither the value nor the gradient sees 0 * inf.
-  drawn = jnp.isneginf(step)
-  p = jnp.where(drawn, 0.0, jnp.exp(logp))
-  ent = -jnp.sum(p * jnp.where(drawn, 0.0, logp), axis=-1)
-  return jnp.sum(ent, axis=-1)
-
-
-def topk_mask(logits: jax.Array, k: int) -> jax.Array:
-  return order_to_mask(jax.lax.top_k(logits.astype(jnp.float32), k)[1], logits.shape[-1])
 
 
 def random_mask(key: jax.Array, shape: tuple[int, ...], k: int) -> jax.Array:
@@ -289,8 +236,6 @@ def random_mask(key: jax.Array, shape: tuple[int, ...], k: int) -> jax.Array:
 
 # --- One policy step --------------------------------------------------------------------------
 
-
-GREEDY_RULES = ('positive', 'expected_count', 'quantile')
 
 
 def window_mean(logits: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
@@ -320,53 +265,23 @@ def top_share_threshold(logits: jax.Array, share: float) -> jax.Array:
   return jax.lax.top_k(flat, k)[0][-1]
 
 
-def select(logits: jax.Array, *, action: str, k: int, key: Optional[jax.Array],
-           bounds: tuple[float, float] = UNBOUNDED, greedy: str = 'positive',
-           threshold: Optional[jax.Array] = None) -> Selection:
+def select(logits: jax.Array, *, key: Optional[jax.Array], threshold: jax.Array,
+           bounds: tuple[float, float] = UNBOUNDED) -> Selection:
   """Samples an action (when `key` is given) or takes the greedy one (key None), with log pi.
 
-  logits [B, N] float32. With key None the returned mask is the greedy action and log_prob is
-  its log-probability, which is what an evaluation pass reports. `greedy` (Bernoulli only):
-  'positive' takes the tokens with p > 1/2 of the unbounded policy (logit > 0);
-  'expected_count' the round(sum p) best-scored tokens (`expected_count_mask`); 'quantile'
-  the tokens scored at or above `threshold`.
+  logits [B, N] float32. The greedy action takes the tokens scored at or above `threshold`.
+  With key None the returned mask is the greedy action and log_prob is its log-probability,
+  which is what an evaluation pass reports.
   """
-  if action == 'bernoulli':
-    if greedy == 'positive':
-      greedy_mask = logits > 0
-    elif greedy == 'expected_count':
-      greedy_mask = expected_count_mask(logits, bounds)
-    elif greedy == 'quantile':
-      if threshold is None:
-        raise ValueError("fepm.greedy='quantile' needs the running score threshold")
-      greedy_mask = logits >= threshold
-    else:
-      raise ValueError(f'fepm.greedy={greedy!r}: use one of {list(GREEDY_RULES)}')
-    mask = greedy_mask if key is None else bernoulli_sample(key, logits, bounds)
-    return Selection(mask, greedy_mask, bernoulli_log_prob(logits, mask, bounds),
-                     bernoulli_entropy(logits, bounds))
-  if action == 'topk':
-    greedy_order = jax.lax.top_k(logits.astype(jnp.float32), k)[1]
-    order = greedy_order if key is None else gumbel_topk(key, logits, k)
-    n = logits.shape[-1]
-    return Selection(order_to_mask(order, n), order_to_mask(greedy_order, n),
-                     plackett_luce_log_prob(logits, order), plackett_luce_entropy(logits, order))
-  raise ValueError(f"fepm.action={action!r}: use 'bernoulli' or 'topk'")
-
-
-# What the agent sees of a token's image besides the token itself (fepm.agent_context).
-AGENT_CONTEXTS = ('none', 'global')
+  greedy_mask = logits >= threshold
+  mask = greedy_mask if key is None else bernoulli_sample(key, logits, bounds)
+  return Selection(mask, greedy_mask, bernoulli_log_prob(logits, mask, bounds),
+                   bernoulli_entropy(logits, bounds))
 
 
 class Agent(nn.Module):
-  """Token-scoring policy network.
-
-  context 'none': LayerNorm -> Dense(hidden) -> GELU -> Dense(1), each patch token on its own.
-  context 'global' (the local + global predictor of DynamicViT): after LayerNorm -> Dense(hidden)
-  -> GELU, the second half of every token's hidden features is replaced by that half averaged
-  over the image's patch tokens, then Dense(hidden) -> GELU -> Dense(1). A token is then scored
-  against a summary of its whole image: a patch of clothing is contamination or the target's
-  own only relative to what the rest of the image wears.
+  """Token-scoring policy network: LayerNorm -> Dense(hidden) -> GELU -> Dense(1), each patch
+  token on its own.
 
   Its input is under stop_gradient, so the policy gradient never reaches the backbone and the
   backbone's losses never reach the agent; it runs in float32 whatever the backbone dtype, since
@@ -374,23 +289,14 @@ class Agent(nn.Module):
   """
   hidden: int = 128
   prior_logit: float = -2.0
-  context: str = 'none'
 
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
     """patches [B, N, D] -> logits [B, N] float32."""
-    if self.context not in AGENT_CONTEXTS:
-      raise ValueError(f'fepm.agent_context={self.context!r}: use one of {AGENT_CONTEXTS}')
     x = jax.lax.stop_gradient(patches).astype(jnp.float32)
     x = nn.LayerNorm(vit_lib.LN_EPS, name='norm')(x)
     x = nn.Dense(self.hidden, kernel_init=vit_lib.TRUNC_INIT, name='fc1')(x)
     x = nn.gelu(x, approximate=False)
-    if self.context == 'global':
-      half = self.hidden // 2
-      pooled = jnp.mean(x[..., half:], axis=1, keepdims=True)
-      x = jnp.concatenate([x[..., :half], jnp.broadcast_to(pooled, x[..., half:].shape)], -1)
-      x = nn.Dense(self.hidden, kernel_init=vit_lib.TRUNC_INIT, name='mix')(x)
-      x = nn.gelu(x, approximate=False)
     x = nn.Dense(1, kernel_init=vit_lib.TRUNC_INIT,
                  bias_init=nn.initializers.constant(self.prior_logit), name='fc2')(x)
     return x[..., 0]

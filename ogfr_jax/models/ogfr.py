@@ -6,8 +6,7 @@ module sharing). Build it with `models.build.build_model(config, ...)`, the only
 config.model and config.fepm; every field here is explicit.
 
 Parameter tree (top-level names under 'params'):
-  teacher_vit, student_vit   the two backbones (or one `vit` with shared_backbone; only
-                             `student_vit` without a teacher)
+  teacher_vit, student_vit   the two backbones (only `student_vit` without a teacher)
   teacher_head, student_head BNNeck + ID classifier of each branch (always separate)
   teacher_part_head, student_part_head   per-part BNNeck + classifiers (JPM)
   pattern_embed              [K+1, D] occlusion pattern embeddings (student.num_patterns > 0)
@@ -75,8 +74,6 @@ class TeacherSpec:
   fepm: Optional[FEPMSpec] = None  # None: no purification
   agent_hidden: int = 128
   prior_logit: float = -2.0
-  agent_context: str = 'none'
-  agent_occluders: bool = False  # the agent also scores occ(x) for its occluder auxiliary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +81,6 @@ class StudentSpec:
   num_patterns: int = 0  # K + 1 pattern embeddings; 0: none
   pattern_dropout: float = 0.0
   pattern_head_input: str = 'bn_feat'
-  pattern_test_policy: str = 'none'
   erase: Optional[EraseSpec] = None
 
 
@@ -94,17 +90,12 @@ class OGFR(nn.Module):
   num_classes: int
   student: StudentSpec = StudentSpec()
   teacher: Optional[TeacherSpec] = TeacherSpec()
-  shared_backbone: bool = False
 
   def setup(self):
     b, s, t = self.backbone, self.student, self.teacher
-    if t is not None and self.shared_backbone:
-      self.vit = b.make()
-      student_vit = teacher_vit = self.vit
-    else:
-      self.student_vit = student_vit = b.make()
-      if t is not None:
-        self.teacher_vit = teacher_vit = b.make()
+    self.student_vit = student_vit = b.make()
+    if t is not None:
+      self.teacher_vit = teacher_vit = b.make()
 
     self.student_head = vit_lib.ReIDHead(self.num_classes)
     if b.jpm:
@@ -127,7 +118,7 @@ class OGFR(nn.Module):
         vit=student_vit, head=self.student_head,
         part_head=self.student_part_head if b.jpm else None, pattern_head=pattern_head,
         pattern_dropout=s.pattern_dropout, pattern_head_input=s.pattern_head_input,
-        pattern_test_policy=s.pattern_test_policy, erase=s.erase, eraser=eraser,
+        erase=s.erase, eraser=eraser,
         occluder_head=occluder_head, occluder_vit=occluder_vit)
 
     if t is not None:
@@ -138,8 +129,7 @@ class OGFR(nn.Module):
       if t.fepm is not None:
         self.fepm = replacement = fepm_lib.TokenReplacement()
         if t.fepm.selection == 'agent':
-          self.agent = agent = fepm_lib.Agent(hidden=t.agent_hidden, prior_logit=t.prior_logit,
-                                              context=t.agent_context)
+          self.agent = agent = fepm_lib.Agent(hidden=t.agent_hidden, prior_logit=t.prior_logit)
       self.teacher_branch = Teacher(
           vit=teacher_vit, head=self.teacher_head,
           part_head=self.teacher_part_head if b.jpm else None, fepm=t.fepm,
@@ -166,10 +156,6 @@ class OGFR(nn.Module):
       out.update(self.teacher_branch(batch['image'], batch['camid'], batch['pid'], train=train,
                                      contam_mask=batch.get('contam_mask'), purify=purify,
                                      index=batch.get('index')))
-    if (self.teacher is not None and self.teacher.agent_occluders and train
-        and 'occ_mask' in batch):
-      out['agent'].update(self.teacher_branch.occluder_scores(batch['occluded'], batch['camid'],
-                                                              batch['occ_mask']))
     out['student'] = self.student_branch(batch['occluded'], batch['camid'], batch['pattern'],
                                          table=self._table(), train=train,
                                          occ_mask=batch.get('occ_mask'))

@@ -2,8 +2,7 @@
 
 A table of occlusion pattern embeddings E[0..K] (E[0] = none/unknown) is added to every token,
 SIE-style, with the pattern id k the synthesiser reports; a linear head predicts k so that the
-embedding carries explicit meaning. At test time the pattern is unknown: `pattern_test_policy`
-'none' adds E[0], 'soft' runs the student once with E[0] and then with sum_k p_k E[k].
+embedding carries explicit meaning. At test time the pattern is unknown and E[0] is added.
 
 Optional occluder-token erasure (`EraseSpec`; an extension beyond our reading of the paper): a
 per-token classifier reads the tokens after the first `layer` blocks (of the student, or of a
@@ -27,7 +26,6 @@ from ogfr_jax.models import fepm as fepm_lib
 from ogfr_jax.models import vit as vit_lib
 from ogfr_jax.models.teacher import branch_outputs
 
-PATTERN_TEST_POLICIES = ('none', 'soft')
 PATTERN_HEAD_INPUTS = ('bn_feat', 'feat')
 
 
@@ -48,7 +46,6 @@ class Student(nn.Module):
   pattern_head: Optional[nn.Module] = None
   pattern_dropout: float = 0.0
   pattern_head_input: str = 'bn_feat'
-  pattern_test_policy: str = 'none'
   erase: Optional[EraseSpec] = None
   eraser: Optional[fepm_lib.TokenReplacement] = None
   occluder_head: Optional[nn.Module] = None
@@ -119,13 +116,10 @@ class Student(nn.Module):
   def extract(self, image: jax.Array, camid: jax.Array, *, table: Optional[jax.Array],
               feature: str = 'pre_bn') -> jax.Array:
     """Inference features, not normalised: [B, D], or with JPM the TransReID concatenation
-    [global, part_1/P, ..., part_P/P] of width (1 + P) * D; per `pattern_test_policy`."""
+    [global, part_1/P, ..., part_P/P] of width (1 + P) * D; with E[0] added."""
     extra = None
     if table is not None:
       extra = jnp.broadcast_to(table[0], (image.shape[0], table.shape[1]))
-      if self.pattern_test_policy == 'soft':
-        first = self.forward(image, camid, extra, train=False)
-        extra = jax.nn.softmax(first['pattern_logits'], axis=-1) @ table
     res = self.forward(image, camid, extra, train=False)
     glob = res['feat'] if feature == 'pre_bn' else res['bn_feat']
     parts = res.get('part_feats' if feature == 'pre_bn' else 'part_bn_feats')

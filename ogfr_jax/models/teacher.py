@@ -28,15 +28,6 @@ from ogfr_jax.models import fepm as fepm_lib
 from ogfr_jax.models import vit as vit_lib
 
 SELECTIONS = ('agent', 'random', 'oracle')
-# Which mask the teacher's own forward pass (the one its ID/triplet losses and the
-# distillation read) purifies with: the sampled action, the greedy one, or none.
-TEACHER_INPUTS = ('sampled', 'greedy', 'clean')
-# How the agent's loss assigns the reward to the tokens of a sampled action: 'image' (one
-# REINFORCE advantage per sampled mask, the reward minus its baseline), or 'token' (a
-# per-token advantage: the first-order estimate of how the reward changes if that token's
-# action is flipped, from the gradient of the reward pass with respect to the replacement
-# weight of each token at the sampled mask; see losses.token_advantage).
-CREDITS = ('image', 'token')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,35 +35,34 @@ class FEPMSpec:
   """The purification module's choices (documented field by field in config_defaults)."""
   layer: int  # blocks that run before the selection acts, in [0, depth)
   selection: str = 'agent'
-  action: str = 'bernoulli'
-  k: int = 1  # tokens for 'topk' and 'random'
-  greedy: str = 'positive'
+  k: int = 1  # tokens of the 'random' control
   prob_bounds: tuple[float, float] = fepm_lib.UNBOUNDED
   num_samples: int = 1  # sampled actions per image (leave-one-out baseline when > 1)
   greedy_pass: bool = True  # run the greedy action's reward pass (self-critical baseline)
-  teacher_input: str = 'sampled'
-  credit: str = 'image'
-  warmup_rate: float = 0.0  # share of tokens replaced at random while `purify` is off
   # The agent's identity-consistency auxiliary (loss.agent_consistency_weight): label the
-  # `consistency_share` of the batch's tokens that the identity's other images explain least
-  # (within `consistency_radius` grid cells, in the clean pass's tokens after
-  # `consistency_blocks` blocks, in [layer, depth]; None: all of them).
+  # `share` of the batch's tokens that the identity's other images explain least (within
+  # CONSISTENCY_RADIUS grid cells, in the clean pass's tokens after `consistency_blocks`
+  # blocks, in [layer, depth]; None: all of them).
   consistency: bool = False
-  consistency_radius: int = 1
-  consistency_share: float = 0.1
   consistency_blocks: Optional[int] = None
   # Earlier images kept per training identity for those labels (0: the batch's only).
   consistency_memory: int = 0
   # Agent scores averaged over this (rows, cols) window of grid cells before any selection.
   score_window: tuple[int, int] = (1, 1)
-  # greedy 'quantile': the greedy action takes the tokens scored at or above a running
-  # average (momentum `greedy_momentum`) of the score that selects `greedy_share` of each
-  # training batch's tokens, so evaluation needs no batch statistics.
-  greedy_share: float = 0.1
-  greedy_momentum: float = 0.99
+  # The greedy action takes the tokens scored at or above a running average of the score
+  # that selects `share` of each training batch's tokens, so evaluation needs no batch
+  # statistics; the consistency labels label the same share.
+  share: float = 0.1
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
   min_cover: float = 0.5
+
+
+# The consistency labels search the other images' tokens this many grid cells around a
+# token's own cell (a person's parts shift by about one cell between views).
+CONSISTENCY_RADIUS = 1
+# Momentum of the greedy threshold's running average: about the last 100 training batches.
+THRESHOLD_MOMENTUM = 0.99
 
 
 def true_class_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -109,7 +99,7 @@ class Teacher(nn.Module):
 
   def setup(self):
     f = self.fepm
-    if f is not None and f.selection == 'agent' and f.greedy == 'quantile':
+    if f is not None and f.selection == 'agent':
       # A bias-corrected moving average (as Adam's moments): the threshold is sum / weight.
       self.threshold_sum = self.variable('batch_stats', 'greedy_threshold_sum', jnp.zeros, (),
                                          jnp.float32)
@@ -138,10 +128,10 @@ class Teacher(nn.Module):
     f = self.fepm
     return fepm_lib.covered_tokens(contam_mask, f.patch_size, f.stride, f.min_cover)
 
-  def _select(self, mid: jax.Array, contam_mask: Optional[jax.Array], *, sample: bool,
-              num_samples: int = 1) -> tuple[list[fepm_lib.Selection], Optional[jax.Array]]:
+  def _select(self, mid: jax.Array, contam_mask: Optional[jax.Array], *, sample: bool
+              ) -> tuple[list[fepm_lib.Selection], Optional[jax.Array]]:
     """Selections over the patch tokens of `mid` (tokens after block L): `num_samples`
-    sampled actions when `sample`, else the greedy one. Returns (selections, agent logits)."""
+    sampled actions when `sample`, else the greedy one. Returns (selections, agent scores)."""
     f = self.fepm
     b, n = mid.shape[0], mid.shape[1] - 1
     if f.selection == 'oracle':
@@ -151,21 +141,19 @@ class Teacher(nn.Module):
       mask = fepm_lib.random_mask(key, (b, n), f.k)
       return [fepm_lib.Selection(mask, None, None, None)], None
     scores = fepm_lib.window_mean(self.agent(mid[:, 1:]), self.vit.grid, f.score_window)
-    k = f.k if f.action == 'topk' else 0
-    keys = (jax.random.split(self.make_rng('agent'), num_samples) if sample
-            else [None] * num_samples)
-    threshold = self._greedy_threshold(scores, update=sample) if f.greedy == 'quantile' else None
-    return [fepm_lib.select(scores, action=f.action, k=k, key=key, bounds=f.prob_bounds,
-                            greedy=f.greedy, threshold=threshold) for key in keys], scores
+    keys = jax.random.split(self.make_rng('agent'), f.num_samples) if sample else [None]
+    threshold = self._greedy_threshold(scores, update=sample)
+    return [fepm_lib.select(scores, key=key, threshold=threshold, bounds=f.prob_bounds)
+            for key in keys], scores
 
   def _greedy_threshold(self, scores: jax.Array, *, update: bool) -> jax.Array:
-    """The running score threshold of greedy 'quantile', updated with this batch when training.
-    Before any training step it is this batch's own threshold."""
-    f = self.fepm
-    batch = jax.lax.stop_gradient(fepm_lib.top_share_threshold(scores, f.greedy_share))
+    """The running score threshold of the greedy action, updated with this batch when
+    training. Before any training step it is this batch's own threshold. A bias-corrected
+    moving average (as Adam's moments): the threshold is sum / weight."""
+    batch = jax.lax.stop_gradient(fepm_lib.top_share_threshold(scores, self.fepm.share))
     total, weight = self.threshold_sum.value, self.threshold_weight.value
     if update and self.is_mutable_collection('batch_stats'):
-      m = f.greedy_momentum
+      m = THRESHOLD_MOMENTUM
       total, weight = m * total + (1 - m) * batch, m * weight + (1 - m)
       self.threshold_sum.value, self.threshold_weight.value = total, weight
     return jnp.where(weight > 0, total / jnp.maximum(weight, 1e-12), batch)
@@ -181,56 +169,57 @@ class Teacher(nn.Module):
                index: Optional[jax.Array] = None) -> dict[str, Any]:
     """{'teacher': branch outputs[, 'agent': what the agent's loss and metrics read]}.
 
-    `index` (the images' training-split indices) is read by the consistency labels' identity
-    memory only.
+    The paper's loop: score the patch tokens after block L, sample a mask, replace the
+    selected tokens by the learnable token, finish the teacher's pass on the purified
+    sequence; in training, the reward passes give REINFORCE its reward.
 
     `purify` (a bool, possibly traced) switches the replacement off while keeping every
-    shape: a teacher warm-up phase trains on the clean sequence with the same program.
+    shape: the teacher's warm-up phase trains on the clean sequence with the same program.
+    `index` (the images' training-split indices) is read by the identity memory only.
     """
     if self.fepm is None:
       res, _ = self._plain(image, camid, train=train)
       return {'teacher': res}
     f, vit = self.fepm, self.vit
     mid = vit.run_blocks(vit.embed(image, camid), 0, f.layer, train=train)
-    sels, scores = self._select(mid, contam_mask, sample=train,
-                                num_samples=f.num_samples if train else 1)
-    sel = sels[0]
-    purify = jnp.asarray(purify, jnp.bool_)
-    if f.teacher_input == 'clean':
-      own = jnp.zeros_like(sel.mask)
-    elif f.teacher_input == 'greedy' and sel.greedy_mask is not None:
-      own = sel.greedy_mask
-    else:
-      own = sel.mask
+    sels, scores = self._select(mid, contam_mask, sample=train)
+    own = sels[0].mask & jnp.asarray(purify, jnp.bool_)
     pos = vit.patch_pos_embed()
-    own = own & purify
-    if f.warmup_rate > 0 and train:
-      # Warm-up on randomly replaced tokens: the teacher (and the replacement token) learn
-      # what a replaced token is before the agent's reward asks them what replacing costs.
-      drawn = jax.random.uniform(self.make_rng('agent'), own.shape) < f.warmup_rate
-      own = jnp.where(purify, own, drawn)
     out, parts = vit.tail(self.replacement(mid, own, pos), f.layer, train=train,
                           cls_only=True)
     res, stats = branch_outputs(self.head, self.part_head, _f32(out[:, 0]), _f32(parts),
                                 train=train)
-    agent = {'mask': sel.mask, 'select_rate': jnp.mean(sel.mask.astype(jnp.float32), axis=-1)}
+    agent = {'mask': sels[0].mask,
+             'select_rate': jnp.mean(sels[0].mask.astype(jnp.float32), axis=-1)}
     if f.selection == 'oracle' or not train:
       return {'teacher': res, 'agent': agent}
-
-    # Reward passes, batched into one call through blocks [L, depth): purified with each
-    # sampled action, clean, and (for a self-critical baseline) purified with the greedy
-    # action. They are deterministic (no stochastic depth: the reward is a difference of
-    # log-probabilities and must not carry drop-path noise) and use the global branch only.
-    # Their BNNeck normalises with the statistics of the real teacher batch so the reward
-    # scores exactly the classifier the ID loss trains, while the concatenated rows never
-    # enter the batch statistics or the running averages.
     frozen = jax.lax.stop_gradient(mid)
+    agent.update(self._rewards(frozen, sels, pos, stats, pid))
+    if scores is not None:
+      agent.update(self._policy(sels, scores))
+    if f.consistency:
+      agent.update(self._consistency_targets(frozen, pid, index))
+    return {'teacher': res, 'agent': agent}
+
+  def _rewards(self, frozen: jax.Array, sels: list[fepm_lib.Selection], pos: jax.Array,
+               stats: tuple[jax.Array, jax.Array], pid: jax.Array) -> dict[str, jax.Array]:
+    """The teacher's true-class log-probabilities after purification with each sampled
+    action, clean, and (for a self-critical baseline) with the greedy action.
+
+    The passes are batched into one call through blocks [L, depth). They are deterministic
+    (no stochastic depth: the reward is a difference of log-probabilities and must not carry
+    drop-path noise) and use the global branch only. Their BNNeck normalises with the
+    statistics of the real teacher batch so the reward scores exactly the classifier the ID
+    loss trains, while the concatenated rows never enter the batch statistics or the running
+    averages.
+    """
+    f, vit = self.fepm, self.vit
     masks = [s.mask for s in sels]
-    with_greedy = sel.greedy_mask is not None and f.greedy_pass
-    if with_greedy:
-      masks.append(sel.greedy_mask)
+    greedy = sels[0].greedy_mask
+    if greedy is not None and f.greedy_pass:
+      masks.append(greedy)
     rows = [self.replacement(frozen, m, pos) for m in masks] + [frozen]
-    batch = mid.shape[0]
+    batch = frozen.shape[0]
     reward_tokens = jax.lax.stop_gradient(jnp.concatenate(rows, axis=0))
     reward_out = vit.final_norm(vit.run_blocks(reward_tokens, f.layer, vit.depth, train=False,
                                                cls_only=True))
@@ -239,25 +228,19 @@ class Teacher(nn.Module):
     lp = jax.lax.stop_gradient(true_class_log_prob(reward_logits, jnp.tile(pid, len(rows))))
     lp = lp.reshape(len(rows), batch)
     num = len(sels)
-    agent.update(lp_sampled=lp[0], lp_clean=lp[-1])
-    if sel.log_prob is not None:
-      agent.update(
-          logp=jnp.stack([s.log_prob for s in sels]), lp_samples=lp[:num],
-          sample_rates=jnp.stack([jnp.mean(s.mask.astype(jnp.float32), axis=-1)
-                                  for s in sels]),
-          entropy=sel.entropy, scores=scores, greedy_mask=sel.greedy_mask,
-          greedy_select_rate=jnp.mean(sel.greedy_mask.astype(jnp.float32), axis=-1),
-          probs=fepm_lib.selection_probs(scores, f.prob_bounds) if f.action == 'bernoulli'
-          else jax.nn.softmax(scores, axis=-1) * f.k)
-      if with_greedy:
-        agent['lp_greedy'] = lp[num]
-      if f.credit == 'token':
-        agent['sample_masks'] = jnp.stack(masks[:num])
-        agent['token_grads'] = self._reward_token_grads(frozen, jnp.stack(masks[:num]), pos,
-                                                        stats, pid)
-    if f.consistency:
-      agent.update(self._consistency_targets(frozen, pid, index))
-    return {'teacher': res, 'agent': agent}
+    out = {'lp_sampled': lp[0], 'lp_clean': lp[-1], 'lp_samples': lp[:num]}
+    if len(masks) > num:
+      out['lp_greedy'] = lp[num]
+    return out
+
+  def _policy(self, sels: list[fepm_lib.Selection], scores: jax.Array) -> dict[str, jax.Array]:
+    """What REINFORCE and the agent's metrics read of the sampled and greedy actions."""
+    rate = lambda mask: jnp.mean(mask.astype(jnp.float32), axis=-1)
+    return {'logp': jnp.stack([s.log_prob for s in sels]),
+            'sample_rates': jnp.stack([rate(s.mask) for s in sels]),
+            'entropy': sels[0].entropy, 'scores': scores, 'greedy_mask': sels[0].greedy_mask,
+            'greedy_select_rate': rate(sels[0].greedy_mask),
+            'probs': fepm_lib.selection_probs(scores, self.fepm.prob_bounds)}
 
   def _consistency_targets(self, frozen: jax.Array, pid: jax.Array,
                            index: Optional[jax.Array]) -> dict[str, jax.Array]:
@@ -277,8 +260,8 @@ class Teacher(nn.Module):
                          'training-split indices), which this batch lacks')
       memory, valid = fepm_lib.memory_read(self.memory_tokens.value, self.memory_index.value,
                                            pid, index)
-    target = fepm_lib.unexplained_tokens(compared, pid, vit.grid, f.consistency_radius,
-                                         f.consistency_share, memory, valid)
+    target = fepm_lib.unexplained_tokens(compared, pid, vit.grid, CONSISTENCY_RADIUS, f.share,
+                                         memory, valid)
     if f.consistency_memory and self.is_mutable_collection('batch_stats'):
       (self.memory_tokens.value, self.memory_index.value,
        self.memory_next.value) = fepm_lib.memory_write(
@@ -286,48 +269,6 @@ class Teacher(nn.Module):
            compared, pid, index)
     return {'consistency_scores': self.agent(frozen[:, 1:]),
             'consistency_target': jax.lax.stop_gradient(target)}
-
-  def _reward_token_grads(self, frozen: jax.Array, masks: jax.Array, pos: jax.Array,
-                          stats: tuple[jax.Array, jax.Array], pid: jax.Array) -> jax.Array:
-    """d lp / d w_i at w = mask: the gradient of the reward pass's true-class
-    log-probability with respect to each token's replacement weight (tokens blended as
-    (1 - w_i) x_i + w_i (replacement + pos_i), so w = mask is the hard replacement).
-
-    masks [S, B, N] bool -> [S, B, N] float32, under stop_gradient. The blocks run as pure
-    functions of their (held) variables, so this gradient never reaches a parameter.
-    """
-    f, vit, head = self.fepm, self.vit, self.head
-    num, batch, n = masks.shape
-    token = self.replacement.variables['params']['replace_token']
-    vit_vars, head_vars = dict(vit.variables), dict(head.variables)
-    vit_fn, head_fn = vit.clone(parent=None), head.clone(parent=None)
-    tokens = jnp.tile(frozen, (num, 1, 1))
-    labels = jnp.tile(pid, num)
-    stats = jax.lax.stop_gradient(stats)
-
-    def total_lp(weight):
-      x = fepm_lib.blend_tokens(tokens, weight, token, pos)
-      out = vit_fn.apply(vit_vars, x, method=lambda m, t: m.final_norm(
-          m.run_blocks(t, f.layer, m.depth, train=False, cls_only=True)))
-      logits = head_fn.apply(head_vars, out[:, 0].astype(jnp.float32), stats,
-                             method=vit_lib.ReIDHead.logits_with_stats)
-      return jnp.sum(true_class_log_prob(logits, labels))
-
-    weight = jax.lax.stop_gradient(masks.reshape(num * batch, n).astype(jnp.float32))
-    grads = jax.grad(total_lp)(weight)
-    return jax.lax.stop_gradient(grads.reshape(num, batch, n))
-
-  def occluder_scores(self, occluded: jax.Array, camid: jax.Array,
-                      occ_mask: jax.Array) -> dict[str, jax.Array]:
-    """The agent's logits on the synthesised occluded view occ(x) (tokens after block L of the
-    teacher, under stop_gradient) and the tokens its occluder covers: what the auxiliary
-    `agent_occluder` loss compares. The occluders are pasted by the input pipeline, so their
-    masks come free on any dataset."""
-    f, vit = self.fepm, self.vit
-    mid = vit.run_blocks(vit.embed(occluded, camid), 0, f.layer, train=False)
-    return {'occluder_scores': self.agent(jax.lax.stop_gradient(mid[:, 1:])),
-            'occluder_target': fepm_lib.covered_tokens(occ_mask, f.patch_size, f.stride,
-                                                       f.min_cover)}
 
   def selection(self, image: jax.Array, camid: jax.Array,
                 contam_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:

@@ -47,7 +47,7 @@ Export (a trained student -> timm-compatible safetensors):
   camera as there: row 0, or the table's mean); with meta['ogfr.eval_flip'] == 'true' average
   them with those of the mirrored image, as the run does. Runs whose features depend on parts
   a timm ViT has no place for (model.student_erase, model.jpm's part features,
-  model.pattern_test_policy='soft', eval.feature='post_bn') are refused: --allow_lossy writes
+  eval.feature='post_bn') are refused: --allow_lossy writes
   the backbone anyway, warns on stderr and lists the parts in the metadata ('ogfr.lossy').
 
 Flags may be written with '-' or '_' (--export-student, --export_student). A user-facing

@@ -133,7 +133,7 @@ def serving_metadata(trained: common.TrainedModel, exported, *, params: str,
       'camera_embedding': bool(c.model.sie),
       'feature_dim': int(out_shape[-1]),
       'feature': c.eval.feature, 'normalized': bool(c.eval.normalize),
-      'flip': bool(c.eval.flip), 'pattern_test_policy': c.model.pattern_test_policy,
+      'flip': bool(c.eval.flip),
       'distance': 'euclidean',
   }
 

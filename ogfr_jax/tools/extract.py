@@ -224,7 +224,6 @@ def main(argv: Sequence[str]) -> Features:
   meta = {'workdir': trained.workdir, 'checkpoint_step': trained.step,
           'images': os.path.abspath(args.images), 'feature': e.feature,
           'normalized': bool(e.normalize), 'flip': bool(e.flip),
-          'pattern_test_policy': trained.config.model.pattern_test_policy,
           'camera_embedding': camera_note,
           'input_size': [int(trained.config.input.height), int(trained.config.input.width)]}
   save_features(args.out, result, meta)

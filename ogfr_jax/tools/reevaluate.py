@@ -1,7 +1,7 @@
 r"""Evaluate a trained run again under another test protocol, without touching the run.
 
   python -m ogfr_jax.tools.reevaluate --workdir runs/oduke --set eval.feature=post_bn \
-      [--set model.pattern_test_policy=soft] [--set eval.rerank=true] [--step N] \
+      [--set eval.feature=post_bn] [--set eval.rerank=true] [--step N] \
       [--out runs/oduke/results_post_bn.json]
 
 Loads the run's config.json and its latest checkpoint (or --step), applies the --set
@@ -10,7 +10,7 @@ overrides, evaluates the student on the run's test set exactly as training does
 overrides, dataset, metrics}) to --out
 (default: WORKDIR/results_<overrides>.json; the run's own results.json is never written).
 
-Only fields that act at test time may be set: `eval.*` and `model.pattern_test_policy`. Any
+Only fields that act at test time may be set: `eval.*`. Any
 other field would describe a model that was not trained, and is refused with its name. Values
 are JSON (`true`, `3`, `"x"`) or, failing that, plain strings.
 """
@@ -27,7 +27,7 @@ from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
 # Fields that change what the evaluation computes from a trained state, not the state.
-TEST_TIME_FIELDS = ('model.pattern_test_policy',)
+TEST_TIME_FIELDS = ()
 TEST_TIME_PREFIXES = ('eval.',)
 
 

@@ -63,18 +63,12 @@ def teacher_selection_fn(trained: common.TrainedModel):
 def sample_selection(scores: np.ndarray, config: Any, rng: np.random.Generator,
                      greedy: np.ndarray) -> np.ndarray:
   """One draw of the training policy from the agent's logits [B, N] (see models/fepm.py)."""
-  from ogfr_jax.models import fepm  # pylint: disable=g-import-not-at-top
   f = config.fepm
   if f.selection == 'random':
     return greedy  # random selection is already a draw
-  if f.action == 'bernoulli':
-    return rng.random(scores.shape) < 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
-  k = fepm.num_selected(f.topk_fraction, scores.shape[-1])
-  perturbed = scores + rng.gumbel(size=scores.shape)
-  top = np.argsort(-perturbed, axis=-1, kind='stable')[:, :k]
-  mask = np.zeros(scores.shape, bool)
-  np.put_along_axis(mask, top, True, axis=-1)
-  return mask
+  lo, hi = (float(v) for v in f.prob_bounds)
+  p = lo + (hi - lo) / (1.0 + np.exp(-scores.astype(np.float64)))
+  return rng.random(scores.shape) < p
 
 
 def token_windows(grid: tuple[int, int], patch: int, stride: int) -> np.ndarray:
@@ -311,7 +305,7 @@ def run(args) -> dict[str, Any]:
       'workdir': trained.workdir, 'checkpoint_step': trained.step, 'dataset': data.name,
       'train_steps': [args.step, args.step + args.num_batches - 1],
       'images': int(sum(len(m) for m in totals['greedy'])), 'augment': bool(args.augment),
-      'token_grid': list(grid), 'selection': f'{config.fepm.selection}/{config.fepm.action}',
+      'token_grid': list(grid), 'selection': config.fepm.selection,
   }
   lines = [f'{trained.workdir} step {trained.step}: agent on {summary["images"]} training '
            f'images (train steps {args.step}..{args.step + args.num_batches - 1}, '
