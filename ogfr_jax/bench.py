@@ -176,6 +176,10 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
                        f'input.images_per_id={k} (the P x K sampler)')
     c.input.ids_per_batch = args.batch // k
   c.mesh.data = -1  # every local device not taken by fsdp
+  if getattr(args, 'torch_python', None):
+    for field, value in PAPER_AGENT.items():
+      section, name = field.split('.')
+      c[section][name] = value
   return c
 
 
@@ -391,13 +395,18 @@ def check_torch_python(path: str) -> str:
   return resolved
 
 
+# The paper's agent, which torch_reference.py implements: a self-critical baseline over one
+# sampled action, no consistency labels, no score window. With --torch-python both sides run it.
+PAPER_AGENT = {
+    'fepm.baseline': 'self_critical', 'fepm.num_samples': 1, 'fepm.score_window': (1, 1),
+    'fepm.consistency_memory': 0, 'loss.agent_consistency_weight': 0.0,
+}
 # Config choices that change the step's work and that torch_reference.py mirrors only at
-# their default values.
+# these values.
 _MIRRORED = {
     'model.teacher': True, 'model.jpm': False,
     'model.pattern_embed': True, 'fepm.enabled': True, 'fepm.selection': 'agent',
-    'fepm.baseline': 'self_critical',
-    'optim.grad_clip': 0.0,
+    'optim.grad_clip': 0.0, **PAPER_AGENT,
 }
 
 

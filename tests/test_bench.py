@@ -196,9 +196,12 @@ def test_torch_command_carries_the_configs_shapes():
   assert cmd[:2] == ['/opt/py', bench.TORCH_REFERENCE] and cmd[-1] == '--amp'
   assert flags['--size'] == 'small' and flags['--stride'] == '11'
   assert (flags['--height'], flags['--width'], flags['--batch']) == ('256', '128', '16')
-  assert flags['--fepm-layer'] == '11'  # fepm.layer=-1 of 12 blocks, resolved
+  assert flags['--fepm-layer'] == '0'  # fepm.layer of the recipe
   assert float(flags['--lr']) == pytest.approx(0.008 * 16 / 64)
   assert bench.torch_mismatches(config) == []
   config.model.jpm = True
-  config.fepm.action = 'topk'
+  config.fepm.num_samples = 2
   assert len(bench.torch_mismatches(config)) == 2
+  # Without the reference, the bench measures the recipe's own agent.
+  recipe = bench.build_config(bench.parse_args(['--size', 'small']))
+  assert recipe.fepm.num_samples == config_defaults.base_config().fepm.num_samples

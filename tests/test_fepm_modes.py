@@ -1,5 +1,5 @@
-"""The FEPM modes: bounded Bernoulli policy, the expected-count greedy action, the oracle
-selection, and the staged schedule of the train step."""
+"""The FEPM: bounded Bernoulli policy, score window, oracle selection, the teacher's warm-up,
+the identity-consistency labels and their memory, and the running greedy threshold."""
 
 import itertools
 
@@ -38,21 +38,6 @@ def test_bounded_bernoulli_log_prob_and_entropy_are_exact(bounds):
   assert probs[0] >= bounds[0] * (1 - eps) and probs[1] <= bounds[1] * (1 + eps)
 
 
-def test_expected_count_greedy_selects_the_policy_mean_number_of_best_tokens():
-  logits = jnp.full((2, 20), -2.0).at[0, 3].set(1.0).at[1, :5].set(0.5)
-  mask = np.asarray(fepm.expected_count_mask(logits))
-  p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
-  np.testing.assert_array_equal(mask.sum(-1), np.round(p.sum(-1)))
-  assert mask[0, 3]  # the best-scored token comes first
-  sel = fepm.select(logits, action='bernoulli', k=0, key=None, greedy='expected_count')
-  np.testing.assert_array_equal(sel.mask, mask)
-  # The 'positive' rule is empty at the prior, the point of the new rule.
-  assert not np.asarray(fepm.select(jnp.full((1, 20), -2.0), action='bernoulli', k=0,
-                                    key=None).mask).any()
-  with pytest.raises(ValueError, match='fepm.greedy'):
-    fepm.select(logits, action='bernoulli', k=0, key=None, greedy='all')
-
-
 def test_window_mean_averages_the_grid_cells_inside_the_window():
   grid = (4, 3)
   logits = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 12)), np.float32)
@@ -77,6 +62,9 @@ def _tiny_config(**fepm_fields):
   c.input.height, c.input.width = 32, 16
   c.model.patch_size, c.model.stride = 8, 6  # a 5 x 2 grid
   c.model.drop_path = 0.0
+  # No memory (it needs the batch's 'index') and no window unless a test asks.
+  c.fepm.consistency_memory = 0
+  c.fepm.score_window = (1, 1)
   c.fepm.update(fepm_fields)
   return c
 
@@ -109,110 +97,14 @@ def test_oracle_selection_replaces_exactly_the_planted_tokens():
   assert 'agent' not in variables['params']  # nothing to learn
 
 
-def test_staged_schedule_phases():
-  c = _tiny_config(teacher_warmup_epochs=2.0, agent_only_epochs=1.0)
-  phases = [tuple(bool(x) for x in train_step.fepm_phase(jnp.int32(s), c, steps_per_epoch=10))
-            for s in (0, 19, 20, 29, 30, 100)]
-  # (purify, teacher trains): warm-up, agent against the held teacher, joint.
-  assert phases == [(False, True), (False, True), (True, False), (True, False), (True, True),
-                    (True, True)]
-  held = train_step._hold_teacher(jnp.bool_(False), {'teacher_vit': 1.0, 'agent': 2.0},
-                                  {'teacher_vit': 0.0, 'agent': 0.0})
-  assert float(held['teacher_vit']) == 0.0 and float(held['agent']) == 2.0
-
-
-def test_token_credit_pushes_each_logit_toward_the_action_the_reward_prefers():
-  """Per-token REINFORCE: a token whose replacement raises the reward (positive slope) gets a
-  higher logit whichever action was sampled, one whose replacement lowers it a lower one; the
-  gradient is the closed form -A_i dlog pi(a_i)/dl_i of the unbounded sigmoid policy."""
-  from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
-  logits = jnp.asarray([[0.4, -1.0, 2.0, -0.3]], jnp.float32)
-  masks = jnp.asarray([[[True, False, True, False]], [[False, True, False, True]]])
-  grads = jnp.asarray([[[0.5, 0.5, -0.5, -0.5]], [[0.5, 0.5, -0.5, -0.5]]], jnp.float32)
-  eta = 0.0
-  adv = losses.token_advantage(grads, masks, eta)
-  np.testing.assert_array_equal(np.asarray(adv), np.where(masks, 1.0, -1.0) * grads)
-  g = jax.grad(lambda l: losses.token_reinforce_loss(l, masks, adv, (0.0, 1.0),
-                                                     jnp.zeros((1,)), 0.0))(logits)
-  p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
-  dlogpi = np.where(np.asarray(masks), 1 - p, -p)  # d log pi(a_i) / d l_i
-  expected = -(np.asarray(adv, np.float64) * dlogpi).mean(axis=0)  # mean over the S samples
-  np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-7)
-  # Descent raises the logits of tokens 0, 1 (positive slope) and lowers those of 2, 3.
-  assert (np.sign(-np.asarray(g)[0]) == [1, 1, -1, -1]).all()
-  # The selection price eta / N is part of every token's slope.
-  np.testing.assert_allclose(np.asarray(losses.token_advantage(jnp.zeros((1, 1, 4)),
-                                                               masks[:1], 2.0)),
-                             np.where(np.asarray(masks[:1]), -0.5, 0.5))
-
-
-def test_token_credit_reports_the_reward_gradient_of_every_sampled_token():
-  c = _tiny_config(layer=0, credit='token', num_samples=2, baseline='leave_one_out',
-                   prob_bounds=(0.1, 0.9))
-  model = build.build_model(c, 4, 2)
-  batch, rngs = _tiny_batch()
-  variables = model.init(rngs, batch, train=True)
-  out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
-  a = out['agent']
-  assert a['token_grads'].shape == a['sample_masks'].shape == (2, 4, 10)
-  g = np.asarray(a['token_grads'])
-  assert np.isfinite(g).all() and np.abs(g).max() > 0
-  # The advantage enters the agent's loss, and the gradient reaches the agent only.
-  from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
-  value = losses.agent_term(out, batch, losses.Context(c.loss, c.fepm, jnp.float32(0.0)))
-  assert np.isfinite(float(value.value)) and 'agent/token_advantage_std' in value.metrics
-
-
-def test_token_credit_needs_independent_tokens():
-  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(credit='token', action='topk')
-  with pytest.raises(ValueError, match='fepm.credit'):
-    config_schema.validate(c)
-
-
-def test_warmup_replaces_random_tokens_only_while_purification_is_off():
-  def teacher_feat(rate, purify):
-    c = _tiny_config(layer=0, warmup_random_rate=rate)
-    model = build.build_model(c, 4, 2)
-    batch, rngs = _tiny_batch()
-    variables = model.init(rngs, batch, train=True)
-    out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'],
-                         purify=purify)
-    return np.asarray(out['teacher']['feat'])
-
-  clean = teacher_feat(0.0, False)
-  warm = teacher_feat(0.5, False)
-  assert np.abs(warm - clean).max() > 0  # some tokens were replaced in the warm-up pass
-  # Once purification is on, the warm-up rate changes nothing: same sampled action, same pass.
-  np.testing.assert_array_equal(teacher_feat(0.5, True), teacher_feat(0.0, True))
-
-
-def test_agent_occluder_auxiliary_scores_the_synthesised_occluder_tokens():
-  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0)
-  c.loss.agent_occluder_weight = 1.0
-  assert 'occ_mask' in build.batch_keys(c)
-  model = build.build_model(c, 4, 2)
-  occ_mask = np.zeros((4, 32, 16), np.uint8)
-  occ_mask[:, :8, :8] = 1  # exactly the window of token (0, 0)
-  batch, rngs = _tiny_batch(occ_mask=jnp.asarray(occ_mask))
-  variables = model.init(rngs, batch, train=True)
-  out, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
-  target = np.asarray(out['agent']['occluder_target'])
-  assert target.shape == (4, 10) and target[:, 0].all() and target.sum() == 4
-  # The agent scores occ(x), not x: its logits there differ from those of the selection.
-  assert np.abs(np.asarray(out['agent']['occluder_scores'])
-                - np.asarray(out['agent']['scores'])).max() > 0
-  term = losses.agent_occluder_term(out, batch, losses.Context(c.loss, c.fepm, jnp.float32(0)))
-  logits = np.asarray(out['agent']['occluder_scores'], np.float64)
-  log_sig = lambda z: -np.logaddexp(0.0, -z)
-  expected = -np.mean(target * log_sig(logits) + (1 - target) * log_sig(-logits))
-  np.testing.assert_allclose(float(term.value), expected, rtol=1e-5)
-  assert losses.active_terms(c)['agent_occluder'] == 1.0
-  c.occlusion.enabled = False
-  with pytest.raises(ValueError, match='agent_occluder_weight'):
-    config_schema.validate(c)
+def test_warmup_is_a_fraction_of_the_run():
+  c = _tiny_config(warmup_fraction=0.25)
+  c.train.epochs = 2
+  purify = [bool(train_step.fepm_phase(jnp.int32(s), c, steps_per_epoch=10))
+            for s in (0, 4, 5, 19)]
+  assert purify == [False, False, True, True]  # round(0.25 x 2 x 10) = 5 warm-up steps
+  c.train.epochs = 40  # a longer run warms up longer
+  assert train_step.warmup_steps(c, steps_per_epoch=10) == 100
 
 
 def _brute_force_match(tokens, pid, grid, radius, memory=None, valid=None):
@@ -296,7 +188,7 @@ def test_identity_memory_is_a_ring_buffer_per_identity_that_skips_the_images_own
 
 
 def test_consistency_memory_explains_an_identity_alone_in_the_batch():
-  c = _tiny_config(layer=0, consistency_share=0.25, consistency_memory=2)
+  c = _tiny_config(layer=0, share=0.25, consistency_memory=2)
   c.loss.agent_consistency_weight = 1.0
   assert 'index' in build.batch_keys(c)
   model = build.build_model(c, 4, 2)
@@ -337,8 +229,8 @@ def test_consistency_memory_explains_an_identity_alone_in_the_batch():
 
 def test_quantile_greedy_uses_a_running_threshold_calibrated_on_training_batches():
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0, greedy='quantile', greedy_share=0.25, greedy_momentum=0.5,
-                   score_window=(3, 1))
+  from ogfr_jax.models import teacher  # pylint: disable=g-import-not-at-top
+  c = _tiny_config(layer=0, share=0.25, score_window=(3, 1))
   config_schema.validate(c)
   model = build.build_model(c, 4, 2)
   batch, rngs = _tiny_batch()
@@ -353,19 +245,22 @@ def test_quantile_greedy_uses_a_running_threshold_calibrated_on_training_batches
       scores, np.asarray(fepm.window_mean(raw, build.token_grid(c), (3, 1))))
   state = updates['batch_stats']['teacher_branch']
   tenth = np.sort(scores.reshape(-1))[-10]  # round(0.25 x 40) = 10 tokens
-  # One step at momentum 0.5: sum 0.5 x q, weight 0.5, so the threshold is q itself.
-  assert float(state['greedy_threshold_weight']) == 0.5
-  assert float(state['greedy_threshold_sum']) == 0.5 * tenth
-  np.testing.assert_array_equal(out['agent']['greedy_mask'], scores >= tenth)
+  # One step from zero at momentum m: sum (1 - m) q, weight 1 - m (float32), so the threshold
+  # is q up to the rounding of that product and quotient.
+  w = np.float32(1 - teacher.THRESHOLD_MOMENTUM)
+  assert float(state['greedy_threshold_weight']) == w
+  assert float(state['greedy_threshold_sum']) == w * tenth
+  threshold = (w * tenth) / w
+  np.testing.assert_array_equal(out['agent']['greedy_mask'], scores >= threshold)
   # Evaluation keeps the stored threshold, whatever the batch: a shifted threshold selects
   # what it says, not the batch's own top share.
   shifted = jax.tree.map(lambda v: v, updates['batch_stats'])
-  shifted['teacher_branch']['greedy_threshold_sum'] = jnp.float32(0.5 * (tenth + 1.0))
+  shifted['teacher_branch']['greedy_threshold_sum'] = w * np.float32(tenth + 1.0)
   sel = model.apply({**variables, 'batch_stats': shifted}, batch['image'], batch['camid'],
                     method=model.teacher_selection)
-  np.testing.assert_array_equal(sel['mask'], scores >= np.float32(tenth + 1.0))
-  for field, value in (('score_window', (2, 1)), ('score_window', (7, 1)),
-                       ('greedy_share', 1.0), ('greedy_momentum', 1.0)):
+  np.testing.assert_array_equal(sel['mask'], scores >= (w * np.float32(tenth + 1.0)) / w)
+  for field, value in (('score_window', (2, 1)), ('score_window', (7, 1)), ('share', 1.0),
+                       ('warmup_fraction', 1.0)):
     bad = _tiny_config(layer=0, **{field: value})
     with pytest.raises(ValueError, match=field):
       config_schema.validate(bad)
@@ -398,7 +293,7 @@ def test_unexplained_tokens_flag_what_the_identitys_other_images_lack():
 def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
   from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0, consistency_share=0.25)
+  c = _tiny_config(layer=0, share=0.25)
   c.loss.agent_consistency_weight = 1.0
   model = build.build_model(c, 4, 2)
   batch, rngs = _tiny_batch()
@@ -411,7 +306,7 @@ def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
   # The scorer reads the clean tokens the selection reads: the same logits.
   np.testing.assert_array_equal(a['consistency_scores'], a['scores'])
   term = losses.agent_consistency_term(out, batch,
-                                       losses.Context(c.loss, c.fepm, jnp.float32(0)))
+                                       losses.Context(c.loss, c.fepm))
   logits = np.asarray(a['consistency_scores'], np.float64)
   log_sig = lambda z: -np.logaddexp(0.0, -z)
   expected = -np.mean(target * log_sig(logits) + (1 - target) * log_sig(-logits))
@@ -425,7 +320,7 @@ def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
 @pytest.mark.parametrize('block', [0, 1, -1])
 def test_consistency_labels_compare_the_tokens_after_the_configured_block(block):
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0, consistency_share=0.25, consistency_block=block)
+  c = _tiny_config(layer=0, share=0.25, consistency_block=block)
   c.loss.agent_consistency_weight = 1.0
   config_schema.validate(c)
   model = build.build_model(c, 4, 2)
@@ -461,66 +356,3 @@ def test_consistency_block_must_not_precede_the_selection():
     c.loss.agent_consistency_weight = 1.0
     with pytest.raises(ValueError, match='consistency_block'):
       config_schema.validate(c)
-
-
-def _gelu64(x):
-  from scipy import special  # pylint: disable=g-import-not-at-top
-  return 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0)))
-
-
-def _agent_reference(params, x, context):
-  """The agent's logits in float64 from its parameters, and the same chain over absolute
-  values (what bounds the float32 rounding of each product)."""
-  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
-  x = np.asarray(x, np.float64)
-  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-  z = (x - mu) / np.sqrt(var + 1e-6) * p['norm']['scale'] + p['norm']['bias']
-  h = _gelu64(z @ p['fc1']['kernel'] + p['fc1']['bias'])
-  mag = np.abs(z) @ np.abs(p['fc1']['kernel']) + np.abs(p['fc1']['bias'])
-  if context == 'global':
-    half = h.shape[-1] // 2
-    h = np.concatenate([h[..., :half], np.broadcast_to(h[..., half:].mean(1, keepdims=True),
-                                                       h[..., half:].shape)], -1)
-    mag = np.concatenate([mag[..., :half], np.broadcast_to(mag[..., half:].max(1, keepdims=True),
-                                                           mag[..., half:].shape)], -1)
-    h = _gelu64(h @ p['mix']['kernel'] + p['mix']['bias'])
-    mag = 1.2 * mag @ np.abs(p['mix']['kernel']) + np.abs(p['mix']['bias'])
-  out = h @ p['fc2']['kernel'] + p['fc2']['bias']
-  mag = 1.2 * mag @ np.abs(p['fc2']['kernel']) + np.abs(p['fc2']['bias'])
-  return out[..., 0], mag[..., 0]
-
-
-@pytest.mark.parametrize('context', ['none', 'global'])
-def test_agent_context_scores_each_token_against_its_own_image_only(context):
-  b, n, dim, hidden = 3, 10, 12, 8
-  x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (b, n, dim)), np.float32)
-  agent = fepm.Agent(hidden=hidden, prior_logit=-1.0, context=context)
-  variables = agent.init(jax.random.PRNGKey(2), jnp.asarray(x))
-  logits = np.asarray(agent.apply(variables, jnp.asarray(x)))
-  reference, magnitude = _agent_reference(variables['params'], x, context)
-  # float32 products over at most max(dim, hidden) terms per layer, the token mean over n, and
-  # the LayerNorm's statistics over dim: each within (terms + 2) eps_32 of the absolute-value
-  # chain (GELU's slope is below 1.2, which the chain carries).
-  eps = np.finfo(np.float32).eps
-  atol = 3 * (max(dim, hidden, n) + 2) * eps * magnitude
-  assert np.all(np.abs(logits - reference) <= atol), np.max(np.abs(logits - reference) / atol)
-  # Changing one token of image 1 leaves images 0 and 2 bitwise alone; in its own image it
-  # moves the other tokens' scores only when the agent reads the image's summary.
-  changed = x.copy()
-  changed[1, 4] = -2.0 * x[1, 4]  # a new direction (LayerNorm removes a plain offset)
-  moved = np.asarray(agent.apply(variables, jnp.asarray(changed)))
-  np.testing.assert_array_equal(moved[[0, 2]], logits[[0, 2]])
-  others = np.delete(np.arange(n), 4)
-  if context == 'none':
-    np.testing.assert_array_equal(moved[1, others], logits[1, others])
-  else:
-    assert np.all(moved[1, others] != logits[1, others])
-  assert moved[1, 4] != logits[1, 4]
-
-
-def test_agent_context_global_needs_an_even_hidden_width():
-  c = config_defaults.base_config()
-  c.fepm.agent_context, c.fepm.agent_hidden = 'global', 7
-  from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match='agent_hidden=7 must be even'):
-    config_schema.validate(c)

@@ -189,14 +189,6 @@ def test_load_vit_on_a_plain_backbone_tree():
     np.testing.assert_array_equal(flat(vit)[key], value, err_msg=key)
 
 
-def test_shared_backbone_has_one_vit():
-  config = make_config(shared_backbone=True)
-  params, report = pretrained.load_backbone(zero_params(config), WEIGHTS, config)
-  assert report.backbones == ('vit',)
-  assert 'teacher_vit' not in params
-  assert np.abs(params['vit']['cls_token']).sum() > 0
-
-
 def test_load_from_config_is_a_no_op_without_init_from():
   config = make_config()
   params = zero_params(config)
@@ -570,9 +562,8 @@ def test_safetensors_round_trip(tmp_path):
   assert rows_by_key(report)['pos_embed'].note == 'grid 5x3 -> 4x4 (bilinear)'
 
 
-def test_export_of_a_shared_backbone_with_its_own_occluder_classifier(tmp_path, capfd):
-  config = make_config(64, 48, 12, shared_backbone=True, student_erase=True,
-                       student_erase_detector='separate')
+def test_export_of_a_student_with_its_own_occluder_classifier(tmp_path, capfd):
+  config = make_config(64, 48, 12, student_erase=True, student_erase_detector='separate')
   params = random_params(config, seed=4)
   path = str(tmp_path / 'student.safetensors')
   with pytest.raises(pretrained.LossyExportError, match='model.student_erase.*allow-lossy'):
@@ -584,7 +575,7 @@ def test_export_of_a_shared_backbone_with_its_own_occluder_classifier(tmp_path, 
   assert meta['ogfr.lossy'].startswith('model.student_erase')
   assert 'warning: the export leaves out model.student_erase' in capfd.readouterr().err
   np.testing.assert_array_equal(load_file(path)['blocks.0.mlp.fc2.weight'],
-                                params['vit']['blocks_0']['fc2']['kernel'].T)
+                                params['student_vit']['blocks_0']['fc2']['kernel'].T)
 
 
 def test_convert_then_load(tmp_path):
@@ -607,7 +598,7 @@ def make_workdir(tmp_path, config, params, step=7, batch_stats=None, name='run')
   """A training workdir as train.py leaves it: config.json and an orbax train state."""
   state = train_state.TrainState(step=jnp.array(step), params=params,
                                  batch_stats=batch_stats or {}, opt_state={},
-                                 baseline=jnp.zeros(()), rng=jax.random.PRNGKey(0))
+                                 rng=jax.random.PRNGKey(0))
   wd = str(tmp_path / name)
   run_config.prepare_workdir(wd, config)
   manager = checkpoints.make_manager(wd)
@@ -797,7 +788,6 @@ def test_export_reproduces_the_extract_tools_features(tmp_path):
 
 @pytest.mark.parametrize('field,value,part', [
     ('model.jpm', True, 'model.jpm'),
-    ('model.pattern_test_policy', 'soft', 'model.pattern_test_policy=soft'),
     ('eval.feature', 'post_bn', 'eval.feature=post_bn'),
     ('model.student_erase', True, 'model.student_erase')])
 def test_lossy_exports_are_refused_unless_allowed(tmp_path, capfd, field, value, part):
