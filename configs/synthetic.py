@@ -65,6 +65,7 @@ def get_config(arg=None):
   c.train.epochs = 40
   c.train.eval_every_epochs = 20
   c.train.log_every = 100
+  c.eval.evaluators = ('student_ranking', 'fepm_selection', 'teacher_purification')
 
   if arg.runlocal:
     c.synthetic.num_train_ids, c.synthetic.num_test_ids = 16, 8

@@ -286,11 +286,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rerank_topn = 100
   c.eval.rerank_max_bytes = 4 * 1024**3
   c.eval.max_rank = 50
-  # With FEPM, the final evaluation also writes results.json's `fepm` object: the teacher's
-  # greedy selection against the planted contamination of the training and gallery images
-  # (precision, recall, chance, selection rate) and the teacher's test mAP with and without
-  # purification. Costs one pass over the training images and two teacher passes over the test.
-  c.eval.fepm_report = True
+  # The named evaluators of the final evaluation (evaluator.py): 'student_ranking' (the
+  # run's score), and with FEPM 'fepm_selection' (selection rate; precision and recall where
+  # contamination is planted), 'teacher_purification' (teacher mAP purified vs clean, about
+  # twice the student's pass) and 'token_ranking' (the agent's scores as a ranking of the
+  # planted contamination).
+  c.eval.evaluators = ('student_ranking', 'fepm_selection')
   # Query rows per step of the on-device distance and ranking computation (rounded up to a
   # multiple of the device count); device memory about query_chunk x gallery x 12 bytes.
   c.eval.query_chunk = 256

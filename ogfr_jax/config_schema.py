@@ -96,6 +96,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'{sorted(names)}')
   for name in CHOICES:
     check_choice(field(config, name), name)
+  from ogfr_jax import evaluator  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(config.eval.evaluators) - set(evaluator.EVALUATORS))
+  if unknown:
+    raise ValueError(f'config.eval.evaluators: unknown {unknown}; known: '
+                     f'{list(evaluator.EVALUATORS)}')
   if config.init_from and not os.path.exists(config.init_from):
     raise ValueError(f'config.init_from={config.init_from!r}: no such file or folder')
   for name in _AT_LEAST_ONE:

@@ -231,6 +231,9 @@ def fepm_summary(report: Mapping[str, Any]) -> list[str]:
     if isinstance(counts, Mapping) and counts.get('precision') is not None:
       parts.append(f'{split} precision {counts["precision"]:.3f} recall {counts["recall"]:.3f} '
                    f'(chance {counts.get("chance", 0.0):.3f})')
+    elif isinstance(counts, Mapping) and 'select_rate' in counts:
+      parts.append(f'{split} selection rate {counts["select_rate"]:.3f} (nothing planted to '
+                   'score it against)')
   if parts:
     lines.append('  FEPM selection: ' + '; '.join(parts))
   clean, purified = report.get('teacher_clean'), report.get('teacher_purified')

@@ -1,6 +1,24 @@
-"""Evaluation of a train state inside a run: the student on the test protocol (evaluate.py),
-logged and written to WORKDIR/results.json, and what the purification module did
-(`fepm_report`: results.json's `fepm` object)."""
+"""Evaluation of a train state inside a run, by named evaluators (config.eval.evaluators, as
+big_vision's config.evals), written to WORKDIR/results.json:
+
+  student_ranking       the student on the test protocol (evaluate.py): the run's score, also
+                        at every periodic evaluation; results.json's {dataset: metrics}
+  fepm_selection        the teacher's greedy selection: its rate on the gallery and, where the
+                        dataset records planted contamination (the synthetic benchmark),
+                        precision, recall and chance on the training and gallery images;
+                        results.json's fepm.gallery / fepm.train
+  teacher_purification  the teacher's test mAP / rank-1 with its purification and without
+                        (two teacher passes over query and gallery); fepm.teacher_purified /
+                        fepm.teacher_clean
+  token_ranking         the agent's gallery token scores as a ranking of the planted
+                        contamination: precision at recall 0.5 against chance (needs planted
+                        contamination); fepm.token_ranking
+
+The FEPM evaluators run at the final evaluation of a model with FEPM and are skipped
+otherwise. Cost: fepm_selection runs the teacher's first fepm.layer blocks and the agent (with
+layer 0: the patch embedding only) over the gallery, and over the training images only where
+contamination is recorded; teacher_purification costs about twice the student's pass.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +35,8 @@ from ogfr_jax import paths
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
+from ogfr_jax.data import synthetic
+from ogfr_jax.models import build
 from ogfr_jax.models import fepm as fepm_lib
 from ogfr_jax.models import ogfr as ogfr_model
 
@@ -59,79 +79,142 @@ def _selection_fn(model, config, mesh, with_contam: bool):
                       method=ogfr_model.OGFR.teacher_selection)
     planted = fepm_lib.covered_tokens(contam_mask, config.model.patch_size,
                                       config.model.stride, f.oracle_min_cover)
-    return sel['mask'], planted
+    return sel['mask'], planted, sel['scores']
 
   return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
 
 
-def selection_counts(model, variables, split, config, mesh) -> dict[str, float]:
-  """The teacher's evaluation-time (greedy) selection over every image of `split` against
-  the planted contamination: precision, recall, the chance precision (the contaminated share
-  of all tokens, what a random selection scores), and the mean selection rate. Images carry
-  their planted masks as `contam_mask` (zeros where a dataset records none)."""
-  fn = _selection_fn(model, config, mesh, config.fepm.selection == 'oracle')
-  it = pipeline.make_eval_iterator(split, config, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  keys = ('image', 'camid', 'contam_mask', 'valid')
-  tp = selected = planted_total = tokens = 0.0
-  contaminated_images = images = 0
-  for batch in it:
-    if 'contam_mask' not in batch:
-      raise ValueError(f'the {split.name} split has no planted contamination masks '
-                       '(contam_mask): the FEPM report needs a dataset that records them')
-    arrays = parallel.global_batch({k: batch[k] for k in keys}, mesh)
-    mask, planted = (np.asarray(parallel.fetch(x)) for x in fn(variables, arrays['image'],
-                                                                arrays['camid'],
-                                                                arrays['contam_mask']))
-    valid = np.asarray(parallel.fetch(arrays['valid'])).astype(bool)
-    mask, planted = mask[valid], planted[valid]
-    tp += float(np.sum(mask & planted))
-    selected += float(np.sum(mask))
-    planted_total += float(np.sum(planted))
-    tokens += float(mask.size)
-    images += int(valid.sum())
-    contaminated_images += int(np.sum(planted.any(axis=-1)))
-  return {
-      'precision': tp / selected if selected else 0.0,
-      'recall': tp / planted_total if planted_total else 0.0,
-      'chance': planted_total / tokens if tokens else 0.0,
-      'select_rate': selected / tokens if tokens else 0.0,
-      'images': images, 'contaminated_images': contaminated_images,
-  }
+class _Selections:
+  """The teacher's evaluation-time selection over a split: the greedy mask, the planted
+  tokens and the agent's scores [images, tokens] of its valid images, computed once."""
+
+  def __init__(self, model, variables, split, config, mesh):
+    fn = _selection_fn(model, config, mesh, config.fepm.selection == 'oracle')
+    it = pipeline.make_eval_iterator(split, config, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    keys = ('image', 'camid', 'contam_mask', 'valid')
+    masks, planted, scores = [], [], []
+    for batch in it:
+      arrays = parallel.global_batch({k: batch[k] for k in keys}, mesh)
+      out = [np.asarray(parallel.fetch(x)) for x in fn(variables, arrays['image'],
+                                                      arrays['camid'], arrays['contam_mask'])]
+      valid = np.asarray(parallel.fetch(arrays['valid'])).astype(bool)
+      for acc, x in zip((masks, planted, scores), out):
+        acc.append(x[valid])
+    self.mask, self.planted, self.scores = (np.concatenate(x) for x in (masks, planted, scores))
 
 
-def fepm_report(model, state, train_data, test_data, config, mesh) -> dict:
-  """results.json's `fepm` object: the greedy selection against the planted contamination of
-  the training and gallery images, and the teacher's test mAP with and without purification
-  (same protocol as the student's)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  report = {'selection': config.fepm.selection, 'layer': config.fepm.layer}
-  for name, split in (('train', train_data.train), ('gallery', test_data.gallery)):
+def selection_counts(sel: _Selections, recorded: bool) -> dict[str, float]:
+  """The greedy selection's rate and, where contamination is `recorded`, its precision,
+  recall and chance precision (the contaminated share of all tokens, what a random selection
+  scores) against the planted tokens."""
+  mask, planted = sel.mask, sel.planted
+  tokens, selected = float(mask.size), float(np.sum(mask))
+  out = {'select_rate': selected / tokens if tokens else 0.0, 'images': int(mask.shape[0])}
+  if recorded:
+    tp, total = float(np.sum(mask & planted)), float(np.sum(planted))
+    out.update(precision=tp / selected if selected else 0.0,
+               recall=tp / total if total else 0.0,
+               chance=total / tokens if tokens else 0.0,
+               contaminated_images=int(np.sum(planted.any(axis=-1))))
+  return out
+
+
+def precision_at_recall(scores: np.ndarray, planted: np.ndarray,
+                        recall: float = 0.5) -> dict[str, float]:
+  """The token scores as a ranking of the planted tokens: the precision of the smallest
+  top-scored set that reaches `recall`, the chance precision, and their ratio. Ties are taken
+  whole, in score order (a stable sort on the negated score)."""
+  scores, planted = scores.reshape(-1), planted.reshape(-1).astype(bool)
+  total = int(planted.sum())
+  chance = total / planted.size if planted.size else 0.0
+  if not total:
+    return {'precision': 0.0, 'chance': chance, 'x_chance': 0.0, 'recall': recall}
+  order = np.argsort(-scores, kind='stable')
+  hits = np.cumsum(planted[order])
+  k = int(np.searchsorted(hits, np.ceil(recall * total))) + 1
+  # Extend over tokens tied with the k-th score: a threshold cannot split them.
+  k = int(np.searchsorted(-scores[order], -scores[order][k - 1], side='right'))
+  precision = float(hits[k - 1]) / k
+  return {'precision': precision, 'chance': chance, 'x_chance': precision / chance,
+          'recall': recall}
+
+
+def _fepm_selection(ctx: dict) -> dict:
+  report = {}
+  for name in ('train', 'gallery'):
+    split = ctx['train_data'].train if name == 'train' else ctx['test_data'].gallery
+    recorded = synthetic.contamination_masks(split) is not None
+    if name == 'train' and not recorded:
+      continue  # on real data a pass over every training image would only give a rate
     try:
-      report[name] = selection_counts(model, variables, split, config, mesh)
+      report[name] = selection_counts(ctx['selections'](name), recorded)
     except image_io.CorruptImageError as e:
-      if name != 'train' or config.input.corrupt_image_policy != 'skip':
+      if name != 'train' or ctx['config'].input.corrupt_image_policy != 'skip':
         raise
       # Training skipped corrupt images; the report's pass over every training image
       # cannot, so it leaves that part out rather than failing the run at its end.
       logging.warning('FEPM report: training-image figures left out: %s', e)
       report[name] = None
-      continue
-    if not report[name]['contaminated_images']:
-      # Nothing planted (a real dataset): precision and recall say nothing.
-      report[name]['precision'] = report[name]['recall'] = None
+  return report
+
+
+def _teacher_purification(ctx: dict) -> dict:
+  model, config, mesh, data = ctx['model'], ctx['config'], ctx['mesh'], ctx['test_data']
   oracle = config.fepm.selection == 'oracle'
+  report = {}
   for branch in ('teacher_clean', 'teacher_purified'):
     fn = evaluate.make_extract_fn(model, config, mesh, branch=branch)
     contam = oracle and branch == 'teacher_purified'
-    qf = evaluate.extract_features(fn, variables, test_data.query, config, mesh,
+    qf = evaluate.extract_features(fn, ctx['variables'], data.query, config, mesh,
                                    with_contam=contam)
-    gf = evaluate.extract_features(fn, variables, test_data.gallery, config, mesh,
+    gf = evaluate.extract_features(fn, ctx['variables'], data.gallery, config, mesh,
                                    with_contam=contam)
-    ranked = evaluate.rank_features(qf, gf, test_data.query, test_data.gallery, config.eval,
-                                    mesh)
+    ranked = evaluate.rank_features(qf, gf, data.query, data.gallery, config.eval, mesh)
     report[branch] = {k: ranked[k] for k in ('mAP', 'rank1')}
-  logging.info('FEPM (%s): gallery %s; train %s; teacher mAP %.4f purified vs %.4f clean',
-               report['selection'], report['gallery'], report['train'],
-               report['teacher_purified']['mAP'], report['teacher_clean']['mAP'])
   return report
+
+
+def _token_ranking(ctx: dict) -> dict:
+  if synthetic.contamination_masks(ctx['test_data'].gallery) is None:
+    return {}  # nothing planted: nothing to rank against
+  sel = ctx['selections']('gallery')
+  return {'token_ranking': precision_at_recall(sel.scores, sel.planted)}
+
+
+# name -> fn(context) -> the keys it adds to results.json's `fepm` object.
+FEPM_EVALUATORS = {
+    'fepm_selection': _fepm_selection,
+    'teacher_purification': _teacher_purification,
+    'token_ranking': _token_ranking,
+}
+EVALUATORS = ('student_ranking',) + tuple(FEPM_EVALUATORS)
+
+
+def final_evaluation(model, state, train_data, test_data, config, mesh, step: int,
+                     writer=None) -> dict:
+  """results.json's evaluation objects at the end of a run: every evaluator of
+  config.eval.evaluators (the student's figures are shown with the results)."""
+  names = tuple(config.eval.evaluators)
+  results = {}
+  if 'student_ranking' in names:
+    results = run_evaluation(model, state, test_data, config, mesh, step, writer, show=False)
+  fepm = [n for n in names if n in FEPM_EVALUATORS]
+  if fepm and build.has_fepm(config):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    cache = {}
+
+    def selections(name):
+      if name not in cache:
+        split = train_data.train if name == 'train' else test_data.gallery
+        cache[name] = _Selections(model, variables, split, config, mesh)
+      return cache[name]
+
+    ctx = dict(model=model, variables=variables, train_data=train_data, test_data=test_data,
+               config=config, mesh=mesh, selections=selections)
+    report = {'selection': config.fepm.selection, 'layer': config.fepm.layer}
+    for name in fepm:
+      report.update(FEPM_EVALUATORS[name](ctx))
+    logging.info('FEPM (%s): %s', report['selection'], report)
+    results['fepm'] = report
+  return results

@@ -413,11 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           return {}
     manager.wait_until_finished()
     final_step = int(jax.device_get(state.step))
-    results = evaluator.run_evaluation(model, state, s['test_data'], config, mesh, final_step,
-                                       writer, show=False)  # shown with the results
-    if config.eval.fepm_report and build.has_fepm(config):
-      results['fepm'] = evaluator.fepm_report(model, state, s['train_data'], s['test_data'],
-                                              config, mesh)
+    results = evaluator.final_evaluation(model, state, s['train_data'], s['test_data'], config,
+                                         mesh, final_step, writer)
     results['manifest'] = manifest.run_manifest(config, wall_time_s=time.time() - t_start,
                                                 start_time=t_start, layout=s['layout'])
     evaluator.write_results(workdir, results)
@@ -439,11 +436,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     if step == 0:
       raise FileNotFoundError(f'no checkpoint to evaluate in {s["manager"].directory}')
     print_header(s, config, workdir, config_name, mode='eval')
-    results = evaluator.run_evaluation(s['model'], state, s['test_data'], config, s['mesh'],
-                                       step, show=False)
-    if config.eval.fepm_report and build.has_fepm(config):
-      results['fepm'] = evaluator.fepm_report(s['model'], state, s['train_data'],
-                                              s['test_data'], config, s['mesh'])
+    results = evaluator.final_evaluation(s['model'], state, s['train_data'], s['test_data'],
+                                         config, s['mesh'], step)
     evaluator.write_results(workdir, results)
   finally:
     release_manager(s['manager'])
