@@ -7,6 +7,12 @@ Command:
 Reference: TransReID* (ViT-B, stride 12, SIE + JPM) as reported by TransReID: 95.2 Rank-1 / 88.9 mAP. OGFR's Market-1501 figure is not known to us.
 Needs ImageNet-pretrained ViT-B/16 weights to approach these figures.
 
+Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
+`benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,
+'What a run costs').
+
+Expected: not measured: needs the dataset.
+
 Args: `runlocal` shrinks the run to a few steps for a smoke test on one CPU.
 """
 

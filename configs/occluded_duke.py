@@ -8,6 +8,12 @@ Published: OGFR 76.6 Rank-1 / 64.7 mAP (TransReID* 66.4 / 59.2, ViT baseline 61.
 Needs ImageNet-pretrained ViT-B/16 weights to approach these figures; from random init the
 numbers are far lower.
 
+Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
+`benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,
+'What a run costs').
+
+Expected: not measured: needs the dataset.
+
 Args: `runlocal` shrinks the run to a few steps for a smoke test on one CPU.
 """
 

@@ -9,6 +9,12 @@ Command:
 OGFR's published Partial-REID figure is not known to us; compare against the Market-1501-trained
 baselines of the occluded-ReID literature. Needs ImageNet-pretrained ViT-B/16 weights.
 
+Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
+`benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,
+'What a run costs').
+
+Expected: not measured: needs the dataset.
+
 Args: `runlocal` shrinks the run to a few steps for a smoke test on one CPU.
 """
 

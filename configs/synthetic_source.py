@@ -1,18 +1,23 @@
 """Source-domain pretraining for the synthetic benchmark: the ImageNet stage of the real recipe.
 
-On real data every OGFR row starts from an ImageNet-pretrained ViT. No such weights exist for
-the tiny ViT of configs/synthetic.py, so this config trains one on a *different* synthetic
+What: on real data every OGFR row starts from an ImageNet-pretrained ViT. No such weights exist
+for the tiny ViT of configs/synthetic.py, so this config trains one on a *different* synthetic
 world (another generator seed: other identities, cameras and backgrounds; 400 identities),
-student only, with no occlusion synthesis. Its student is then exported and loaded by every
-row of the ablation table:
-
+student only, with no occlusion synthesis. Its student is then exported and loaded by the
+rows that start from it:
   python -m ogfr_jax.main --config configs/synthetic_source.py --workdir runs/source
   python -m ogfr_jax.tools.convert --export_student runs/source --output runs/source.safetensors
   python -m ogfr_jax.main --config configs/synthetic.py --workdir runs/synthetic_pre \
       --config.init_from=runs/source.safetensors
+`benchmarks/ablation_table.py --pretrain` runs these steps itself.
 
-`benchmarks/ablation_table.py --pretrain` runs these steps itself. The source run scores mAP
-0.354 / rank-1 0.340 on its own test split (seed 0, 30 epochs; WORKSPACE.md "Figures").
+Command:
+  python -m ogfr_jax.main --config configs/synthetic_source.py --workdir runs/source
+
+Machine and wall time: the project's 2-core CPU VM; not measured at the current generator.
+
+Expected: mAP 0.354 / rank-1 0.340 on its own test split (seed 0, 30 epochs, generator v2;
+one seed only, docs/results.md "Figures").
 
 Args: `runlocal` for smoke tests.
 """

@@ -39,6 +39,26 @@ def test_every_config_loads_and_validates(path):
   assert config.to_json_best_effort()  # serialisable for WORKDIR/config.json
 
 
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_config_states_its_command_and_expected_score(path):
+  """The big_vision form: what it is, the command, the machine and wall time, and the
+  expected score (a figure, or 'not measured' with the reason)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    source = f.read()
+  doc = ast.get_docstring(ast.parse(source)) or ''
+  assert 'python -m ogfr_jax.main --config configs/' + os.path.basename(path) in doc
+  assert re.search(r'^Machine and wall time:', doc, re.M), 'no machine / wall time line'
+  expected = re.search(r'^Expected[^:]*:(.*?)(?:\n\n|\Z)', doc, re.M | re.S)
+  assert expected, 'no Expected: paragraph'
+  assert (re.search(r'\d\.\d{3}|\d+\.\d / \d+\.\d', expected.group(1))
+          or 'not measured' in expected.group(1)), expected.group(1)
+  # Figures belong in the docstring and docs/results.md, not in comments.
+  comments = [l for l in source.splitlines() if l.lstrip().startswith('#')]
+  assert not [l for l in comments if re.search(r'\d\.\d{2,}', l)], comments
+
+
 def test_parse_arg_rejects_unknown_and_converts_types():
   arg = config_defaults.parse_arg('runlocal,n=3', runlocal=False, n=1)
   assert arg.runlocal is True and arg.n == 3
