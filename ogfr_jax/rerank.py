@@ -6,7 +6,7 @@ from each item's nearest neighbours (`nearest_neighbours`, `re_ranking_from_neig
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
