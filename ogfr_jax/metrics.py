@@ -464,6 +464,13 @@ def pairwise_distance(
   return out
 
 
-# Re-ranking lives in its own module; these names are part of this module's interface.
-from ogfr_jax.rerank import (  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-    nearest_neighbours, normalize_rerank_rows, re_ranking, re_ranking_from_neighbours)
+# Re-ranking lives in ogfr_jax.rerank; these names stay part of this module's interface.
+_RERANK_NAMES = ('nearest_neighbours', 'normalize_rerank_rows', 're_ranking',
+                 're_ranking_from_neighbours')
+
+
+def __getattr__(name: str):
+  if name in _RERANK_NAMES:
+    from ogfr_jax import rerank  # pylint: disable=g-import-not-at-top
+    return getattr(rerank, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
