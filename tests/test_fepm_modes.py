@@ -356,3 +356,25 @@ def test_consistency_block_must_not_precede_the_selection():
     c.loss.agent_consistency_weight = 1.0
     with pytest.raises(ValueError, match='consistency_block'):
       config_schema.validate(c)
+
+
+def test_a_calibrated_teacher_purifies_at_evaluation():
+  """After one training step the greedy threshold selects about `share` of the tokens, and the
+  teacher's purified features differ from its clean ones exactly on the images with a
+  selection."""
+  c = _tiny_config(layer=0, share=0.25)
+  model = build.build_model(c, 4, 2)
+  batch, rngs = _tiny_batch()
+  variables = model.init(rngs, batch, train=False)
+  _, updates = model.apply(variables, batch, train=True, rngs=rngs, mutable=['batch_stats'])
+  trained = {**variables, 'batch_stats': updates['batch_stats']}
+  image, camid = batch['image'], batch['camid']
+  sel = model.apply(trained, image, camid, method=model.teacher_selection)
+  selected = np.asarray(sel['mask']).any(axis=-1)
+  # The threshold is this batch's 10th-best score up to one float32 rounding: 10 of 40 tokens,
+  # give or take the tokens tied with it.
+  assert 9 <= int(np.asarray(sel['mask']).sum()) <= 11 and selected.any()
+  feats = {p: np.asarray(model.apply(trained, image, camid, purify=p,
+                                     method=model.teacher_features)) for p in (True, False)}
+  changed = np.abs(feats[True] - feats[False]).max(axis=-1) > 0
+  np.testing.assert_array_equal(changed, selected)
