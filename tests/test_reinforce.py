@@ -6,7 +6,7 @@ independently of the code under test. The estimate uses the project's own sample
 and `reinforce_loss`, differentiated by jax.grad exactly as in training (gradient of -loss).
 Agreement: every coordinate within 4 standard errors of the Monte-Carlo mean, plus a relative
 error and cosine check. The same check rejects wrong estimators (sign flipped, baseline without
-stop_gradient, top-k log-probability without renormalisation), so it can fail.
+stop_gradient, a bounded policy scored as if it were unbounded), so it can fail.
 """
 
 import functools
@@ -26,6 +26,10 @@ MASKS = np.array(list(itertools.product([0, 1], repeat=N)), bool)  # [16, N]
 REWARDS = np.random.default_rng(0).normal(size=len(MASKS)).astype(np.float32) + 1.0
 THETA = jnp.array([0.8, -0.5, 0.1, -1.2], jnp.float32)
 NUM_SAMPLES = 30000
+# The bounds of the training recipe (config_defaults: fepm.prob_bounds).
+BOUNDS = (0.02, 0.6)
+# The greedy threshold only decides `Selection.greedy_mask`, which a sampled action never reads.
+THRESHOLD = jnp.float32(0.0)
 
 
 def mask_index(mask):
@@ -49,8 +53,14 @@ def agreement(samples, exact, z=4.0, max_rel=0.1, min_cos=0.99):
 # --- Bernoulli policy with a logits vector --------------------------------------------------
 
 
-def exact_bernoulli_objective(theta):
-  p = jax.nn.sigmoid(theta)
+def policy_probs(theta, bounds=fepm.UNBOUNDED):
+  """p_i = lo + (hi - lo) sigmoid(theta_i), written out here independently of fepm."""
+  lo, hi = bounds
+  return lo + (hi - lo) * jax.nn.sigmoid(theta)
+
+
+def exact_bernoulli_objective(theta, bounds=fepm.UNBOUNDED):
+  p = policy_probs(theta, bounds)
   probs = jnp.prod(jnp.where(MASKS, p, 1 - p), axis=-1)
   return jnp.sum(probs * REWARDS)
 
@@ -60,41 +70,48 @@ def without_stop_gradient(logp, reward, baseline, entropy, entropy_weight):
   return -jnp.mean((reward - baseline) * logp) - entropy_weight * jnp.mean(entropy)
 
 
-@functools.partial(jax.jit, static_argnames=('leaky',))
-def bernoulli_sample_grads(theta, keys, baseline, critic_weight=0.0, leaky=False):
+@functools.partial(jax.jit, static_argnames=('leaky', 'bounds', 'unbounded_log_prob'))
+def bernoulli_sample_grads(theta, keys, baseline, critic_weight=0.0, leaky=False,
+                           bounds=fepm.UNBOUNDED, unbounded_log_prob=False):
   """Per-sample gradients of J from one-sample REINFORCE, [n, N].
 
   The baseline is `baseline + critic_weight * sum(sigmoid(theta))`: with critic_weight != 0 it
-  depends on the parameters, like a learned critic would.
+  depends on the parameters, like a learned critic would. `unbounded_log_prob`: the action is
+  drawn from the bounded policy but scored with the plain sigmoid, a bug to catch.
   """
   loss_fn = without_stop_gradient if leaky else losses.reinforce_loss
 
   def one(key):
     def neg_loss(th):
-      sel = fepm.select(th[None], action='bernoulli', k=0, key=key)
+      sel = fepm.select(th[None], key=key, threshold=THRESHOLD, bounds=bounds)
+      logp = (fepm.bernoulli_log_prob(th[None], sel.mask) if unbounded_log_prob
+              else sel.log_prob)
       reward = jnp.asarray(REWARDS)[mask_index(sel.mask)]
       b = baseline + critic_weight * jnp.sum(jax.nn.sigmoid(th))
-      return -loss_fn(sel.log_prob, reward, b, sel.entropy, 0.0)
+      return -loss_fn(logp, reward, b, sel.entropy, 0.0)
     return jax.grad(neg_loss)(theta)
 
   return jax.vmap(one)(keys)
 
 
-def test_bernoulli_log_prob_and_entropy_are_exact():
-  logp = jax.vmap(lambda m: fepm.bernoulli_log_prob(THETA, m))(jnp.asarray(MASKS))
-  p = jax.nn.sigmoid(THETA)
+@pytest.mark.parametrize('bounds', [fepm.UNBOUNDED, BOUNDS])
+def test_bernoulli_log_prob_and_entropy_are_exact(bounds):
+  logp = jax.vmap(lambda m: fepm.bernoulli_log_prob(THETA, m, bounds))(jnp.asarray(MASKS))
+  p = policy_probs(THETA, bounds)
   direct = jnp.prod(jnp.where(MASKS, p, 1 - p), axis=-1)
   np.testing.assert_allclose(np.exp(logp), direct, rtol=1e-5)
   np.testing.assert_allclose(np.exp(logp).sum(), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(fepm.bernoulli_entropy(THETA), -np.sum(direct * np.log(direct)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(fepm.bernoulli_entropy(THETA, bounds),
+                             -np.sum(direct * np.log(direct)), rtol=1e-5)
+  np.testing.assert_allclose(fepm.selection_probs(THETA, bounds), p, rtol=1e-6)
 
 
-def test_bernoulli_sampler_matches_its_probabilities():
+@pytest.mark.parametrize('bounds', [fepm.UNBOUNDED, BOUNDS])
+def test_bernoulli_sampler_matches_its_probabilities(bounds):
   keys = jax.random.split(jax.random.PRNGKey(1), NUM_SAMPLES)
-  masks = jax.vmap(lambda k: fepm.bernoulli_sample(k, THETA))(keys)
+  masks = jax.vmap(lambda k: fepm.bernoulli_sample(k, THETA, bounds))(keys)
   freq = np.bincount(np.asarray(mask_index(masks)), minlength=16) / NUM_SAMPLES
-  p = jax.nn.sigmoid(THETA)
+  p = policy_probs(THETA, bounds)
   probs = np.asarray(jnp.prod(jnp.where(MASKS, p, 1 - p), axis=-1))
   assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / NUM_SAMPLES) + 1e-4)
 
@@ -108,17 +125,41 @@ def test_reinforce_matches_exact_gradient_bernoulli(baseline):
   assert ok, info
   # One call of reinforce_loss over the whole batch gives the mean of the per-sample terms.
   def batch_neg_loss(th):
-    sel = fepm.select(jnp.broadcast_to(th, (2000, N)), action='bernoulli', k=0,
-                      key=jax.random.PRNGKey(3))
+    sel = fepm.select(jnp.broadcast_to(th, (2000, N)), key=jax.random.PRNGKey(3),
+                      threshold=THRESHOLD)
     reward = jnp.asarray(REWARDS)[mask_index(sel.mask)]
     return -losses.reinforce_loss(sel.log_prob, reward, baseline, sel.entropy, 0.0)
   batch_grad = jax.grad(batch_neg_loss)(THETA)
-  sel = fepm.select(jnp.broadcast_to(THETA, (2000, N)), action='bernoulli', k=0,
-                    key=jax.random.PRNGKey(3))
+  sel = fepm.select(jnp.broadcast_to(THETA, (2000, N)), key=jax.random.PRNGKey(3),
+                    threshold=THRESHOLD)
   adv = jnp.asarray(REWARDS)[mask_index(sel.mask)] - baseline
   score = np.asarray(sel.mask, np.float32) - np.asarray(jax.nn.sigmoid(THETA))  # d logp/d theta
   np.testing.assert_allclose(batch_grad, (np.asarray(adv)[:, None] * score).mean(0), rtol=1e-4,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize('baseline', [0.0, 0.8])
+def test_reinforce_matches_exact_gradient_bounded(baseline):
+  """The policy of the training recipe: p = lo + (hi - lo) sigmoid(theta)."""
+  exact = jax.grad(exact_bernoulli_objective)(THETA, BOUNDS)
+  keys = jax.random.split(jax.random.PRNGKey(13), NUM_SAMPLES)
+  grads = bernoulli_sample_grads(THETA, keys, baseline, bounds=BOUNDS)
+  ok, info = agreement(grads, exact)
+  assert ok, info
+  # Nor is it the unbounded policy's gradient: the bounds change the problem.
+  assert not agreement(grads, jax.grad(exact_bernoulli_objective)(THETA))[0]
+
+
+def test_check_detects_a_log_prob_that_ignores_the_bounds():
+  """Actions drawn from the bounded policy but scored with the plain sigmoid bias the
+  gradient; the check catches it on the same samples on which the bounded log-probability
+  passes."""
+  exact = jax.grad(exact_bernoulli_objective)(THETA, BOUNDS)
+  keys = jax.random.split(jax.random.PRNGKey(12), NUM_SAMPLES)
+  ok, info = agreement(bernoulli_sample_grads(THETA, keys, 0.0, bounds=BOUNDS), exact)
+  assert ok, info
+  wrong = bernoulli_sample_grads(THETA, keys, 0.0, bounds=BOUNDS, unbounded_log_prob=True)
+  assert not agreement(wrong, exact)[0]
 
 
 def test_a_good_baseline_reduces_variance():
@@ -160,7 +201,7 @@ def test_reinforce_matches_exact_gradient_for_the_agent_network():
   flat, unravel = ravel_pytree(params)
 
   def exact_objective(v):
-    p = jax.nn.sigmoid(agent.apply({'params': unravel(v)}, states))  # [3, N]
+    p = policy_probs(agent.apply({'params': unravel(v)}, states), BOUNDS)  # [3, N]
     probs = jnp.prod(jnp.where(MASKS[None], p[:, None], 1 - p[:, None]), axis=-1)  # [3, 16]
     return jnp.mean(jnp.sum(probs * rewards, axis=-1))
 
@@ -170,7 +211,7 @@ def test_reinforce_matches_exact_gradient_for_the_agent_network():
   def one(key):
     def neg_loss(v):
       logits = agent.apply({'params': unravel(v)}, states)
-      sel = fepm.select(logits, action='bernoulli', k=0, key=key)
+      sel = fepm.select(logits, key=key, threshold=THRESHOLD, bounds=BOUNDS)
       reward = rewards[jnp.arange(3), mask_index(sel.mask)]
       return -losses.reinforce_loss(sel.log_prob, reward, 0.5, sel.entropy, 0.0)
     return jax.grad(neg_loss)(flat)
@@ -180,108 +221,3 @@ def test_reinforce_matches_exact_gradient_for_the_agent_network():
   ok, info = agreement(grads, exact, max_rel=0.15, min_cos=0.98)
   assert ok, info
   assert not agreement(-np.asarray(grads), exact)[0]
-
-
-# --- top-k without replacement (Plackett-Luce) -------------------------------------------------
-
-TOPK_N, TOPK_K = 5, 2
-PL_THETA = jnp.array([1.0, -0.5, 0.3, 0.0, -1.5], jnp.float32)
-ORDERS = np.array(list(itertools.permutations(range(TOPK_N), TOPK_K)), np.int32)  # [20, 2]
-SUBSETS = {s: i for i, s in enumerate(itertools.combinations(range(TOPK_N), TOPK_K))}
-SET_REWARDS = np.random.default_rng(9).normal(size=len(SUBSETS)).astype(np.float32)
-# Reward of each ordered draw: that of its unordered set.
-ORDER_REWARDS = np.array([SET_REWARDS[SUBSETS[tuple(sorted(o))]] for o in ORDERS], np.float32)
-PAIR_TO_SET = np.full((TOPK_N, TOPK_N), -1, np.int32)
-for (i, j), idx in SUBSETS.items():
-  PAIR_TO_SET[i, j] = PAIR_TO_SET[j, i] = idx
-
-
-def pl_probability(theta, order):
-  """Direct product formula for the probability of an ordered draw."""
-  w = jnp.exp(theta)
-  remaining = jnp.sum(w)
-  prob = 1.0
-  for idx in order:
-    prob = prob * w[idx] / remaining
-    remaining = remaining - w[idx]
-  return prob
-
-
-def exact_topk_objective(theta):
-  probs = jnp.stack([pl_probability(theta, o) for o in ORDERS])
-  return jnp.sum(probs * ORDER_REWARDS)
-
-
-def set_reward(mask):
-  idx = jnp.argsort(~mask, stable=True)[:TOPK_K]  # the two selected positions, ascending
-  return jnp.asarray(SET_REWARDS)[jnp.asarray(PAIR_TO_SET)[idx[0], idx[1]]]
-
-
-def unnormalised_log_prob(logits, order):
-  """The draw scored as k independent softmax picks, without renormalising over the tokens
-  left: a tempting shortcut that is wrong for sampling without replacement."""
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.sum(jnp.take_along_axis(logp, order, axis=-1), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=('unnormalised',))
-def topk_sample_grads(theta, keys, baseline, unnormalised=False):
-  """Per-sample gradients of J for the top-k policy, [n, TOPK_N]."""
-
-  def one(key):
-    def neg_loss(th):
-      sel = fepm.select(th[None], action='topk', k=TOPK_K, key=key)
-      logp = sel.log_prob
-      if unnormalised:
-        logp = unnormalised_log_prob(th[None], fepm.gumbel_topk(key, th[None], TOPK_K))
-      reward = set_reward(sel.mask[0])[None]
-      return -losses.reinforce_loss(logp, reward, baseline, sel.entropy, 0.0)
-    return jax.grad(neg_loss)(theta)
-
-  return jax.vmap(one)(keys)
-
-
-def test_plackett_luce_log_prob_and_entropy_are_exact():
-  logp = fepm.plackett_luce_log_prob(jnp.broadcast_to(PL_THETA, (len(ORDERS), TOPK_N)),
-                                     jnp.asarray(ORDERS))
-  direct = np.array([pl_probability(PL_THETA, o) for o in ORDERS])
-  np.testing.assert_allclose(np.exp(logp), direct, rtol=1e-5)
-  np.testing.assert_allclose(direct.sum(), 1.0, rtol=1e-5)
-  # The conditional-entropy estimate averages to the exact entropy of the ordered draw.
-  ent = fepm.plackett_luce_entropy(jnp.broadcast_to(PL_THETA, (len(ORDERS), TOPK_N)),
-                                   jnp.asarray(ORDERS))
-  np.testing.assert_allclose(np.sum(direct * np.asarray(ent)), -np.sum(direct * np.log(direct)),
-                             rtol=1e-5)
-  assert np.all(np.isfinite(np.asarray(jax.grad(
-      lambda t: fepm.plackett_luce_entropy(t[None], jnp.asarray(ORDERS[:1])).sum())(PL_THETA))))
-
-
-def test_gumbel_topk_samples_plackett_luce():
-  keys = jax.random.split(jax.random.PRNGKey(10), NUM_SAMPLES)
-  orders = np.asarray(jax.vmap(lambda k: fepm.gumbel_topk(k, PL_THETA, TOPK_K))(keys))
-  codes = orders[:, 0] * TOPK_N + orders[:, 1]
-  freq = np.bincount(codes, minlength=TOPK_N * TOPK_N) / NUM_SAMPLES
-  probs = np.zeros(TOPK_N * TOPK_N)
-  for o in ORDERS:
-    probs[o[0] * TOPK_N + o[1]] = float(pl_probability(PL_THETA, o))
-  assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / NUM_SAMPLES) + 1e-4)
-
-
-@pytest.mark.parametrize('baseline', [0.0, -0.4])
-def test_reinforce_matches_exact_gradient_topk(baseline):
-  exact = jax.grad(exact_topk_objective)(PL_THETA)
-  keys = jax.random.split(jax.random.PRNGKey(11), NUM_SAMPLES)
-  grads = topk_sample_grads(PL_THETA, keys, baseline)
-  ok, info = agreement(grads, exact)
-  assert ok, info
-
-
-def test_check_detects_a_wrong_topk_log_prob():
-  """The unnormalised score biases the gradient; the check catches it on the same samples on
-  which the Plackett-Luce log-probability passes."""
-  exact = jax.grad(exact_topk_objective)(PL_THETA)
-  keys = jax.random.split(jax.random.PRNGKey(12), NUM_SAMPLES)
-  ok, info = agreement(topk_sample_grads(PL_THETA, keys, 0.0), exact)
-  assert ok, info
-  wrong = topk_sample_grads(PL_THETA, keys, 0.0, unnormalised=True)
-  assert not agreement(wrong, exact)[0]
