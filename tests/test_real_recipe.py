@@ -189,3 +189,13 @@ def test_cross_domain_run_names_its_weights_and_writes_rank3(tmp_path):
   assert scores['rank1'] <= scores['rank3'] <= scores['rank5']
   assert json.load(open(os.path.join(wd, 'results.json')))['occluded_reid']['rank3'] == \
       scores['rank3']
+
+
+def test_results_table_shows_rank3_for_the_partial_protocols():
+  scores = {'rank1': 0.5, 'rank3': 0.625, 'rank5': 0.75, 'rank10': 0.875, 'mAP': 0.5,
+            'mINP': 0.25, 'step': 4}
+  lines = console.results_table({'partial_reid': scores})
+  assert lines[0].split() == ['dataset', 'rank1', 'rank3', 'rank5', 'rank10', 'mAP', 'mINP']
+  assert lines[1].split() == ['partial_reid', '0.5000', '0.6250', '0.7500', '0.8750', '0.5000',
+                              '0.2500']
+  assert 'rank3' not in console.results_table({'occluded_duke': scores})[0]
