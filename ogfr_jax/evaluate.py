@@ -78,7 +78,8 @@ def unseen_test_cameras(config: ml_collections.ConfigDict) -> bool:
           and d.test_name != d.name)
 
 
-def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str = 'student'):
+def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str = 'student',
+                    unseen_cameras: bool | None = None):
   """jit(variables, pixels [b, H, W, 3], camid [b][, contam_mask [b, H, W]]) -> features
   [b, D], sharded over the batch (contam_mask: for the teacher's oracle purification).
 
@@ -87,7 +88,8 @@ def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str 
   """
   mean, std = tuple(config.input.mean), tuple(config.input.std)
   eval_cfg = config.eval
-  unseen = unseen_test_cameras(config)
+  # The mean camera embedding for every image; None: the config's test set decides.
+  unseen = unseen_test_cameras(config) if unseen_cameras is None else unseen_cameras
 
   def fn(variables, image, camid, contam_mask=None):
     x = augment.normalize_on_device(image, mean, std)

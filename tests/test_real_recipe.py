@@ -199,3 +199,30 @@ def test_results_table_shows_rank3_for_the_partial_protocols():
   assert lines[1].split() == ['partial_reid', '0.5000', '0.6250', '0.7500', '0.8750', '0.5000',
                               '0.2500']
   assert 'rank3' not in console.results_table({'occluded_duke': scores})[0]
+
+
+def test_cross_domain_extraction_uses_the_mean_camera_embedding():
+  from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import train_state  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
+  c = load_config('occluded_reid', 'runlocal')
+  c.input.height, c.input.width, c.model.stride = 64, 32, 16
+  model = build.build_model(c, 4, 6)
+  variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1),
+                          'agent': jax.random.PRNGKey(2)},
+                         train_state.dummy_batch(c), train=False)
+  mesh = parallel.make_mesh(c.mesh)
+  rng = np.random.default_rng(0)
+  n = 8  # a multiple of the test session's device count
+  images = jnp.asarray(rng.integers(0, 256, (n, 64, 32, 3), dtype=np.uint8))
+  camids = jnp.array([0, 1] * (n // 2), jnp.int32)  # Occluded-REID: queries 0, gallery 1
+  unseen = evaluate.make_extract_fn(model, c, mesh)(variables, images, camids)
+  indexed = evaluate.make_extract_fn(model, c, mesh, unseen_cameras=False)
+  params = dict(variables['params'])
+  student = dict(params['student_vit'])
+  table = student['sie_embed']
+  student['sie_embed'] = jnp.broadcast_to(table.mean(0), table.shape)
+  params['student_vit'] = student
+  mean_table = {**variables, 'params': params}
+  np.testing.assert_allclose(unseen, indexed(mean_table, images, camids), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(unseen, indexed(variables, images, camids), atol=1e-4)
