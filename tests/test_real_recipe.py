@@ -167,7 +167,7 @@ def test_cross_domain_run_names_its_weights_and_writes_rank3(tmp_path):
   c.input.height, c.input.width = 64, 32
   c.model.stride = 16
   c.train.steps_per_epoch = 2
-  c.eval.fepm_report = False
+  c.eval.evaluators = ('student_ranking',)
   run_config.validate(c)
   wd = str(tmp_path / 'run')
   run_config.prepare_workdir(wd, c)
