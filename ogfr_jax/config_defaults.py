@@ -336,10 +336,9 @@ def transreid_recipe(c: ml_collections.ConfigDict) -> None:
     figures the configs quote include it). OGFR's features are the CLS feature of teacher
     and student; the part branch would start from the tokens the FEPM has just purified, a
     combination the method does not describe, and a student with parts cannot be exported
-    to a timm ViT (pretrained.lossy_parts). Its cost is small: +2.2% FLOPs per train step
-    (ViT-B stride 11, batch 64: 16.01 -> 16.36 TFLOP, XLA cost analysis) and +18.5 M
-    parameters. `--config.model.jpm=True` turns it on (the import starts the branch as a
-    copy of the last block and norm).
+    to a timm ViT (pretrained.lossy_parts). Its cost is small: +1.5% FLOPs per train step
+    and +18.5 M parameters (docs/results.md, "Performance"). `--config.model.jpm=True` turns
+    it on (the import starts the branch as a copy of the last block and norm).
   - The student's triplet takes only its unoccluded views as anchors and positives
     (loss.student_triplet_views='unoccluded'). TransReID has no synthesised occluded views;
     over all views the hardest positive of most anchors is a synthesised occluded view, the
