@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--num-classes', type=int, default=702)
   p.add_argument('--devices', type=int, default=1, help='fake CPU devices (before jax starts)')
   p.add_argument('--mesh', default='-1x1', help='DATAxFSDP over the devices')
+  p.add_argument('--jpm', action='store_true', help='with the JPM part branch (model.jpm)')
   p.add_argument('--json', action='store_true')
   return p.parse_args(argv)
 
@@ -104,6 +105,7 @@ def step_flops(args: argparse.Namespace) -> dict:
   from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
 
   config = train_step_cost.bench_config(args)
+  config.model.jpm = args.jpm
   config.mesh.data, config.mesh.fsdp = (int(v) for v in args.mesh.split('x'))
   mesh = parallel.make_mesh(config.mesh)
   parallel.batch_size_per_device_check(args.batch, mesh, '--batch')

@@ -52,6 +52,8 @@ def random_batch(config, batch: int, num_classes: int, rng: np.random.Generator)
       'pid': (pids % num_classes).astype(np.int32),
       'camid': rng.integers(0, 6, batch).astype(np.int32),
   }
+  if 'index' in build.batch_keys(config):  # the consistency memory's rows
+    out['index'] = np.arange(batch, dtype=np.int32)
   if donor_exchange.on_device(config):
     # The paste's gather and select run whatever the donors, so none costs the same.
     out.update(donor_exchange.no_donors(np.arange(batch)))

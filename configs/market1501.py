@@ -2,10 +2,21 @@
 
 Command:
   python -m ogfr_jax.main --config configs/market1501.py \
-      --config.dataset.root=/data/Market-1501-v15.09.15 --workdir runs/market1501
+      --config.dataset.root=/data/Market-1501-v15.09.15 \
+      --config.init_from=/weights/jx_vit_base_p16_224-80ecf9dd.pth --workdir runs/market1501
 
 Reference: TransReID* (ViT-B, stride 12, SIE + JPM) as reported by TransReID: 95.2 Rank-1 / 88.9 mAP. OGFR's Market-1501 figure is not known to us.
-Needs ImageNet-pretrained ViT-B/16 weights to approach these figures.
+
+Weights: ImageNet-21k + 1k ViT-B/16, fetched on your own machine: the file TransReID
+starts from, jx_vit_base_p16_224-80ecf9dd.pth (timm's original vit_base_patch16_224), or the
+safetensors of timm's vit_base_patch16_224.augreg2_in21k_ft_in1k / .augreg_in21k_ft_in1k, or an
+AugReg .npz (README, "Real datasets"). The header's `weights:` line names the file and the
+tensors loaded, resampled and skipped; without --config.init_from the ViT-B starts from random
+initialisation, scores far below these figures, and the header says so.
+
+Recipe: TransReID's (config_defaults.transreid_recipe: decay on every parameter, every bias
+at 2x lr, per-epoch cosine to 0.002 x lr, bicubic train resize, erasing up to 1/3), except
+JPM off and the student triplet over its unoccluded views; the reasons are stated there.
 
 Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
 `benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,
@@ -22,6 +33,7 @@ from ogfr_jax import config_defaults
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, runlocal=False)
   c = config_defaults.base_config()
+  config_defaults.transreid_recipe(c)
   c.dataset.name = 'market1501'
   if arg.runlocal:
     config_defaults.shrink_for_local_run(c)

@@ -4,10 +4,29 @@ Occluded-REID has no training split).
 Command:
   python -m ogfr_jax.main --config configs/occluded_reid.py \
       --config.dataset.root=/data/Market-1501-v15.09.15 \
-      --config.dataset.test_root=/data/Occluded_REID --workdir runs/occluded_reid
+      --config.dataset.test_root=/data/Occluded_REID \
+      --config.init_from=/weights/jx_vit_base_p16_224-80ecf9dd.pth --workdir runs/occluded_reid
 
 OGFR's published Occluded-REID figure is not known to us; compare against the Market-1501-trained
-baselines of the occluded-ReID literature. Needs ImageNet-pretrained ViT-B/16 weights.
+baselines of the occluded-ReID literature.
+
+Weights: ImageNet-21k + 1k ViT-B/16, fetched on your own machine: the file TransReID
+starts from, jx_vit_base_p16_224-80ecf9dd.pth (timm's original vit_base_patch16_224), or the
+safetensors of timm's vit_base_patch16_224.augreg2_in21k_ft_in1k / .augreg_in21k_ft_in1k, or an
+AugReg .npz (README, "Real datasets"). The header's `weights:` line names the file and the
+tensors loaded, resampled and skipped; without --config.init_from the ViT-B starts from random
+initialisation, scores far below these figures, and the header says so.
+
+Recipe: TransReID's (config_defaults.transreid_recipe: decay on every parameter, every bias
+at 2x lr, per-epoch cosine to 0.002 x lr, bicubic train resize, erasing up to 1/3), except
+JPM off and the student triplet over its unoccluded views; the reasons are stated there.
+
+Cameras: the model learns SIE embeddings for Market-1501's six cameras; the test images come
+from other cameras, so every query and gallery image gets the mean of the trained camera
+embeddings (eval.unseen_camera='mean'), the same offset for both sides, instead of the
+embeddings of two unrelated Market cameras. `--config.eval.unseen_camera=index` restores the
+latter. results.json has rank3 beside rank1 (Partial-REID and Partial-iLIDS are reported as
+rank-1 / rank-3).
 
 Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
 `benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,
@@ -24,6 +43,7 @@ from ogfr_jax import config_defaults
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, runlocal=False)
   c = config_defaults.base_config()
+  config_defaults.transreid_recipe(c)
   c.dataset.name = 'market1501'
   c.dataset.test_name = 'occluded_reid'
   if arg.runlocal:

@@ -32,6 +32,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'loss.triplet_feature_input': ('feat', 'bn_feat'),
     'loss.student_triplet_views': ('all', 'unoccluded'),
     'optim.name': ('sgd', 'adamw'),
+    'optim.schedule': ('warmup_cosine', 'transreid'),
+    'input.train_resize': ('bilinear', 'bicubic'),
+    'eval.unseen_camera': ('mean', 'index'),
     'eval.feature': ('pre_bn', 'post_bn'),
     'eval.rerank_mode': ('exact', 'approx', 'auto'),
     'input.corrupt_image_policy': ('fail', 'skip'),
@@ -46,7 +49,7 @@ _AT_LEAST_ONE = ('input.ids_per_batch', 'input.images_per_id', 'input.eval_batch
                  'eval.query_chunk', 'eval.rerank_k1', 'eval.rerank_k2',
                  'eval.rerank_max_bytes', 'fepm.num_samples')
 _NON_NEGATIVE = ('input.device_prefetch', 'loss.agent_consistency_weight',
-                 'fepm.consistency_memory')
+                 'fepm.consistency_memory', 'optim.lr_floor')
 
 
 def field(config: Any, name: str) -> Any:

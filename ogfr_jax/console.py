@@ -36,6 +36,8 @@ KEY_FIGURES = (('loss/student_id', 'id'), ('loss/student_triplet', 'tri'),
 
 # Result columns shown in evaluation tables, in this order (others are in results.json).
 RESULT_COLUMNS = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP')
+# Test sets whose literature reports rank-1 / rank-3: their tables show rank3 too.
+RANK3_DATASETS = ('partial_reid', 'partial_ilids')
 
 _state: dict[str, Any] = {'process_index': 0, 'stream': None, 'live': None}
 
@@ -202,12 +204,15 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = '
 
 def results_table(results: Mapping[str, Any]) -> list[str]:
   """The evaluated datasets of `results` ({name: {rank1, ..., step}}) as table lines."""
+  columns = RESULT_COLUMNS
+  if any(name in RANK3_DATASETS for name in results):
+    columns = columns[:1] + ('rank3',) + columns[1:]
   rows = []
   for name, metrics in results.items():
     if not isinstance(metrics, Mapping) or not any(c in metrics for c in RESULT_COLUMNS):
       continue
-    rows.append([name] + [metrics.get(c, '-') for c in RESULT_COLUMNS])
-  return table(('dataset',) + RESULT_COLUMNS, rows) if rows else []
+    rows.append([name] + [metrics.get(c, '-') for c in columns])
+  return table(('dataset',) + columns, rows) if rows else []
 
 
 def print_evaluation(step: int, results: Mapping[str, Any], title: str = 'evaluation') -> None:

@@ -34,6 +34,7 @@ from ogfr_jax.data import augment
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import records
 from ogfr_jax.models import ogfr as ogfr_model
+from ogfr_jax.models import vit as vit_lib
 
 RERANK_MODES = ('exact', 'approx', 'auto')
 _EVAL_KEYS = ('image', 'camid', 'index', 'valid')
@@ -69,7 +70,16 @@ def student_features(model, variables, image, camid, *, eval_cfg, branch: str = 
   return feats
 
 
-def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str = 'student'):
+def unseen_test_cameras(config: ml_collections.ConfigDict) -> bool:
+  """Whether the test images get the mean camera embedding (eval.unseen_camera='mean'): a
+  test set other than the training set was shot by cameras the SIE table never saw."""
+  d = config.dataset
+  return (config.eval.unseen_camera == 'mean' and bool(d.test_name)
+          and d.test_name != d.name)
+
+
+def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str = 'student',
+                    unseen_cameras: bool | None = None):
   """jit(variables, pixels [b, H, W, 3], camid [b][, contam_mask [b, H, W]]) -> features
   [b, D], sharded over the batch (contam_mask: for the teacher's oracle purification).
 
@@ -78,9 +88,12 @@ def make_extract_fn(model, config: ml_collections.ConfigDict, mesh, branch: str 
   """
   mean, std = tuple(config.input.mean), tuple(config.input.std)
   eval_cfg = config.eval
+  # The mean camera embedding for every image; None: the config's test set decides.
+  unseen = unseen_test_cameras(config) if unseen_cameras is None else unseen_cameras
 
   def fn(variables, image, camid, contam_mask=None):
     x = augment.normalize_on_device(image, mean, std)
+    camid = vit_lib.UNSEEN_CAMERA if unseen else camid
     return student_features(model, variables, x, camid, eval_cfg=eval_cfg, branch=branch,
                             contam_mask=contam_mask)
 

@@ -397,7 +397,8 @@ def pairwise_distance_device(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def cmc_summary(result: dict[str, Any]) -> dict[str, float]:
-  """The figures written to results.json: rank1, rank5, rank10, mAP, mINP as plain floats."""
+  """The figures written to results.json: rank1, rank3, rank5, rank10, mAP, mINP as plain
+  floats (rank3: Partial-REID and Partial-iLIDS are reported as rank-1 / rank-3)."""
   for key in ('cmc', 'mAP', 'mINP'):
     if key not in result:
       raise ValueError(f'result is missing {key!r}; pass the dict returned by evaluate_rank')
@@ -406,6 +407,7 @@ def cmc_summary(result: dict[str, Any]) -> dict[str, float]:
     raise ValueError(f'result["cmc"] must be 1-D with at least 10 ranks, got shape {cmc.shape}')
   return {
       'rank1': float(cmc[0]),
+      'rank3': float(cmc[2]),
       'rank5': float(cmc[4]),
       'rank10': float(cmc[9]),
       'mAP': float(result['mAP']),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
@@ -40,13 +41,49 @@ def param_labels(params: Any, cfg: ml_collections.ConfigDict) -> Any:
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, global_batch: int, steps_per_epoch: int,
-                total_steps: int) -> Callable[[Any], Any]:
-  """Linear warm-up from 1% to the peak, then cosine decay to 1% of the peak."""
+                total_steps: int, factor: float = 1.0) -> Callable[[Any], Any]:
+  """The backbone's learning rate per step (`factor` x it for a group with its own peak).
+
+  'warmup_cosine': linear warm-up from 1% to the peak, then cosine decay to lr_floor x peak,
+  per step. 'transreid': `transreid_schedule`.
+  """
   peak = cfg.lr * global_batch / cfg.base_batch_size
+  if cfg.schedule == 'transreid':
+    return transreid_schedule(peak, factor, cfg.lr_floor, cfg.warmup_epochs,
+                              steps_per_epoch, total_steps)
+  if cfg.schedule != 'warmup_cosine':
+    raise ValueError(f'config.optim.schedule={cfg.schedule!r}: use warmup_cosine or transreid')
   warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.01 * peak, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=0.01 * peak)
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr_floor * peak)
+  if factor == 1.0:
+    return schedule
+  return lambda step: factor * schedule(step)
+
+
+def transreid_schedule(peak: float, factor: float, floor: float, warmup_epochs: float,
+                       steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
+  """TransReID's schedule (timm CosineLRScheduler as its scheduler_factory sets it up),
+  constant within an epoch: epoch e = 1, 2, ... (the first trains at e = 1) runs at
+
+      e <  W:  init + e (factor * peak - init) / W               init  = 0.01 peak
+      e >= W:  low + (factor * peak - low) (1 + cos(pi e / E)) / 2   low = floor x peak
+
+  with W = warmup_epochs and E the run's epochs; the cosine counts from epoch 0, not from
+  the end of the warm-up. A group with its own peak (the biases, factor 2) shares the start
+  and the floor, as there.
+  """
+  init, low, top = 0.01 * peak, floor * peak, factor * peak
+  epochs = max(total_steps / max(steps_per_epoch, 1), 1.0)
+
+  def schedule(step):
+    e = (jnp.asarray(step) // max(steps_per_epoch, 1) + 1).astype(jnp.float32)
+    warm = init + e * (top - init) / max(warmup_epochs, 1e-9)
+    cos = low + 0.5 * (top - low) * (1.0 + jnp.cos(jnp.pi * e / epochs))
+    return jnp.where(e < warmup_epochs, warm, cos)
+
+  return schedule
 
 
 def agent_lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
@@ -71,7 +108,8 @@ def make_optimizer(config: ml_collections.ConfigDict, global_batch: int,
   """Returns (optax transformation, backbone learning-rate schedule)."""
   cfg = config.optim
   schedule = lr_schedule(cfg, global_batch, steps_per_epoch, total_steps)
-  bias_schedule = lambda step: cfg.bias_lr_factor * schedule(step)
+  bias_schedule = lr_schedule(cfg, global_batch, steps_per_epoch, total_steps,
+                              factor=cfg.bias_lr_factor)
   bias_decay = 0.0 if cfg.no_decay_norm_and_embed else cfg.weight_decay
   agent_tx = optax.adam(agent_lr_schedule(cfg, total_steps))
   transforms = {

@@ -41,6 +41,7 @@ from ogfr_jax import manifest
 from ogfr_jax import optim
 from ogfr_jax import parallel
 from ogfr_jax import prefetch
+from ogfr_jax import pretrained
 from ogfr_jax import train_state
 from ogfr_jax import train_step as step_lib
 from ogfr_jax import writers
@@ -74,16 +75,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   state, abstract, shardings = train_state.create_sharded_state(model, tx, config, mesh, rng)
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                      config=config, train_split=train_data.train)
+  weights = None  # the import report of config.init_from, when this invocation imports it
   if config.init_from and manager.latest_step() is None:
     try:
-      state = train_state.load_pretrained(state, abstract, shardings, config)
+      state, weights = train_state.load_pretrained(state, abstract, shardings, config)
     except BaseException:
       release_manager(manager)
       raise
   return dict(train_data=train_data, test_data=test_data, mesh=mesh, model=model, tx=tx,
               lr_fn=lr_fn, state=state, abstract=abstract,
               shardings=shardings, manager=manager, steps_per_epoch=steps_per_epoch,
-              total_steps=total_steps, global_batch=global_batch,
+              total_steps=total_steps, global_batch=global_batch, weights=weights,
               layout=parallel.describe_layout(abstract, shardings, mesh))
 
 
@@ -267,10 +269,9 @@ def _finish(manager, writer: Writer, train_iter) -> None:
 
 
 def header_notes(s: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """Extra start-up lines printed at the end of the run's header (e.g. how the state is laid
-  out over the mesh); one string per line."""
-  del config
-  return parallel.layout_lines(s['layout'])
+  """Extra start-up lines printed at the end of the run's header (the backbone weights, how
+  the state is laid out over the mesh); one string per line."""
+  return pretrained.header_lines(s.get('weights'), config) + parallel.layout_lines(s['layout'])
 
 
 def _count(n: int) -> str:

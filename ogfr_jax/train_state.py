@@ -70,10 +70,12 @@ def create_sharded_state(model, tx, config, mesh, rng):
 
 
 def load_pretrained(state: TrainState, abstract: TrainState, shardings: TrainState,
-                    config: ml_collections.ConfigDict) -> TrainState:
+                    config: ml_collections.ConfigDict
+                    ) -> tuple[TrainState, pretrained.ImportReport]:
   """Puts config.init_from's backbone weights into teacher and student (fresh runs only).
 
-  The momentum buffers need no reset: they are zeros at init whatever the weights are.
+  Returns the state and the import report. The momentum buffers need no reset: they are
+  zeros at init whatever the weights are.
   """
   loaded, report = pretrained.load_backbone(abstract.params, config.init_from, config,
                                             fmt=config.init_format)
@@ -82,4 +84,4 @@ def load_pretrained(state: TrainState, abstract: TrainState, shardings: TrainSta
   params = jax.tree_util.tree_map(
       lambda new, old, sharding: jax.device_put(new, sharding)
       if isinstance(new, np.ndarray) else old, loaded, state.params, shardings.params)
-  return state.replace(params=params)
+  return state.replace(params=params), report

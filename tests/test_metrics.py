@@ -224,9 +224,11 @@ def test_cmc_summary():
   dist, q_pids, g_pids, q_cams, g_cams = random_problem(6)
   result = metrics.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10)
   summary = metrics.cmc_summary(result)
-  assert set(summary) == {'rank1', 'rank5', 'rank10', 'mAP', 'mINP'}
+  assert set(summary) == {'rank1', 'rank3', 'rank5', 'rank10', 'mAP', 'mINP'}
   assert all(type(v) is float for v in summary.values())
   assert summary['rank5'] == result['cmc'][4] and summary['mAP'] == result['mAP']
+  assert summary['rank3'] == result['cmc'][2]
+  assert summary['rank1'] <= summary['rank3'] <= summary['rank5']
   with pytest.raises(ValueError, match='at least 10'):
     metrics.cmc_summary({'cmc': np.ones(5), 'mAP': 1.0, 'mINP': 1.0})
 

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 
 from ogfr_jax import checkpoints
 from ogfr_jax.models import build
@@ -233,6 +233,73 @@ def test_detect_format(tmp_path):
     pretrained.read_checkpoint(str(tmp_path / 'nope.pth'))
   with pytest.raises(ValueError, match='init_format'):
     pretrained.read_checkpoint(WEIGHTS, 'onnx')
+
+
+def _safetensors_with_header_length(path, low_byte, at_least=0):
+  """A safetensors file whose header length has `low_byte` as its low byte (the first byte of
+  the file), found by growing a metadata string; returns (header length, tensors)."""
+  tensors = {'patch_embed.proj.weight': np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}
+  for pad in range(at_least + 512):
+    data = save(tensors, metadata={'note': 'x' * pad})
+    n = int.from_bytes(data[:8], 'little')
+    if n % 256 == low_byte and n >= at_least:
+      open(path, 'wb').write(data)
+      return n, tensors
+  raise AssertionError(f'no header length with low byte {low_byte:#x}')
+
+
+@pytest.mark.parametrize('at_least', [0, 0x200, 0x1000])
+def test_safetensors_whose_first_byte_is_the_pickle_opcode(tmp_path, at_least):
+  path = str(tmp_path / 'vit.safetensors')
+  n, tensors = _safetensors_with_header_length(path, 0x80, at_least)
+  assert n % 256 == 0x80 and n >= at_least
+  assert open(path, 'rb').read(1) == pickle.PROTO  # what a legacy torch file starts with
+  assert pretrained.detect_format(path) == 'safetensors'
+  checkpoint = pretrained.read_checkpoint(path)
+  assert checkpoint.fmt == 'safetensors'
+  np.testing.assert_array_equal(checkpoint.tensors['patch_embed.proj.weight'],
+                                tensors['patch_embed.proj.weight'])
+
+
+def test_pickles_that_look_like_safetensors_stay_torch(tmp_path):
+  # A pickle whose 9th byte is '{' but whose "header" is no JSON object inside the file.
+  for body in (b'{ not json', b'{}' + b' ' * 6, b'{"a": 1'):
+    data = pickle.PROTO + b'\x02' + b'\x00' * 6 + body
+    path = tmp_path / 'w.pth'
+    path.write_bytes(data)
+    assert pretrained.detect_format(str(path)) == 'torch', body
+  # The legacy torch fixture starts with PROTO and is still read as torch.
+  legacy = os.path.join(FIXTURES, 'torch_state_legacy.pth')
+  assert open(legacy, 'rb').read(1) == pickle.PROTO
+  assert pretrained.detect_format(legacy) == 'torch'
+
+
+def test_header_names_the_weights_or_warns_about_random_init():
+  config = make_config()
+  _, report = pretrained.load_from_config(zero_params(config), _with_init(config, WEIGHTS))
+  [line] = pretrained.header_lines(report, config)
+  loaded = report.count('loaded') + report.count('copied')
+  assert line == (f'weights: {WEIGHTS} (safetensors, {report.naming}): {loaded} loaded, '
+                  f'{report.count("resampled")} resampled, {report.count("unexpected")} '
+                  f'skipped')
+  assert loaded > 0 and report.count('unexpected') > 0  # the fixture has a timm head
+  # A resumed run imports nothing: its weights come from the checkpoint.
+  assert pretrained.header_lines(None, _with_init(config, WEIGHTS)) == [
+      f'weights: restored from the checkpoint (the run started from {WEIGHTS})']
+  config.init_from = ''
+  assert pretrained.header_lines(None, config) == [
+      'weights: random initialisation (config.init_from is empty)']
+  for size in ('base', 'large'):
+    config.model.size = size
+    lines = pretrained.header_lines(None, config)
+    assert len(lines) == 2 and lines[1].startswith(f'warning: a {size} ViT from random init')
+    assert '--config.init_from=' in lines[1]
+
+
+def _with_init(config, path):
+  config = config.copy_and_resolve_references()
+  config.init_from = path
+  return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ import numpy as np
 from PIL import Image
 
 
+# config.input.train_resize -> PIL filter.
+RESAMPLING = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:
   """The `config.input` fields the transforms use (a small picklable value for workers)."""
@@ -34,6 +38,7 @@ class AugmentSpec:
   erase_min_aspect: float = 0.3
   mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
   std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  train_resize: str = 'bilinear'  # 'bilinear' or 'bicubic'
 
   def __post_init__(self):
     if self.height < 1 or self.width < 1:
@@ -52,6 +57,9 @@ class AugmentSpec:
     if not 0.0 < self.erase_min_aspect <= 1.0:
       raise ValueError(
           f'config.input.erase_min_aspect must lie in (0, 1], got {self.erase_min_aspect}')
+    if self.train_resize not in RESAMPLING:
+      raise ValueError(f'config.input.train_resize={self.train_resize!r}: use one of '
+                       f'{sorted(RESAMPLING)}')
     if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
       raise ValueError(f'config.input.mean/std need 3 values with std > 0, got mean '
                        f'{self.mean} std {self.std}')
@@ -65,14 +73,16 @@ def augment_spec(config) -> AugmentSpec:
       erase_prob=float(c.erase_prob),
       erase_area=tuple(float(v) for v in c.erase_area),
       erase_min_aspect=float(c.erase_min_aspect),
-      mean=tuple(float(v) for v in c.mean), std=tuple(float(v) for v in c.std))
+      mean=tuple(float(v) for v in c.mean), std=tuple(float(v) for v in c.std),
+      train_resize=str(c.train_resize))
 
 
-def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of a uint8 [h, w, 3] image (PIL's, antialiased when shrinking)."""
+def resize(image: np.ndarray, height: int, width: int, method: str = 'bilinear') -> np.ndarray:
+  """Resize of a uint8 [h, w, 3] image with PIL's `method` ('bilinear' or 'bicubic'; both
+  antialiased when shrinking, as torchvision's Resize of a PIL image)."""
   if image.shape[:2] == (height, width):
     return image
-  out = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+  out = Image.fromarray(image).resize((width, height), RESAMPLING[method])
   return np.asarray(out)
 
 
@@ -230,7 +240,7 @@ def train_augment_pair(image: np.ndarray, mask: np.ndarray | None, spec: Augment
   leaves it as it is. Returns (uint8 [H, W, 3], uint8 0 / 1 [H, W] or None). The image and
   the generator's draws are exactly those of `train_augment`.
   """
-  x = resize(image, spec.height, spec.width)
+  x = resize(image, spec.height, spec.width, spec.train_resize)
   m = None if mask is None else resize_mask(mask, spec.height, spec.width)
   if rng.random() < spec.flip_prob:
     x = x[:, ::-1]

@@ -31,6 +31,8 @@ CLASSIFIER_INIT = nn.initializers.normal(stddev=0.001)
 # config.model.remat: what the transformer blocks keep for the backward pass (see `remat_block`).
 REMAT_CHOICES = ('none', 'dots', 'block')
 KERNEL_CHOICES = ('plain', 'cpu')  # models/cpu_kernels.py
+# The `camid` of images whose camera the SIE table has no row for (ViT.embed).
+UNSEEN_CAMERA = 'unseen'
 # Checkpoint name of the linear layers' outputs inside a block, kept by model.remat='dots'.
 DENSE_OUTPUT = 'dense_output'
 
@@ -278,7 +280,8 @@ class ViT(nn.Module):
     `extra` ([B, D] or [D]) is added to every token, like SIE; the occlusion-aware student
     passes its pattern embedding here. A camera id outside [0, num_cameras) gives NaN
     features (jnp.take's fill mode), so a bad id shows up as a NaN loss instead of passing
-    silently.
+    silently. `camid=UNSEEN_CAMERA` (a string, fixed at trace time) gives every image the
+    mean of the camera embeddings: images of cameras the model never trained with.
     """
     x = self.patch_embed(image.astype(self.dtype))
     b, gh, gw, _ = x.shape
@@ -292,7 +295,14 @@ class ViT(nn.Module):
     if self.sie and self.num_cameras > 0:
       if camid is None:
         raise ValueError('model.sie is on, so camera ids are required')
-      cam = jnp.take(self.sie_embed, jnp.asarray(camid, jnp.int32), axis=0)
+      if isinstance(camid, str):
+        if camid != UNSEEN_CAMERA:
+          raise ValueError(f'camid={camid!r}: pass camera ids or {UNSEEN_CAMERA!r}')
+        # Images from cameras the table was not trained on: the mean of its rows, the same
+        # offset for every image (eval.unseen_camera='mean').
+        cam = jnp.broadcast_to(jnp.mean(self.sie_embed, axis=0), (b, self.dim))
+      else:
+        cam = jnp.take(self.sie_embed, jnp.asarray(camid, jnp.int32), axis=0)
       x = x + (self.sie_weight * cam).astype(self.dtype)[:, None, :]
     if extra is not None:
       extra = jnp.asarray(extra)

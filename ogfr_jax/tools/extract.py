@@ -126,7 +126,8 @@ class Extractor:
     self.batch_size = common.round_batch(batch_size, self.mesh.size)
     self.size = (int(config.input.height), int(config.input.width))
     self.mean, self.std = tuple(config.input.mean), tuple(config.input.std)
-    self._fn = evaluate.make_extract_fn(model, config, self.mesh)
+    # --camera, not the run's test set, says which camera embedding the images get.
+    self._fn = evaluate.make_extract_fn(model, config, self.mesh, unseen_cameras=False)
     self._variables = common.replicate(variables, self.mesh)
 
   def __call__(self, images: np.ndarray, camids: np.ndarray):
