@@ -75,9 +75,29 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail_early(f'{cli.one_line(e)} (--helpshort lists the flags)')
+  except OSError as e:
+    # A --config file that cannot be loaded, met while applying a --config.X override.
+    _fail_early(_config_load_message(_config_argument(argv), e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     _fail_early('bad --config override: '
                 + cli.one_line(ValueError(run_config.describe_config_error(e, argv))))
+
+
+def _config_argument(argv: list[str]) -> str:
+  """The value of --config on the command line (as typed), '' if absent."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _config_load_message(path: str, error: BaseException) -> str:
+  """'--config PATH: cannot load the config file (<the innermost reason>)'."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  reason = f' ({lines[-1]})' if lines else ''
+  return f'--config {path}: cannot load the config file{reason}'
 
 
 def _fail_early(message: str) -> None:
@@ -105,10 +125,8 @@ def _config() -> ml_collections.ConfigDict:
     config.keys()  # a file that failed to load gives a placeholder that raises here
     return config
   except OSError as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     path = config_flags.get_config_filename(flags.FLAGS['config'])
-    raise FileNotFoundError(f'--config {path}: cannot load the config file ({lines[-1]})'
-                            if lines else f'--config {path}: cannot load the config file') from e
+    raise FileNotFoundError(_config_load_message(path, e)) from e
 
 
 def start_processes() -> None:

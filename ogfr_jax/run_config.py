@@ -33,14 +33,50 @@ RESUMABLE_FIELDS = (
 )
 
 
+def _config_paths() -> set[str]:
+  """Every section and field of the default config, as dotted paths ('train', 'train.epochs')."""
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  paths = set()
+  for key in flatten_config(json.loads(config_defaults.base_config().to_json_best_effort())):
+    parts = key.split('.')
+    paths.update('.'.join(parts[:i]) for i in range(1, len(parts) + 1))
+  return paths
+
+
+def _where_it_lives(field: str, known: set[str]) -> str | None:
+  """For an override path that does not exist, where fields of its last name do."""
+  leaf = field.rsplit('.', 1)[-1]
+  homes = sorted(k for k in known if k.rsplit('.', 1)[-1] == leaf and k != field)
+  if not homes:
+    return None
+  if len(homes) == 1:
+    home = homes[0]
+    place = ('at the top level' if '.' not in home
+             else f'in config.{home.rsplit(".", 1)[0]}')
+    return f'{leaf} lives {place}: --config.{home}'
+  return f'fields named {leaf}: ' + ', '.join(f'--config.{h}' for h in homes)
+
+
 def describe_config_error(error: Exception, argv: list[str]) -> str:
-  """One line naming the offending --config.FIELD for an override that failed to apply."""
-  overrides = [a for a in argv if a.startswith('--config.')]
-  text = str(error).strip('\'"').replace('\\n', ' ').replace('\n', ' ')
-  match = re.search(r"'([A-Za-z0-9_]+)'", text)
-  culprit = next((a.split('=')[0] for a in overrides
-                  if match and a.split('=')[0].endswith('.' + match.group(1))), None)
+  """One line naming the offending --config.FIELD for an override that failed to apply, and,
+  for a field that exists elsewhere in the config tree, where it lives."""
+  overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  while error.args and isinstance(error.args[0], Exception):  # ml_collections wraps KeyErrors
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+    text = error.args[0]  # str(KeyError) would be the repr, with escaped quotes
+  else:
+    text = str(error).strip('\'"')
+  text = ' '.join(text.replace('\\n', ' ').split())
+  known = _config_paths()
+  unknown = [a for a in overrides if a[len('--config.'):] not in known]
+  match = re.search(r"'([A-Za-z0-9_]+)'", text) or re.fullmatch(r'([A-Za-z0-9_]+)', text)
+  named = [a for a in unknown if match and a.endswith('.' + match.group(1))]
+  culprit = (named or unknown or [None])[0]
   if culprit:
+    home = _where_it_lives(culprit[len('--config.'):], known)
+    if home:
+      return f'{culprit}: no such field; {home}'
     return f'{culprit}: unknown config field ({text})'
   return f'{text} (overrides: {" ".join(overrides) or "none"})'
 

@@ -25,6 +25,9 @@ Conventions shared by all readers, because evaluation protocols depend on them:
   so is a query or gallery folder without usable images. Every such error about what is on disk
   is a `DatasetError` (a ValueError; `DatasetNotFoundError`, also a FileNotFoundError, for a
   missing folder, file or root): entry points print it as one line, without a traceback.
+- An image file of 0 bytes (an interrupted copy or download) is named when its folder is
+  scanned: an error, or with empty_images='skip' (config.input.corrupt_image_policy='skip') a
+  warning, the file then being replaced when read like any corrupt image.
 
 Layouts (root is the dataset's own folder):
   market1501, dukemtmc, occluded_duke, synthetic:
@@ -45,6 +48,7 @@ Layouts (root is the dataset's own folder):
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import os
@@ -65,6 +69,9 @@ Reader = Callable[..., DatasetSplits]
 NameParser = Callable[[str], Optional[tuple[int, int]]]
 
 _READERS: dict[str, Reader] = {}
+EMPTY_IMAGE_POLICIES = ('fail', 'skip')
+# What a scan does with 0-byte image files; set by get_dataset for the reader it calls.
+_EMPTY_IMAGES = contextvars.ContextVar('empty_images', default='fail')
 
 
 class DatasetError(ValueError):
@@ -94,8 +101,15 @@ def dataset_names() -> tuple[str, ...]:
   return tuple(sorted(_READERS))
 
 
-def get_dataset(name: str, root: str | os.PathLike, **options) -> DatasetSplits:
-  """Reads dataset `name` from its own folder `root` (see the module docstring for layouts)."""
+def get_dataset(name: str, root: str | os.PathLike, *, empty_images: str = 'fail',
+                **options) -> DatasetSplits:
+  """Reads dataset `name` from its own folder `root` (see the module docstring for layouts).
+
+  empty_images: 'fail' (0-byte image files are an error naming them) or 'skip' (a warning
+  naming them; the pipeline replaces them when read, config.input.corrupt_image_policy).
+  """
+  if empty_images not in EMPTY_IMAGE_POLICIES:
+    raise DatasetError(f'empty_images={empty_images!r}: use one of {list(EMPTY_IMAGE_POLICIES)}')
   if name not in _READERS:
     raise DatasetError(f'unknown dataset {name!r}; known datasets: {", ".join(dataset_names())}')
   reader = _READERS[name]
@@ -110,7 +124,11 @@ def get_dataset(name: str, root: str | os.PathLike, **options) -> DatasetSplits:
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise DatasetNotFoundError(f'dataset {name!r}: root folder {root} does not exist')
-  return reader(root, **options)
+  token = _EMPTY_IMAGES.set(empty_images)
+  try:
+    return reader(root, **options)
+  finally:
+    _EMPTY_IMAGES.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,11 +142,14 @@ class _Scan:
   camids: list[int] = dataclasses.field(default_factory=list)  # as on disk
   stray: int = 0
   unparsed: list[str] = dataclasses.field(default_factory=list)  # relative to the scanned folder
+  empty: list[str] = dataclasses.field(default_factory=list)  # added images of 0 bytes, relative
 
-  def add(self, path: str, pid: int, camid: int) -> None:
+  def add(self, path: str, pid: int, camid: int, entry: os.DirEntry, name: str) -> None:
     self.paths.append(path)
     self.pids.append(pid)
     self.camids.append(camid)
+    if entry.stat().st_size == 0:
+      self.empty.append(name)
 
   @property
   def ignored(self) -> int:
@@ -183,7 +204,7 @@ def _scan_flat(folder: str, parse: NameParser) -> _Scan:
     if parsed is None:
       scan.unparsed.append(entry.name)
     else:
-      scan.add(entry.path, *parsed)
+      scan.add(entry.path, *parsed, entry, entry.name)
   return scan
 
 
@@ -209,8 +230,25 @@ def _scan_pid_folders(folder: str, parse: NameParser) -> _Scan:
       if parsed is None or parsed[0] != folder_pid:
         scan.unparsed.append(f'{entry.name}/{sub.name}')
       else:
-        scan.add(sub.path, *parsed)
+        scan.add(sub.path, *parsed, sub, f'{entry.name}/{sub.name}')
   return scan
+
+
+def _report_empty(dataset: str, folder: str, scan: _Scan, *, train: bool) -> None:
+  """0-byte image files: an error naming them, or for training images under
+  empty_images='skip' a warning (only training images are replaced when unreadable)."""
+  if not scan.empty:
+    return
+  what = (f'{len(scan.empty)} image file(s) of 0 bytes in {folder}: {_examples(scan.empty)} '
+          '(an interrupted copy or download?)')
+  if train and _EMPTY_IMAGES.get() == 'skip':
+    logging.warning('%s: %s; each is replaced by another image of its identity when read '
+                    '(config.input.corrupt_image_policy=skip)', dataset, what)
+    return
+  remedy = ('Copy them again or delete them' + (
+      ', or pass --config.input.corrupt_image_policy=skip to replace them by other images of '
+      'their identity' if train else ''))
+  raise DatasetError(f'dataset {dataset!r}: {what}. {remedy}')
 
 
 def _report_ignored(dataset: str, folder: str, scan: _Scan, pattern: str,
@@ -311,6 +349,7 @@ def _read_bounding_box_layout(dataset: str, root: str, pattern: re.Pattern,
   for subset, folder in _BOUNDING_BOX_FOLDERS:
     scan = _scan_flat(folders[subset], parse)
     _report_ignored(dataset, folder, scan, f'the pattern {example}', ignored)
+    _report_empty(dataset, folders[subset], scan, train=subset == 'train')
     _require_parsed(dataset, folders[subset], scan, example)
     keep = [i for i, pid in enumerate(scan.pids) if pid != JUNK_PID]
     junk = len(scan.pids) - len(keep)
@@ -400,6 +439,7 @@ def _read_test_only(dataset: str, root: str, query_folder: str, gallery_folder: 
     path = paths[folder]
     scan = scan_fn(path, parse)
     _report_ignored(dataset, folder, scan, example, ignored)
+    _report_empty(dataset, path, scan, train=False)
     _require_parsed(dataset, path, scan, example)
     splits[subset] = _split(scan.paths, scan.pids, [camid] * len(scan.paths))
     _require_nonempty(dataset, path, splits[subset], subset, f'image files named like {example}',

@@ -24,7 +24,8 @@ def read_dataset(config: ml_collections.ConfigDict, name: str, root: str, *,
   elif not root:
     raise ValueError(f'no folder given for dataset {name!r}: set config.dataset.root '
                      '(or config.dataset.test_root for the test dataset)')
-  return datasets_lib.get_dataset(name, root, merge_train_val=merge_train_val)
+  return datasets_lib.get_dataset(name, root, merge_train_val=merge_train_val,
+                                  empty_images=config.input.corrupt_image_policy)
 
 
 def load_data(config: ml_collections.ConfigDict):
