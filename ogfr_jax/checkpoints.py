@@ -32,8 +32,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -67,6 +70,21 @@ class Manager(ocp.CheckpointManager):
   _pending: tuple[int, int] | None = None  # (step, bytes) of the write in flight
   _reported: bool = False
 
+  def check_writes(self) -> None:
+    """Raises the CheckpointWriteError of a write that has failed since the last save, as
+    soon as it has ended, without waiting for one in flight (the train loop calls it at
+    every step: a run never goes on training past a checkpoint that could not be written).
+
+    In one process only: with several, wait_until_finished of one process alone could meet
+    the others in a barrier while they run a step, so there the failure surfaces at the next
+    save, on every process.
+    """
+    if self._pending is None or self._reported or jax.process_count() > 1:
+      return
+    if not self.is_saving_in_progress():
+      self.wait_until_finished()  # returns at once, raising the failure if there was one
+      self._pending = None
+
   def wait_until_finished(self):
     try:
       super().wait_until_finished()
@@ -86,16 +104,20 @@ class Manager(ocp.CheckpointManager):
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 2, async_save: bool = True,
-                 config: Any = None, train_split: Any = None) -> Manager:
+                 config: Any = None, train_split: Any = None, writable: bool = True
+                 ) -> Manager:
   """The manager of WORKDIR/checkpoints; removes unfinished steps left by a killed run.
 
   With `config` (and the `train_split` of the run), checkpoints carry the run's identity and
   restoring checks it (`run_identity`); `config.train.damaged_checkpoint` decides what a
-  damaged checkpoint does at resume (`restore_newest`).
+  damaged checkpoint does at resume (`restore_newest`). writable=False: a manager to check and
+  restore with, which creates nothing and removes no unfinished step (a run that is then
+  refused leaves the folder as it was).
   """
+  _quiet_orbax_failures()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True)
+      max_to_keep=max_to_keep, create=writable, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=writable)
   # Named handlers (rather than item names) let `restore` read the saved shapes before it
   # restores anything.
   manager = Manager(
@@ -107,6 +129,58 @@ def make_manager(workdir: str, *, max_to_keep: int = 2, async_save: bool = True,
     manager.identity = run_identity(config, train_split)
     manager.damaged = str(config.train.damaged_checkpoint)
   return manager
+
+
+class _OrbaxErrors(std_logging.Filter):
+  """Keeps orbax's own error records (each with a traceback, several per failed write) and
+  asyncio's reports of the failed writes of its futures that nobody awaited any more off the
+  default console: a failed write is reported once, as CheckpointWriteError, and a damaged
+  step as DamagedCheckpoint. They come back with --verbosity=0 (absl INFO)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno < std_logging.ERROR or logging.get_verbosity() >= logging.INFO:
+      return True
+    if record.name == 'asyncio':
+      return not str(record.msg).startswith(('Future exception was never retrieved',
+                                             'Task exception was never retrieved'))
+    return f'{os.sep}orbax{os.sep}' not in (record.pathname or '')
+
+
+def _is_closed_loop(kind, value) -> bool:
+  """'Event loop is closed' raised outside the main thread: a callback of a write still
+  pending in tensorstore when a failed save closed its event loop (one traceback each,
+  hundreds on a full disk)."""
+  return (kind is not None and issubclass(kind, RuntimeError)
+          and str(value) == 'Event loop is closed'
+          and threading.current_thread() is not threading.main_thread())
+
+
+def _closed_loop_excepthook(previous):
+  def hook(kind, value, tb):
+    if not _is_closed_loop(kind, value):
+      previous(kind, value, tb)
+  hook.ogfr_closed_loop = True
+  return hook
+
+
+def _closed_loop_unraisablehook(previous):
+  def hook(unraisable):
+    if not _is_closed_loop(unraisable.exc_type, unraisable.exc_value):
+      previous(unraisable)
+  hook.ogfr_closed_loop = True
+  return hook
+
+
+def _quiet_orbax_failures() -> None:
+  """Installs `_OrbaxErrors`, and hooks that drop `_is_closed_loop` errors, once per process."""
+  for name in ('absl', 'asyncio'):
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxErrors) for f in logger.filters):
+      logger.addFilter(_OrbaxErrors())
+  if not getattr(sys.excepthook, 'ogfr_closed_loop', False):
+    sys.excepthook = _closed_loop_excepthook(sys.excepthook)
+  if not getattr(sys.unraisablehook, 'ogfr_closed_loop', False):
+    sys.unraisablehook = _closed_loop_unraisablehook(sys.unraisablehook)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
@@ -151,6 +225,18 @@ class DamagedCheckpoint(ValueError):
   def __init__(self, folder: str, step: int, reason: str):
     super().__init__(f'checkpoint {folder} (step {step}) is damaged: {reason}')
     self.folder, self.step, self.reason = folder, int(step), reason
+
+
+class UnverifiedCheckpoint(ValueError):
+  """A checkpoint without its integrity record, refused under damaged_checkpoint='refuse'."""
+
+
+# What a checkpoint without its 'integrity' item (written before checksums existed, or with
+# the item removed) leaves unchecked.
+_UNVERIFIED = ('no integrity record (written before checksums existed, or its integrity '
+               'folder was removed): its arrays are not checked against checksums, nor its '
+               'input state, nor the config and training data it was written with against '
+               'this run\'s')
 
 
 class CheckpointWriteError(OSError):
@@ -469,8 +555,17 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
     raise CheckpointMismatch(
         f'the checkpoint in {workdir} (step {step}) does not match the model of this config '
         f'({len(lines)} arrays differ):\n  {_describe(lines)}\nThe dataset (number of '
-        'identities or cameras) or the model config changed since it was written. Use another '
-        '--workdir, or --overwrite to start afresh there.')
+        'identities or cameras) or the model config changed since it was written. '
+        + _ways_out(manager))
+
+
+def _ways_out(manager: ocp.CheckpointManager) -> str:
+  """The end of a refusal: what loses nothing first, then what --overwrite would delete."""
+  from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
+  workdir = os.path.dirname(str(manager.directory))
+  return ('To resume it, run the command with the values it was written with (on the left); '
+          f'to run this config, use another --workdir. Nothing was changed in {workdir}; '
+          f'{run_config.overwrite_note(sorted(manager.all_steps()))}.')
 
 
 def _read_integrity(manager: ocp.CheckpointManager, step: int, folder: str) -> dict | None:
@@ -498,8 +593,7 @@ def _check_identity(manager: ocp.CheckpointManager, step: int, record: dict) -> 
     raise CheckpointMismatch(
         f'the checkpoint in {workdir} (step {step}) was written by a run of another config or '
         f'dataset; refusing to mix them ({len(lines)} difference{"s" * (len(lines) > 1)}):\n  '
-        f'{_describe(lines)}\n'
-        'Use another --workdir, or --overwrite to start afresh there.')
+        f'{_describe(lines)}\n' + _ways_out(manager))
 
 
 def _verify(folder: str, step: int, record: dict, state: Any, data_state: dict) -> None:
@@ -526,6 +620,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   record = _read_integrity(manager, step, folder)
   if record is not None:
     _check_identity(manager, step, record)
+  elif getattr(manager, 'damaged', 'fall_back') == 'refuse':
+    raise UnverifiedCheckpoint(
+        f'checkpoint {folder} (step {step}) has {_UNVERIFIED}; refused '
+        'under config.train.damaged_checkpoint=refuse. Pass '
+        '--config.train.damaged_checkpoint=fall_back to resume from it unverified')
   try:
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -535,8 +634,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     raise DamagedCheckpoint(folder, step, f'it cannot be restored ({_quote(e)})') from None
   state, data_state = restored['state'], dict(restored['data'])
   if record is None:
-    logging.warning('checkpoint %s was written without checksums; its contents are not '
-                    'verified', folder)
+    logging.warning('checkpoint %s (step %d) has %s; resuming from it unverified '
+                    '(config.train.damaged_checkpoint=refuse refuses such a checkpoint)',
+                    folder, step, _UNVERIFIED)
   else:
     _verify(folder, step, record, state, data_state)
   return state, data_state
@@ -579,7 +679,8 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any
                                 'config.train.damaged_checkpoint=fall_back') from None
       where = set_aside(manager, step)
       moved.append(f'{step} -> {where}')
-      logging.error('%s; moved it to %s and trying the checkpoint before it', e, where)
+      # The run goes on from an earlier step: a warning, not an error.
+      logging.warning('%s; moved it to %s and trying the checkpoint before it', e, where)
       continue
     if moved:
       logging.warning('resuming from step %d: damaged checkpoints set aside: %s', step,

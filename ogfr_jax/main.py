@@ -6,7 +6,8 @@ r"""Entry point: train and evaluate, or evaluate the latest checkpoint.
   python -m ogfr_jax.main --config configs/synthetic.py --workdir runs/synthetic --mode eval
 
 Any config field can be overridden with --config.FIELD=VALUE. The resolved config is written
-to WORKDIR/config.json; re-running on a workdir with checkpoints resumes the run.
+to WORKDIR/config.json once every check has passed (a refused run leaves the workdir as it
+was); re-running on a workdir with checkpoints resumes the run.
 
 Several processes (hosts) run the same command. On Cloud TPU VMs and in SLURM steps with
 several tasks they find each other by themselves (--distributed=auto); anywhere else pass
@@ -178,11 +179,15 @@ def _main(argv: list[str]) -> None:
   console.set_process(jax.process_index())
   run_config.validate(config)
   _check_workdir(_WORKDIR.value)
-  run_config.prepare_workdir(_WORKDIR.value, config, overwrite=_OVERWRITE.value)
+  if _OVERWRITE.value and _MODE.value != 'train':
+    raise app.UsageError('--overwrite starts a training run afresh; it does not apply to '
+                         f'--mode {_MODE.value}')
   from ogfr_jax import train  # pylint: disable=g-import-not-at-top  (after flags: jax init)
   name = config_flags.get_config_filename(flags.FLAGS['config'])
+  # Both check the workdir before they write anything there (a refused run changes nothing).
   if _MODE.value == 'train':
-    results = train.train_and_evaluate(config, _WORKDIR.value, config_name=name)
+    results = train.train_and_evaluate(config, _WORKDIR.value, config_name=name,
+                                       overwrite=_OVERWRITE.value)
   else:
     results = train.evaluate_checkpoint(config, _WORKDIR.value, config_name=name)
   logging.info('results: %s', results)

@@ -1,12 +1,15 @@
 """Config checks and the workdir's config.json.
 
 `validate` (config_schema) catches values that ml_collections' type checks cannot (names,
-ranges) before anything is built. `prepare_workdir` writes the resolved config as JSON and refuses a
-workdir that holds a run of a different config, so two runs never mix checkpoints.
+ranges) before anything is built. `check_workdir` refuses a workdir that holds a run of a
+different config, so two runs never mix checkpoints; it only reads. `write_workdir` writes the
+resolved config as JSON (and the manifest) once every check of the run has passed, so that a
+refused run leaves the workdir byte for byte as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
@@ -117,51 +120,94 @@ def _saved_steps(workdir: str) -> list[int]:
   return sorted(int(name) for name in paths.listdir(folder) if name.isdigit())
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
-                    overwrite: bool = False) -> None:
-  """Creates the workdir and writes config.json and manifest.json (process 0 only).
+def overwrite_note(steps: list[int]) -> str:
+  """What --overwrite would cost, for a refusal message."""
+  if steps:
+    return f'--overwrite starts afresh there and deletes its checkpoints of steps {steps}'
+  return '--overwrite starts afresh there (it has no checkpoint yet, so nothing is lost)'
 
-  With --overwrite and a changed config, process 0 first deletes WORKDIR/checkpoints; every
-  process returns only once that is done (barriers before and after).
+
+@dataclasses.dataclass
+class WorkdirCheck:
+  """What `check_workdir` found and what `write_workdir` will do.
+
+  discard: the workdir holds a run of another config and --overwrite was given: its
+  checkpoints are removed when the workdir is written (a checkpoint found to belong to another
+  run when it is restored sets it too, see train.py).
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  workdir: str
+  config: dict
+  overwrite: bool = False
+  discard: bool = False
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, *,
+                  overwrite: bool = False) -> WorkdirCheck:
+  """Refuses a workdir that holds a run of a different config (its config.json); reads only.
+
+  Nothing is written here, and `write_workdir` runs only after every other check of a run
+  (the data, the model, the checkpoints' own identity), so a refused run leaves the workdir as
+  it found it.
+  """
   workdir = paths.resolve(workdir, '--workdir')
   new = json.loads(config.to_json_best_effort())
+  check = WorkdirCheck(workdir, new, overwrite=overwrite)
   path = paths.join(workdir, 'config.json')
-  diff: list[str] = []
-  if paths.exists(path):
-    try:
-      old = json.loads(paths.read_text(path))
-      problem = None if isinstance(old, dict) else 'is not a JSON object'
-    except json.JSONDecodeError as e:
-      old, problem = None, f'is not valid JSON ({e})'
-    if problem and not overwrite:
-      saved = _saved_steps(workdir)
-      raise ValueError(
-          f'{path} {problem}, so the config of the run in {workdir} is unknown. Move it away '
-          'to resume there (each checkpoint records its config, which is checked against this '
-          'one), or pass --overwrite to start afresh '
-          + (f'(removes its checkpoints of steps {saved}).' if saved else
-             '(it has no checkpoint yet, so nothing is lost).'))
-    diff = [f'config.json: {problem}'] if problem else config_diff(old, new)
-    if diff and not overwrite:
-      saved = _saved_steps(workdir)
-      raise ValueError(
-          f'{workdir} holds a run of a different config; refusing to mix them. Differences:\n  '
-          + '\n  '.join(diff) + '\nUse another --workdir, or pass --overwrite to start afresh '
-          + (f'(removes its checkpoints of steps {saved}).' if saved else
-             '(it has no checkpoint yet, so nothing is lost).'))
+  if not paths.exists(path):
+    return check
+  try:
+    old = json.loads(paths.read_text(path))
+    problem = None if isinstance(old, dict) else 'is not a JSON object'
+  except json.JSONDecodeError as e:
+    old, problem = None, f'is not valid JSON ({e})'
+  diff = [f'config.json: {problem}'] if problem else config_diff(old, new)
+  if not diff:
+    return check
+  if overwrite:
+    check.discard = True
+    return check
+  saved = _saved_steps(workdir)
+  if problem:
+    raise ValueError(
+        f'{path} {problem}, so the config of the run in {workdir} is unknown. Move it away '
+        'to resume there (each checkpoint records its config, which is checked against this '
+        f'one), or use another --workdir; {overwrite_note(saved)}.')
+  raise ValueError(
+      f'{workdir} holds a run of a different config; refusing to mix them. Differences '
+      '(its config.json -> this command):\n  ' + '\n  '.join(diff)
+      + '\nTo resume it, run the command with its values (on the left); to run this config, '
+      f'use another --workdir. Nothing was changed in {workdir}; {overwrite_note(saved)}.')
+
+
+def write_workdir(check: WorkdirCheck, config: ml_collections.ConfigDict, *,
+                  layout: dict | None = None) -> None:
+  """Creates the workdir and writes config.json and manifest.json (process 0 only), after
+  every check of the run passed; with `check.discard` (--overwrite over another run) process 0
+  first deletes WORKDIR/checkpoints. Every process returns only once that is done (barriers
+  before and after)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
-  # Barriers (multi-process runs): every process has read the old config.json before
-  # process 0 deletes checkpoints or replaces it, and none goes on to the checkpoints
-  # (latest_step, restore) before that is done.
+  # Barriers (multi-process runs): every process has read the old config.json and checkpoints
+  # before process 0 deletes checkpoints or replaces it, and none goes on to write
+  # checkpoints before that is done.
   parallel.sync_processes('workdir: old config read')
   if jax.process_index() == 0:
-    if diff and overwrite:
+    workdir = check.workdir
+    if check.discard:
       paths.rmtree(paths.join(workdir, 'checkpoints'))
     paths.makedirs(workdir)
-    paths.write_text(path, json.dumps(new, indent=2, sort_keys=True))
+    paths.write_text(paths.join(workdir, 'config.json'),
+                     json.dumps(check.config, indent=2, sort_keys=True))
     from ogfr_jax import manifest  # pylint: disable=g-import-not-at-top
+    record = manifest.run_manifest(config)
+    if layout is not None:
+      record['layout'] = layout
     paths.write_text(paths.join(workdir, 'manifest.json'),
-                     json.dumps(manifest.run_manifest(config), indent=2, sort_keys=True))
+                     json.dumps(record, indent=2, sort_keys=True))
   parallel.sync_processes('workdir: ready')
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *,
+                    overwrite: bool = False) -> None:
+  """`check_workdir`, then `write_workdir` (for callers that run no other check)."""
+  write_workdir(check_workdir(workdir, config, overwrite=overwrite), config)

@@ -42,6 +42,7 @@ from ogfr_jax import optim
 from ogfr_jax import parallel
 from ogfr_jax import prefetch
 from ogfr_jax import pretrained
+from ogfr_jax import run_config
 from ogfr_jax import train_state
 from ogfr_jax import train_step as step_lib
 from ogfr_jax import writers
@@ -52,11 +53,13 @@ from ogfr_jax.train_state import TrainState
 from ogfr_jax.writers import Writer
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str):
+def setup(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = True):
   """Everything a train or eval run needs: data, mesh, model, optimizer, state, manager.
 
   The checks that need no data come first, so a config that cannot run fails before anything
-  is read, generated or written.
+  is read, generated or written. Nothing is written in the workdir: the manager only reads
+  (`open_workdir` makes the one that writes, once every check has passed). The state holds
+  the config.init_from weights when the run starts afresh (resume=False, or no checkpoint).
   """
   mesh = parallel.make_mesh(config.mesh)
   global_batch = config.input.ids_per_batch * config.input.images_per_id
@@ -74,9 +77,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   rng = jax.random.PRNGKey(config.seed)
   state, abstract, shardings = train_state.create_sharded_state(model, tx, config, mesh, rng)
   manager = checkpoints.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
-                                     config=config, train_split=train_data.train)
+                                     config=config, train_split=train_data.train,
+                                     writable=False)
   weights = None  # the import report of config.init_from, when this invocation imports it
-  if config.init_from and manager.latest_step() is None:
+  if config.init_from and (not resume or manager.latest_step() is None):
     try:
       state, weights = train_state.load_pretrained(state, abstract, shardings, config)
     except BaseException:
@@ -115,6 +119,36 @@ def restore_latest(s: dict):
     return s['state'], None, 0
   logging.info('resumed from checkpoint at step %d', step)
   return state, data_state, int(step)
+
+
+def restore_checked(s: dict, config: ml_collections.ConfigDict,
+                    check: run_config.WorkdirCheck):
+  """`restore_latest`, except where the run starts afresh: --overwrite over the run of
+  another config, found in config.json (check.discard) or in the checkpoint's own record
+  (CheckpointMismatch, which then sets check.discard). Reads only."""
+  if not check.discard:
+    try:
+      return restore_latest(s)
+    except checkpoints.CheckpointMismatch:
+      if not check.overwrite:
+        raise
+      check.discard = True
+  if config.init_from and s.get('weights') is None:
+    s['state'], s['weights'] = train_state.load_pretrained(s['state'], s['abstract'],
+                                                           s['shardings'], config)
+  return s['state'], None, 0
+
+
+def open_workdir(s: dict, config: ml_collections.ConfigDict, check: run_config.WorkdirCheck
+                 ) -> None:
+  """Once every check has passed: writes config.json and manifest.json (after deleting the
+  checkpoints of another run under --overwrite) and replaces s['manager'] by one that writes
+  (it removes the unfinished steps of a killed run)."""
+  run_config.write_workdir(check, config, layout=s['layout'])
+  release_manager(s['manager'])
+  s['manager'] = checkpoints.make_manager(
+      check.workdir, max_to_keep=config.train.keep_checkpoints, config=config,
+      train_split=s['train_data'].train)
 
 
 def _batches(it: Iterator[dict]) -> Iterator[dict]:
@@ -328,8 +362,14 @@ def _print_end(workdir: str, results: dict, step: int, wall_time_s: float | None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None, config_name: str = '') -> dict:
+                       stop_at_step: int | None = None, config_name: str = '',
+                       overwrite: bool = False) -> dict:
   """Trains (resuming from the latest checkpoint in workdir), then evaluates the student.
+
+  The workdir is written to (config.json, manifest.json, checkpoints, logs) only after every
+  check passed: its config.json (run_config.check_workdir), the data, the model, and the
+  identity of its newest checkpoint. A refused run leaves it as it was. `overwrite` starts
+  afresh over the run of another config (its checkpoints are deleted).
 
   `stop_at_step` ends the run early after checkpointing that step, as a preemption would;
   running again continues it. Returns the results written to WORKDIR/results.json ({} when
@@ -339,18 +379,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   FloatingPointError on a non-finite step under config.train.nonfinite_policy='stop'.
   """
   t_start = time.time()  # wall time of this invocation (a resumed run reports its own part)
-  s = setup(config, workdir)
-  mesh, model, manager = s['mesh'], s['model'], s['manager']
+  check = run_config.check_workdir(workdir, config, overwrite=overwrite)
+  s = setup(config, workdir, resume=not check.discard)
+  mesh, model = s['mesh'], s['model']
   # A fault before the loop (a checkpoint that does not fit, a bad occlusion setting, ...)
   # releases the checkpoint manager (release_manager).
   try:
-    manifest.record_layout(workdir, s['layout'])
+    state, data_state, start_step = restore_checked(s, config, check)
+    open_workdir(s, config, check)
+    manager = s['manager']
     if jax.process_index() == 0:
       # Shapes only: under FSDP the values span devices of other processes.
       logging.info('parameters:\n%s', parameter_overview.get_parameter_overview(
           s['abstract'].params, include_stats=False))
       logging.info('parameter groups: %s', optim.group_sizes(s['state'].params, config.optim))
-    state, data_state, start_step = restore_latest(s)
     print_header(s, config, workdir, config_name, start_step)
     total_steps, steps_per_epoch = s['total_steps'], s['steps_per_epoch']
     train_iter = pipeline.make_train_iterator(
@@ -367,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
     writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
   except BaseException:
-    release_manager(manager)
+    release_manager(s['manager'])
     raise
   try:
     step_fn = step_lib.jit_train_step(model, s['tx'], config, s['lr_fn'], mesh, s['shardings'],
@@ -383,6 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     batches = _batches(train_iter)
     with stop:
       for step in range(start_step, total_steps):
+        manager.check_writes()  # a checkpoint that failed to write ends the run here
         if stop.should_stop(step):
           progress.stop(step, state, stop.received)
         try:
@@ -397,6 +440,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           progress.stop(step, state, stop.received)
         state, metrics = step_fn(state, batch)
         progress.history.append(metrics)  # device arrays: fetched every log_every steps
+        if len(progress.history) > 1:
+          # One step in flight at most besides this one. Dispatch is asynchronous: unchecked,
+          # the host runs up to log_every steps ahead of the devices, and a SIGTERM or a
+          # failed checkpoint write would be acted on only after all of them.
+          jax.block_until_ready(progress.history[-2])
         done = step + 1
         display.advance(done)
         if done % config.train.log_every == 0 or done == total_steps:
@@ -431,11 +479,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         config_name: str = '') -> dict:
   t_start = time.time()
+  check = run_config.check_workdir(workdir, config)
   s = setup(config, workdir)
   try:
     state, _, step = restore_latest(s)
     if step == 0:
       raise FileNotFoundError(f'no checkpoint to evaluate in {s["manager"].directory}')
+    run_config.write_workdir(check, config, layout=s['layout'])
     print_header(s, config, workdir, config_name, mode='eval')
     results = evaluator.final_evaluation(s['model'], state, s['train_data'], s['test_data'],
                                          config, s['mesh'], step)
