@@ -6,6 +6,7 @@ fresh interpreter:
   python tests/faults_child.py train --workdir WD --cache DATA --compile_cache CC \
       [--step_sleep S] [--park_at N --release FILE] [--kill_in_save N] [--nan_at N,M] \
       [--nonfinite_policy stop|skip] [--corrupt_policy fail|skip] [--log_every N]
+  python tests/faults_child.py main --compile_cache CC [hooks of train] -- ARGS OF ogfr_jax.main
   python tests/faults_child.py workers --root MARKET_ROOT [--num_workers N]
   python tests/faults_child.py agree --coordinator HOST:PORT --num_processes 2 \
       --process_id I --signal_at N [--no_service]
@@ -19,10 +20,19 @@ every 2, an evaluation after step 4) with these hooks:
                       item is written and just before orbax renames the folder into place
   --nan_at N[,M..]    fill the images of the batches of these steps with NaN
   --enospc_in_save N  the write of step N fails with 'No space left on device' (ENOSPC) in
-                      orbax's background commit, as a full disk does
+                      orbax's background commit, as a full disk does; with --release, that
+                      file is created when it fails
+  --trace_batches     print 'BATCH N UNFINISHED U' before the batch of step N is read: U is the
+                      number of steps dispatched before whose results are not ready yet
   --epochs N          train.epochs (another schedule for the same workdir)
   --max_skipped_share S   train.max_skipped_share
 Its exit status is the run's: 0, 143 after a SIGTERM checkpoint, 1 on an error.
+
+`main` runs the real entry point, `ogfr_jax.main`, with the arguments after `--`, the same
+fake CPU devices and compilation cache, and the hooks above (--step_sleep, --park_at,
+--release, --kill_in_save, --nan_at, --enospc_in_save). This file is also the config file of
+those runs: `--config tests/faults_child.py:DATA_CACHE` gives the tiny config of `train`
+(other settings as --config.FIELD overrides).
 
 `workers` reads one train batch of a Market-1501 fixture through grain workers, prints
 'WORKERS {"workers": [pids], "tracker": pid}' and waits to be killed.
@@ -45,25 +55,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 8, 4, 2
 
 
+def _add_hook_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--compile_cache', default='', help='persistent XLA cache shared by runs')
+  p.add_argument('--devices', type=int, default=2, help='fake CPU devices')
+  p.add_argument('--step_sleep', type=float, default=0.0)
+  p.add_argument('--park_at', type=int, default=-1)
+  p.add_argument('--release', default='')
+  p.add_argument('--kill_in_save', type=int, default=-1)
+  p.add_argument('--nan_at', default='', help='comma-separated steps')
+  p.add_argument('--enospc_in_save', type=int, default=-1)
+  p.add_argument('--trace_batches', action='store_true')
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest='command', required=True)
   t = sub.add_parser('train')
   t.add_argument('--workdir', required=True)
   t.add_argument('--cache', required=True, help='synthetic dataset cache folder')
-  t.add_argument('--compile_cache', default='', help='persistent XLA cache shared by runs')
-  t.add_argument('--devices', type=int, default=2, help='fake CPU devices')
+  _add_hook_args(t)
   t.add_argument('--log_every', type=int, default=1)
-  t.add_argument('--step_sleep', type=float, default=0.0)
-  t.add_argument('--park_at', type=int, default=-1)
-  t.add_argument('--release', default='')
-  t.add_argument('--kill_in_save', type=int, default=-1)
-  t.add_argument('--nan_at', default='', help='comma-separated steps')
   t.add_argument('--nonfinite_policy', default='stop')
   t.add_argument('--corrupt_policy', default='fail')
   t.add_argument('--max_skipped_share', type=float, default=0.1)
   t.add_argument('--epochs', type=int, default=0, help='train.epochs (0: STEPS / STEPS_PER_EPOCH)')
-  t.add_argument('--enospc_in_save', type=int, default=-1)
+  m = sub.add_parser('main')
+  _add_hook_args(m)
+  m.add_argument('main_args', nargs=argparse.REMAINDER, help='-- then ogfr_jax.main\'s')
   w = sub.add_parser('workers')
   w.add_argument('--root', required=True, help='a Market-1501 layout (dataset_fixtures)')
   w.add_argument('--num_workers', type=int, default=2)
@@ -99,16 +117,42 @@ def fault_config(cache: str, args: argparse.Namespace):
   return c
 
 
+def get_config(cache: str):
+  """The config of `train` with its default options, as a config file for ogfr_jax.main."""
+  for path in (ROOT, os.path.join(ROOT, 'tests')):
+    if path not in sys.path:
+      sys.path.insert(0, path)
+  return fault_config(cache, parse_args(['train', '--workdir', '', '--cache', cache]))
+
+
 def _install_hooks(args: argparse.Namespace) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ogfr_jax import train  # pylint: disable=g-import-not-at-top
   original = train._batches  # pylint: disable=protected-access
   nan_steps = {int(v) for v in args.nan_at.split(',') if v}
+  dispatched = []  # the metrics of every step run (--trace_batches)
+  if args.trace_batches:
+    jit_train_step = train.step_lib.jit_train_step
+
+    def traced_jit(*a, **k):
+      step_fn = jit_train_step(*a, **k)
+
+      def traced(state, batch):
+        out = step_fn(state, batch)
+        dispatched.append(out[1])
+        return out
+      return traced
+
+    train.step_lib.jit_train_step = traced_jit
 
   def batches(it):
     inner = original(it)
     while True:
       step = it.step  # global step of the batch about to be read
+      if args.trace_batches:
+        import jax  # pylint: disable=g-import-not-at-top
+        unfinished = sum(not all(x.is_ready() for x in jax.tree.leaves(m)) for m in dispatched)
+        print(f'BATCH {step} UNFINISHED {unfinished}', flush=True)
       if args.step_sleep:
         time.sleep(args.step_sleep)
       if step == args.park_at:
@@ -144,13 +188,15 @@ def _install_hooks(args: argparse.Namespace) -> None:
 
     async def finalize_or_full(self):
       if self.get_final().name == str(args.enospc_in_save):
+        if args.release:
+          open(args.release, 'w').close()
         raise OSError(errno.ENOSPC, 'No space left on device', str(self.get_final()))
       return await finalize_once(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_full
 
 
-def run_train(args: argparse.Namespace) -> None:
+def _start_jax(args: argparse.Namespace) -> None:
   # The backend's optimisations cost more compile time than they save on 8 tiny steps; every
   # run uses the same flags, so their results stay comparable bit for bit.
   os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={args.devices} '
@@ -161,13 +207,25 @@ def run_train(args: argparse.Namespace) -> None:
     # Every run here compiles the same programs; sharing them keeps the tests fast.
     jax.config.update('jax_compilation_cache_dir', args.compile_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
+
+
+def run_train(args: argparse.Namespace) -> None:
+  _start_jax(args)
   from ogfr_jax import train  # pylint: disable=g-import-not-at-top
   config = fault_config(args.cache, args)
-  run_config.prepare_workdir(args.workdir, config)
   _install_hooks(args)
-  results = train.train_and_evaluate(config, args.workdir)
+  results = train.train_and_evaluate(config, args.workdir)  # writes config.json, as main does
   print('RESULTS ' + json.dumps(results, sort_keys=True), flush=True)
+
+
+def run_main(args: argparse.Namespace) -> None:
+  """ogfr_jax.main as `python -m ogfr_jax.main ARGS` runs it, after the hooks."""
+  _start_jax(args)
+  _install_hooks(args)
+  from ogfr_jax import main as entry  # pylint: disable=g-import-not-at-top
+  rest = args.main_args[1:] if args.main_args[:1] == ['--'] else args.main_args
+  sys.argv = ['ogfr_jax.main', *rest]
+  entry.run()
 
 
 def run_workers(args: argparse.Namespace) -> None:
@@ -224,6 +282,9 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  if args.command == 'main':
+    run_main(args)  # parses its own absl flags and sets its own log level
+    return
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS(sys.argv[:1])  # grain reads absl flags
   from absl import logging  # pylint: disable=g-import-not-at-top
