@@ -5,8 +5,10 @@ config.json went missing) are in tests/test_faults.py.
 """
 
 import errno
+import logging as std_logging
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -263,3 +265,61 @@ def test_disk_full_in_a_checkpoint_write_is_one_line_and_keeps_the_last_good_one
     checkpoints.save(manager, 6, _state(6), {'step': 6})
   manager.close()
   shutil.rmtree(wd)
+
+
+def test_checkpoint_without_integrity_record_is_used_with_a_warning_or_refused(tmp_path,
+                                                                               caplog):
+  """A step written before checksums existed (here: its integrity item removed) is still
+  resumed from, with a warning that says what was not verified; under 'refuse' it is refused,
+  with nothing moved."""
+  wd = str(tmp_path / 'wd')
+  states = _write(wd, steps=(2,))
+  shutil.rmtree(os.path.join(wd, 'checkpoints', '2', 'integrity'))
+  config = config_defaults.base_config()
+  config.train.damaged_checkpoint = 'refuse'
+  manager = checkpoints.make_manager(wd, config=config)
+  with pytest.raises(checkpoints.UnverifiedCheckpoint) as e:
+    checkpoints.restore_newest(manager, _abstract(states[2]))
+  manager.close()
+  text = str(e.value)
+  assert text.startswith(f'checkpoint {wd}/checkpoints/2 (step 2) has no integrity record '
+                         '(written before checksums existed')
+  assert 'its arrays are not checked against checksums' in text and '\n' not in text
+  assert '--config.train.damaged_checkpoint=fall_back' in text
+  assert _steps(wd) == ['2']
+
+  config.train.damaged_checkpoint = 'fall_back'
+  manager = checkpoints.make_manager(wd, config=config)
+  with caplog.at_level(std_logging.WARNING):
+    state, _, step = checkpoints.restore_newest(manager, _abstract(states[2]))
+  manager.close()
+  assert step == 2
+  np.testing.assert_array_equal(state['params']['w'], states[2]['params']['w'])
+  (warning,) = [r for r in caplog.records if r.levelno == std_logging.WARNING]
+  for what in ('no integrity record', 'arrays are not checked against checksums',
+               'nor its input state', 'nor the config and training data it was written with',
+               'damaged_checkpoint=refuse refuses'):
+    assert what in warning.getMessage(), what
+
+
+def test_a_manager_that_only_checks_writes_nothing(tmp_path):
+  wd = tmp_path / 'wd'
+  manager = checkpoints.make_manager(str(wd), writable=False)
+  assert manager.all_steps() == [] and manager.latest_step() is None
+  manager.close()
+  assert not wd.exists()
+  # Nor does it clean up what a killed run left: only a run that goes on does.
+  _write(str(wd), steps=(2,))
+  leftover = wd / 'checkpoints' / '4.orbax-checkpoint-tmp'
+  leftover.mkdir()
+  manager = checkpoints.make_manager(str(wd), writable=False)
+  assert manager.all_steps() == [2]
+  time.sleep(0.5)  # the clean-up of a writable manager runs in a thread, done by then
+  manager.close()
+  assert leftover.is_dir()
+  manager = checkpoints.make_manager(str(wd))
+  deadline = time.time() + 10
+  while leftover.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  manager.close()
+  assert not leftover.exists()

@@ -262,3 +262,47 @@ def test_inspect_bad_folder_and_bad_arguments(tmp_path):
   with pytest.raises(SystemExit) as e:
     cli.run_cli(inspect.main, ['--dataset', 'market1501'])
   assert e.value.code == 2
+
+
+def test_main_missing_config_file_with_overrides(tmp_path):
+  # The override is applied to a config that failed to load: still the same one line.
+  status, lines = _main(tmp_path, '--config.train.epochs=4', '--config.seed=3',
+                        config='configs/nope.py')
+  assert_one_line_error(status, lines, '--config configs/nope.py: cannot load the config file',
+                        'No such file')
+  assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.parametrize('override,needles', [
+    ('--config.train.epochz=4', ('--config.train.epochz: unknown config field',
+                                 "'epochz'", 'Did you mean "epochs"')),
+    # A field under the wrong section: where it lives, found in the config tree.
+    ('--config.model.init_from=w.npz', ('--config.model.init_from: no such field',
+                                        'init_from lives at the top level: --config.init_from')),
+    ('--config.train.lr=0.1', ('--config.train.lr: no such field',
+                               'lr lives in config.optim: --config.optim.lr')),
+])
+def test_main_bad_override_names_the_field(tmp_path, override, needles):
+  status, lines = _main(tmp_path, override)
+  assert_one_line_error(status, lines, 'bad --config override: ', *needles)
+  assert '\\' not in lines[0]
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_main_market_tree_with_an_empty_image(tmp_path):
+  tree = fx.make_market1501(tmp_path)
+  empty = sorted(p for p in (tree.root / 'bounding_box_train').glob('*.jpg')
+                 if not p.name.startswith('.'))[1]
+  empty.write_bytes(b'')
+  status, lines = _main(tmp_path, f'--config.dataset.root={tree.root}')
+  assert status == 2 and all(l.startswith(('warning: ', 'error: ')) for l in lines), lines
+  assert_one_line_error(status, lines[-1:], str(tree.root / 'bounding_box_train'),
+                        empty.name, '0 bytes', 'corrupt_image_policy=skip')
+  assert not (tmp_path / 'wd').exists()
+  # Under the skip policy the scan warns, naming it, and the run reads on.
+  splits = datasets.get_dataset('market1501', tree.root, empty_images='skip')
+  assert str(empty) in splits.train.paths
+  empty.with_name('0001_c1s1_000001_00.jpg').write_bytes(b'')  # pid 1 is in no split
+  with pytest.raises(datasets.DatasetError, match=r'2 image file\(s\) of 0 bytes in .*: '
+                     rf'0001_c1s1_000001_00\.jpg, {empty.name}'):
+    datasets.get_dataset('market1501', tree.root)

@@ -676,8 +676,8 @@ def test_invalid_config_json_is_refused_and_overwrite_starts_afresh(tmp_path):
     with pytest.raises(ValueError) as e:
       run_config.prepare_workdir(str(wd), config)
     assert str(e.value).startswith(f'{wd / "config.json"} is not ')
-    assert 'pass --overwrite to start afresh (removes its checkpoints of steps [2])' in str(
-        e.value)
+    assert str(e.value).endswith('or use another --workdir; --overwrite starts afresh there '
+                                 'and deletes its checkpoints of steps [2].')
     assert (wd / 'config.json').read_text() == garbage and (wd / 'checkpoints' / '2').is_dir()
   # What the message advises works.
   run_config.prepare_workdir(str(wd), config, overwrite=True)
@@ -805,6 +805,41 @@ def test_checkpoint_of_another_model_or_damaged_is_refused_with_a_clear_error(sh
   assert step == 6 and data['step'] == 6
   assert saved_steps(wd) == [2, 4, 6]
   assert (wd / 'checkpoints' / f'corrupt-{STEPS}' / 'state' / 'd').is_dir()
+
+
+@pytest.mark.slow
+def test_overwrite_discards_another_runs_checkpoint_only_once_every_check_passed(shared,
+                                                                                tmp_path):
+  """config.json gone, the checkpoint of another config: refused without --overwrite; with
+  it, the run starts afresh, and the checkpoints go only when the workdir is written."""
+  wd = tmp_path / 'run'
+  shutil.copytree(shared['reference'], wd)
+  os.remove(wd / 'config.json')
+  before = tree_digest(wd)
+  config = tiny_config(pathlib.Path('unused'))  # another schedule than the reference's
+  model = build.build_model(config, 8, 4)
+  tx, _ = optim.make_optimizer(config, 8, 4, 8)
+  abstract = jax.eval_shape(lambda r: train_state.init_state(model, tx, config, r),
+                            jax.random.PRNGKey(0))
+  for overwrite in (False, True):
+    s = {'manager': checkpoints.make_manager(str(wd), config=config, writable=False),
+         'abstract': abstract, 'state': 'fresh state', 'pretrained': False,
+         'shardings': parallel.state_shardings(abstract, parallel.make_mesh(config.mesh))}
+    check = run_config.check_workdir(str(wd), config, overwrite=overwrite)
+    try:
+      if overwrite:
+        assert train.restore_checked(s, config, check) == ('fresh state', None, 0)
+      else:
+        with pytest.raises(checkpoints.CheckpointMismatch, match='deletes its checkpoints of '
+                           r'steps \[2, 4, 6, 8\]'):
+          train.restore_checked(s, config, check)
+    finally:
+      s['manager'].close()
+    assert check.discard == overwrite
+    assert tree_digest(wd) == before
+  run_config.write_workdir(check, config)
+  assert not (wd / 'checkpoints').exists()
+  assert json.loads((wd / 'config.json').read_text())['train']['epochs'] == config.train.epochs
 
 
 # --------------------------------------------------------------------------------------------
