@@ -18,13 +18,20 @@ fields, and the training data). On restore the identity is compared first, whate
 config.json says (`CheckpointMismatch`: never used, never moved), then the restored arrays
 against their checksums. A step that cannot be read or restored or fails its checksums is
 `DamagedCheckpoint`; `restore_newest` moves it to `corrupt-<step>` beside the steps (kept
-for inspection, never deleted) and tries the step before it, or refuses under
-config.train.damaged_checkpoint='refuse'. Steps written before the integrity item existed
-restore with a warning that they are not verified.
+for inspection, never deleted, with a warning: the run goes on) and tries the step before
+it, or refuses under config.train.damaged_checkpoint='refuse'. Steps written before the
+integrity item existed restore with a warning naming what is not verified, or are refused
+under 'refuse' (`UnverifiedCheckpoint`).
 
 Writes. A write that fails (disk full, permissions, I/O) is raised once, as
 `CheckpointWriteError` (an OSError) naming the step, the folder, the space it needs, and the
-last good checkpoint, which stays where it is.
+last good checkpoint, which stays where it is; in one process as soon as the write has ended
+(`Manager.check_writes`, called by the train loop at every step). Orbax's own error records
+of it, and the 'Event loop is closed' tracebacks of the writes it leaves pending, are kept off
+the default console (`_quiet_orbax_failures`; shown with --verbosity=0).
+
+A manager made with writable=False (what a run checks and restores with before it is allowed
+to write) creates no folder and removes no unfinished step.
 """
 
 from __future__ import annotations

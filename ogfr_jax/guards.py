@@ -15,8 +15,12 @@ at the same step, even though the scheduler may signal only some of them:
   arrives it answers locally, without communication. A Python SIGTERM handler would replace the
   service's own, so none is installed in that mode.
 - without the service, each process catches SIGTERM itself and the processes agree every
-  `check_every` steps by all-gathering their flags (a host sync and a tiny collective).
-A single process needs no agreement and reads its flag every step at no cost. A signal that
+  `check_every` steps by all-gathering their flags (a host sync and a tiny collective, the
+  only cost config.train.stop_check_every trades against the delay of a stop; the JAX service
+  is on by default, so this path is the exception).
+A single process needs no agreement and reads its flag every step at no cost. The train loop
+keeps at most one step in flight, so "the next step" is the devices' next step, not one the
+host dispatched far ahead of them. A signal that
 arrives before the loop starts (set-up, compilation, restore) ends the process as usual: there
 is nothing to save yet.
 

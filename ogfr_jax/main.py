@@ -47,7 +47,7 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'eval: evaluate the latest checkpoint in --workdir.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Start afresh in a --workdir that holds a run of a different config '
-    '(its checkpoints are removed).')
+    '(its checkpoints are deleted, once every other check has passed).')
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', list(parallel.DISTRIBUTED_MODES),
     'Multi-process start-up. auto: start when --coordinator_address/--num_processes/'

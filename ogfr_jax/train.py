@@ -17,7 +17,11 @@ Faults the loop is built to survive (tests/test_faults.py injects each):
   config.train.nonfinite_policy='stop' ends the run naming the step, with no checkpoint
   written past it, 'skip' goes on and counts skipped steps in the metrics;
 - an exception anywhere in the loop (a corrupt image under the 'fail' policy, ...): checkpoints
-  already being written are completed before it propagates.
+  already being written are completed before it propagates;
+- a checkpoint that cannot be written (disk full): the run stops at the next step (one
+  process) or save, with one error naming the step and the last good checkpoint;
+- a run that is refused (a workdir or checkpoint of another config, a dataset that cannot be
+  read): nothing is written before every check passed, so the workdir is left as it was.
 """
 
 from __future__ import annotations
