@@ -390,8 +390,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # releases the checkpoint manager (release_manager).
   try:
     state, data_state, start_step = restore_checked(s, config, check)
-    open_workdir(s, config, check)
-    manager = s['manager']
     if jax.process_index() == 0:
       # Shapes only: under FSDP the values span devices of other processes.
       logging.info('parameters:\n%s', parameter_overview.get_parameter_overview(
@@ -404,6 +402,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         process_count=jax.process_count())
     if data_state is not None:
       train_iter.set_state(data_state)
+    open_workdir(s, config, check)  # every check passed: the first write in the workdir
+    manager = s['manager']
     # Batches reach the step already on the devices; checkpoints take the input state of the
     # last batch consumed, not of those read ahead (prefetch.py).
     train_iter = prefetch.DevicePrefetcher(
@@ -413,6 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
     writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
   except BaseException:
+    if 'train_iter' in locals():
+      train_iter.close()
     release_manager(s['manager'])
     raise
   try:
