@@ -563,15 +563,16 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
         f'the checkpoint in {workdir} (step {step}) does not match the model of this config '
         f'({len(lines)} arrays differ):\n  {_describe(lines)}\nThe dataset (number of '
         'identities or cameras) or the model config changed since it was written. '
-        + _ways_out(manager))
+        + _ways_out(manager, 'the model config and dataset it was written with'))
 
 
-def _ways_out(manager: ocp.CheckpointManager) -> str:
+def _ways_out(manager: ocp.CheckpointManager,
+              written_with: str = 'the values it was written with (on the left)') -> str:
   """The end of a refusal: what loses nothing first, then what --overwrite would delete."""
   from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
   workdir = os.path.dirname(str(manager.directory))
-  return ('To resume it, run the command with the values it was written with (on the left); '
-          f'to run this config, use another --workdir. Nothing was changed in {workdir}; '
+  return (f'To resume it, run the command with {written_with}; to run this config, use '
+          f'another --workdir. Nothing was changed in {workdir}; '
           f'{run_config.overwrite_note(sorted(manager.all_steps()))}.')
 
 

@@ -481,8 +481,9 @@ def test_disk_full_in_a_checkpoint_write_ends_with_one_line_and_keeps_the_last_g
   assert _max_diff(good, reference) == 0.0
 
 
-def _corrupt_copy(shared, tmp_path) -> tuple[str, list[str]]:
-  """A copy of the dataset with four training images broken (empty or cut short)."""
+def _corrupt_copy(shared, tmp_path, empty: bool = True) -> tuple[str, list[str]]:
+  """A copy of the dataset with four training images broken (every other one empty, with
+  `empty`, the others cut short)."""
   cache = tmp_path / 'data' / 'cache'
   shutil.copytree(shared['cache'], cache)
   (dataset,) = [d for d in cache.iterdir() if d.is_dir()]
@@ -490,7 +491,7 @@ def _corrupt_copy(shared, tmp_path) -> tuple[str, list[str]]:
   assert len(files) == 4
   for i, path in enumerate(files):
     data = path.read_bytes()
-    path.write_bytes(b'' if i % 2 else data[:len(data) // 3])
+    path.write_bytes(b'' if i % 2 and empty else data[:len(data) // 3])
   return str(cache), [str(f) for f in files]
 
 
@@ -527,8 +528,15 @@ def test_nonfinite_and_corrupt_images_are_skipped_and_counted(shared, tmp_path):
 
 @pytest.mark.slow
 def test_corrupt_image_under_fail_policy_names_the_file(shared, tmp_path):
-  cache, broken = _corrupt_copy(shared, tmp_path)
+  # Empty files are named when the folder is scanned, before anything is built or written.
+  cache, broken = _corrupt_copy(shared, tmp_path / 'empty')
   wd = tmp_path / 'run'
+  proc = _run(_main_args(shared, wd, cache=cache))
+  _assert_refused(proc, 'image file(s) of 0 bytes in ', os.path.basename(broken[1]),
+                  os.path.basename(broken[3]), 'corrupt_image_policy=skip')
+  assert not wd.exists()
+  # Files cut short are found when read.
+  cache, broken = _corrupt_copy(shared, tmp_path, empty=False)
   proc = _run(_train_args(shared, wd, cache=cache))
   assert proc.returncode == 1
   assert 'CorruptImageError' in proc.stderr
