@@ -75,6 +75,7 @@ class Manager(ocp.CheckpointManager):
   identity: dict | None = None
   damaged: str = 'fall_back'
   _pending: tuple[int, int] | None = None  # (step, bytes) of the write in flight
+  _free_before: int | None = None  # bytes free on the disk when that write started
   _reported: bool = False
 
   def check_writes(self) -> None:
@@ -100,7 +101,7 @@ class Manager(ocp.CheckpointManager):
         return  # already raised to the caller; the run is ending
       self._reported = True
       step, nbytes = self._pending or (None, 0)
-      raise write_error(self, step, nbytes, e) from e
+      raise write_error(self, step, nbytes, e, free_before=self._free_before) from e
 
   def close(self):
     try:
@@ -207,6 +208,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
                and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))
   if isinstance(manager, Manager):
     manager._pending = (int(step), nbytes)  # pylint: disable=protected-access
+    manager._free_before = _free_bytes(str(manager.directory))  # pylint: disable=protected-access
   try:
     return manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -215,7 +217,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
   except CheckpointWriteError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise write_error(manager, int(step), nbytes, e) from e
+    raise write_error(manager, int(step), nbytes, e,
+                      free_before=getattr(manager, '_free_before', None)) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,9 +276,21 @@ def _megabytes(n: float) -> str:
   return f'{n / 2**20:.1f} MB'
 
 
-def write_error(manager: Any, step: int | None, nbytes: int, e: BaseException
-                ) -> CheckpointWriteError:
-  """One message for a failed checkpoint write: what, where, why, and what is kept."""
+def _free_bytes(directory: str) -> int | None:
+  """Free bytes on the local disk holding `directory` (None: unknown, e.g. an object store)."""
+  try:
+    return shutil.disk_usage(directory).free
+  except OSError:
+    return None
+
+
+def write_error(manager: Any, step: int | None, nbytes: int, e: BaseException, *,
+                free_before: int | None = None) -> CheckpointWriteError:
+  """One message for a failed checkpoint write: what, where, why, and what is kept.
+
+  free_before: the free bytes when the write started (what it wrote before failing has
+  filled the disk since); else the free bytes now.
+  """
   directory = str(manager.directory)
   folder = f'{directory}/{step}' if step is not None else directory
   good = [s for s in _finished_steps(directory) if s != step]
@@ -283,10 +298,11 @@ def write_error(manager: Any, step: int | None, nbytes: int, e: BaseException
           f'no earlier checkpoint exists in {directory}')
   code = _errno_in_chain(e)
   if code == errno.ENOSPC:
-    try:
-      free = f', {_megabytes(shutil.disk_usage(directory).free)} free there'
-    except OSError:
-      free = ''
+    if free_before is not None:
+      free = f', {_megabytes(free_before)} free when it started'
+    else:
+      now = _free_bytes(directory)
+      free = f', {_megabytes(now)} free there' if now is not None else ''
     need = f' (it needs about {_megabytes(nbytes)}{free})' if nbytes else ''
     message = (f'no space left on device writing the checkpoint of step {step} to '
                f'{folder}{need}; {kept}. Free space and run the same command to resume.')
