@@ -831,7 +831,7 @@ def test_overwrite_discards_another_runs_checkpoint_only_once_every_check_passed
                             jax.random.PRNGKey(0))
   for overwrite in (False, True):
     s = {'manager': checkpoints.make_manager(str(wd), config=config, writable=False),
-         'abstract': abstract, 'state': 'fresh state', 'pretrained': False,
+         'abstract': abstract, 'state': 'fresh state',
          'shardings': parallel.state_shardings(abstract, parallel.make_mesh(config.mesh))}
     check = run_config.check_workdir(str(wd), config, overwrite=overwrite)
     try:
