@@ -18,6 +18,7 @@ from ogfr_jax import train
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.tools import common
+from ogfr_jax.tools import drawing
 from ogfr_jax.tools import export
 from ogfr_jax.tools import extract
 from ogfr_jax.tools import plot_training
@@ -129,12 +130,12 @@ def test_visrank_draws_the_evaluation_ranking(run, tmp_path):
     shown = res['chosen'][:2] if rows == 2 else res['chosen'][2:]
     hits = [bool(m) for l in shown for m in l.matches[:4]]
     frames = {c: np.all(pixels == np.array(c, np.uint8), axis=-1).sum()
-              for c in (common.GREEN, common.RED, common.BLUE)}
+              for c in (drawing.GREEN, drawing.RED, drawing.BLUE)}
     # A 3-pixel frame around a 96 x 48 tile has 954 pixels; the frame colours are exact
     # RGB values that the noisy benchmark images practically never hit that often.
-    assert frames[common.BLUE] >= 900 * rows  # the query frames
-    assert (frames[common.GREEN] >= 900) == any(hits)
-    assert (frames[common.RED] >= 900) == (not all(hits))
+    assert frames[drawing.BLUE] >= 900 * rows  # the query frames
+    assert (frames[drawing.GREEN] >= 900) == any(hits)
+    assert (frames[drawing.RED] >= 900) == (not all(hits))
 
 
 def test_occlusion_tags_come_from_the_side_files_or_the_dataset(trained):

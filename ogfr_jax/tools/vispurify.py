@@ -37,6 +37,7 @@ import numpy as np
 from ogfr_jax import paths as fspaths
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
+from ogfr_jax.tools import drawing
 
 _SELECTED = (230, 30, 30)
 _CLUTTER = (255, 200, 0)
@@ -200,22 +201,22 @@ def draw_image_row(x: np.ndarray, occ: np.ndarray, pattern_name: str, sampled: n
     return f'{int(mask.sum())} tok, {int(np.sum(mask & clutter_tok))} clutter'
 
   panels = [
-      common.labelled(up(x), ['x (teacher)', caption]),
-      common.labelled(up(selection_panel(x, sampled, grid, patch, stride)),
-                      ['agent: sampled', hit_line(sampled)], [_SELECTED, common.BLACK]),
-      common.labelled(up(selection_panel(x, greedy, grid, patch, stride)),
-                      ['agent: greedy', hit_line(greedy)], [_SELECTED, common.BLACK]),
-      common.labelled(up(occ), ['occ(x) (student)', pattern_name],
-                      [common.BLACK, common.ORANGE]),
+      drawing.labelled(up(x), ['x (teacher)', caption]),
+      drawing.labelled(up(selection_panel(x, sampled, grid, patch, stride)),
+                      ['agent: sampled', hit_line(sampled)], [_SELECTED, drawing.BLACK]),
+      drawing.labelled(up(selection_panel(x, greedy, grid, patch, stride)),
+                      ['agent: greedy', hit_line(greedy)], [_SELECTED, drawing.BLACK]),
+      drawing.labelled(up(occ), ['occ(x) (student)', pattern_name],
+                      [drawing.BLACK, drawing.ORANGE]),
   ]
   if clutter_px is not None:
     img = _tint(x, clutter_px, _CLUTTER, 0.6)
     img = _outline_cells(img, clutter_tok, grid, patch, stride, (0, 90, 255))
-    panels.append(common.labelled(up(img), ['planted clutter',
+    panels.append(drawing.labelled(up(img), ['planted clutter',
                                             f'{int(clutter_tok.sum())} clutter tokens'
                                             if clutter_px.any() else 'none'],
-                                  [(160, 110, 0), common.BLACK]))
-  return common.hstack(panels, gap=3)
+                                  [(160, 110, 0), drawing.BLACK]))
+  return drawing.hstack(panels, gap=3)
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -331,11 +332,11 @@ def run(args) -> dict[str, Any]:
   elif side is None:
     lines.append(f'  ({data.name} has no planted clutter: no precision/recall)')
   title = lines[0].replace(trained.workdir, os.path.basename(trained.workdir.rstrip('/')))
-  grouped = [common.hstack(rows[i:i + args.per_row], gap=16)
+  grouped = [drawing.hstack(rows[i:i + args.per_row], gap=16)
              for i in range(0, len(rows), args.per_row)]
   width = max(g.shape[1] for g in grouped)
-  figure = common.vstack([common.banner(title, width, size=13)]
-                         + [common.banner(l.strip(), width, size=12) for l in lines[1:]]
+  figure = drawing.vstack([drawing.banner(title, width, size=13)]
+                         + [drawing.banner(l.strip(), width, size=12) for l in lines[1:]]
                          + grouped, gap=6)
   out = args.out or fspaths.join(fspaths.resolve(args.workdir, '--workdir'), 'vispurify')
   summary['figure'] = common.save_png(figure, fspaths.join(out, 'vispurify_000.png'),

@@ -32,6 +32,7 @@ import numpy as np
 from ogfr_jax import paths as fspaths
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
+from ogfr_jax.tools import drawing
 
 # Datasets whose queries are all occluded (or partial) by construction of the benchmark.
 QUERY_CONDITION = {
@@ -130,7 +131,7 @@ def choose_queries(lists: Sequence[RankedList], num: int, how: str,
 
 def _load_tile(path: str, size: tuple[int, int], tile_height: int) -> np.ndarray:
   from ogfr_jax.data import image_io  # pylint: disable=g-import-not-at-top
-  return common.fit_height(image_io.load_image(path, size=size), tile_height)
+  return drawing.fit_height(image_io.load_image(path, size=size), tile_height)
 
 
 def draw_row(ranked: RankedList, data, tags, topk: int, show_dropped: int,
@@ -140,42 +141,42 @@ def draw_row(ranked: RankedList, data, tags, topk: int, show_dropped: int,
   q = ranked.query
   query = data.query
   caption = ['query', f'pid {int(query.pids[q])} cam {int(query.camids[q])}']
-  colours = [common.BLUE, common.BLACK]
+  colours = [drawing.BLUE, drawing.BLACK]
   if q_tags[q]:
     caption.append(q_tags[q])
-    colours.append(common.ORANGE)
+    colours.append(drawing.ORANGE)
   width = max(tile_height // 2 + 16, 112)
-  tiles = [common.labelled(common.bordered(_load_tile(query.paths[q], size, tile_height),
-                                           common.BLUE), caption, colours, width=width,
+  tiles = [drawing.labelled(drawing.bordered(_load_tile(query.paths[q], size, tile_height),
+                                           drawing.BLUE), caption, colours, width=width,
                                  fit=True)]
   gallery = data.gallery
   tiles.append(np.full((tile_height, 10, 3), 255, np.uint8))
   for r, g in enumerate(ranked.ranked[:topk]):
     hit = bool(ranked.matches[r])
-    colour = common.GREEN if hit else common.RED
+    colour = drawing.GREEN if hit else drawing.RED
     lines = [f'#{r + 1} d={ranked.distances[r]:.3f}',
              f'pid {int(gallery.pids[g])} cam {int(gallery.camids[g])}']
-    line_colours = [colour, common.BLACK]
+    line_colours = [colour, drawing.BLACK]
     if g_tags[g]:
       lines.append(g_tags[g])
-      line_colours.append(common.ORANGE)
-    tiles.append(common.labelled(common.bordered(_load_tile(gallery.paths[g], size,
+      line_colours.append(drawing.ORANGE)
+    tiles.append(drawing.labelled(drawing.bordered(_load_tile(gallery.paths[g], size,
                                                             tile_height), colour),
                                  lines, line_colours, width=width, fit=True))
   if show_dropped and ranked.dropped.size:
     tiles.append(np.full((tile_height, 16, 3), 255, np.uint8))
     for g in ranked.dropped[:show_dropped]:
-      tiles.append(common.labelled(
-          common.bordered(_load_tile(gallery.paths[g], size, tile_height), common.GREY,
+      tiles.append(drawing.labelled(
+          drawing.bordered(_load_tile(gallery.paths[g], size, tile_height), drawing.GREY,
                           dashed=True),
           ['dropped by protocol', f'same pid, cam {int(gallery.camids[g])}'],
-          [common.GREY, common.GREY], width=width))
-  row = common.hstack(tiles, gap=3)
+          [drawing.GREY, drawing.GREY], width=width))
+  row = drawing.hstack(tiles, gap=3)
   first = ranked.first_match
   note = (f'first true match at rank {first}' if first else 'no true match') + (
       f'; {ranked.dropped.size} gallery item(s) of the same pid and camera dropped by the '
       'protocol' if ranked.dropped.size else '')
-  return common.vstack([common.banner(note, row.shape[1], size=11, colour=common.GREY), row],
+  return drawing.vstack([drawing.banner(note, row.shape[1], size=11, colour=drawing.GREY), row],
                        gap=0)
 
 
@@ -187,7 +188,7 @@ def draw_pages(chosen: Sequence[RankedList], data, tags, *, topk: int, show_drop
     rows = [draw_row(r, data, tags, topk, show_dropped, size, tile_height)
             for r in chosen[start:start + per_page]]
     width = max(r.shape[1] for r in rows)
-    pages.append(common.vstack([common.banner(title, width, size=13)] + rows, gap=8))
+    pages.append(drawing.vstack([drawing.banner(title, width, size=13)] + rows, gap=8))
   return pages
 
 
