@@ -25,7 +25,10 @@ the records line up with the folder reader's splits.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 from typing import Iterator, Optional
 
 import numpy as np
@@ -215,15 +218,19 @@ def main(argv: Optional[list[str]] = None) -> str:
   p.add_argument('--merge_train_val', '--merge-train-val', action='store_true',
                  help='msmt17: train on list_train + list_val')
   args = p.parse_args(argv)
-  out = build(args.dataset, args.manual_dir, args.data_dir,
-              merge_train_val=args.merge_train_val)
-  print(f'wrote {out}')
+  # TFDS speaks of downloading (there is none: the files are read from manual_dir) on stdout,
+  # and draws progress bars with terminal escapes also into a pipe or a log file.
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+  with contextlib.redirect_stdout(io.StringIO()):
+    out = build(args.dataset, args.manual_dir, args.data_dir,
+                merge_train_val=args.merge_train_val)
+  splits = tfds.builder_from_directory(out).info.splits
+  counts = ', '.join(f'{name} {splits[name].num_examples:,d}' for name in sorted(splits))
+  print(f'wrote {out} ({counts} images)')
   return out
 
 
 if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
-  try:
-    main()
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  from ogfr_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  cli.run_cli(main)

@@ -52,6 +52,9 @@ def run_cli(main_fn: Callable[[list[str]], Any], argv: Optional[Sequence[str]] =
             extra_errors: tuple[type[BaseException], ...] = ()) -> None:
   """Runs a tool's `main(argv)` as a program (argv defaults to sys.argv[1:])."""
   argv = sys.argv[1:] if argv is None else list(argv)
+  # The logging of ogfr_jax.main's default: library INFO logs hidden, warnings as one line.
+  from ogfr_jax import console  # pylint: disable=g-import-not-at-top
+  console.configure_logging(None)
   try:
     main_fn(argv)
   except USER_ERRORS + tuple(extra_errors) as e:

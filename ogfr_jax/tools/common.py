@@ -59,11 +59,13 @@ def restore_state(workdir: str, step: Optional[int] = None) -> tuple[dict[str, A
   directory = paths.join(paths.resolve(workdir, '--workdir'), 'checkpoints')
   if not paths.isdir(directory):
     raise FileNotFoundError(f'{directory} not found: is {workdir} a training workdir?')
-  # Naming the handlers lets orbax read the items' metadata before anything is restored.
+  # Naming the handlers lets orbax read the items' metadata before anything is restored; an
+  # item of the step without a handler (the 'integrity' record) would be warned about.
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                     'data': ocp.JsonCheckpointHandler()})
+                     'data': ocp.JsonCheckpointHandler(),
+                     'integrity': ocp.JsonCheckpointHandler()})
   try:
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -68,6 +68,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from ogfr_jax import console
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
 
@@ -93,6 +94,7 @@ _ALLOW_LOSSY = flags.DEFINE_bool('allow_lossy', False, 'Export even when the run
                                  'depend on parts a timm ViT cannot represent (listed in the '
                                  'metadata as ogfr.lossy).')
 
+_HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
 _OWN_FLAGS = ('input', 'output', 'format', 'source_grid', 'export_student', 'branch',
               'fold_pattern_embed', 'overwrite', 'allow_lossy')
 
@@ -214,6 +216,10 @@ def export_student(workdir: str, output: str, config: Optional[Any] = None, *,
 
 def main(argv: list[str]) -> None:
   """Every user-facing error ends as one 'error: ...' line and exit status 2 (tools.cli)."""
+  # As ogfr_jax.main: library INFO logs (absl, orbax, jax's backend probing) only when
+  # --verbosity asks for them.
+  console.configure_logging(int(flags.FLAGS.verbosity) if flags.FLAGS['verbosity'].present
+                            else None)
   try:
     _main(argv)
   except (app.UsageError,) + cli.USER_ERRORS as e:
@@ -250,6 +256,11 @@ def _main(argv: list[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(normalise_argv(argv))
+  except SystemExit as e:
+    # absl ends --help (--helpshort, --helpfull) with status 1; asking for help is no error.
+    if e.code == 1 and any(a.split('=')[0] in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     print(f'error: {cli.one_line(e)} (--helpshort lists the flags)', file=sys.stderr)
     sys.exit(cli.EXIT_STATUS)
