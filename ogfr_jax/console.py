@@ -3,7 +3,8 @@
 A run prints, on process 0 and on stdout:
   - a short header (config, dataset sizes, devices and mesh, workdir, schedule), with room for
     a few extra start-up lines (`header(..., notes=[...])`);
-  - one progress display: step, epoch, loss, a few key figures, images/s and ETA. On a
+  - one progress display: step, epoch, the loss as the weighted terms that sum to it, the
+    learning rate, images/s and ETA. On a
     terminal it is a bar redrawn in place; otherwise (a pipe, a log file) one plain line per
     logging window (config.train.log_every steps);
   - each evaluation as a small table, and at the end the results table and the paths written.
@@ -29,10 +30,15 @@ from absl import logging
 # --log_level names and the absl verbosity each stands for.
 LOG_LEVELS = {'debug': 1, 'info': 0, 'warning': -1, 'error': -2}
 
-# The figures of the progress display besides the total loss: metric key -> short label.
-# Those a run does not log are left out.
-KEY_FIGURES = (('loss/student_id', 'id'), ('loss/student_triplet', 'tri'),
-               ('loss/kd_feature', 'kd'), ('lr', 'lr'))
+# The loss terms of the progress display: label -> the named terms (losses.py) it sums, each
+# times its weight. Whatever else the loss holds is shown as `other`, so that the terms on a
+# line add up to the loss. Terms a run does not have are left out.
+LOSS_GROUPS = (('id', ('student_id',)), ('tri', ('student_triplet',)),
+               ('kd', ('kd_feature',)), ('kd-logit', ('kd_logit',)),
+               ('teacher', ('teacher_id', 'teacher_triplet')))
+# What each label stands for, in the header's legend.
+_GROUP_MEANING = {'id': 'student ID', 'tri': 'student triplet', 'kd': 'KD feature',
+                  'kd-logit': 'KD logit', 'teacher': 'teacher ID + triplet'}
 
 # Result columns shown in evaluation tables, in this order (others are in results.json).
 RESULT_COLUMNS = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP')
@@ -234,8 +240,8 @@ def fepm_summary(report: Mapping[str, Any]) -> list[str]:
   for split in ('gallery', 'train'):
     counts = report.get(split)
     if isinstance(counts, Mapping) and counts.get('precision') is not None:
-      parts.append(f'{split} precision {counts["precision"]:.3f} recall {counts["recall"]:.3f} '
-                   f'(chance {counts.get("chance", 0.0):.3f})')
+      parts.append(f'{split} precision {counts["precision"]:.3f} (a random pick: '
+                   f'{counts.get("chance", 0.0):.3f}) recall {counts["recall"]:.3f}')
     elif isinstance(counts, Mapping) and 'select_rate' in counts:
       parts.append(f'{split} selection rate {counts["select_rate"]:.3f} (nothing planted to '
                    'score it against)')
@@ -280,12 +286,53 @@ def _number(value: float) -> str:
   return f'{value:.3f}'
 
 
-def figures_text(summary: Mapping[str, float]) -> str:
-  """'loss 3.214  id 1.203  tri 0.310  kd 0.051  lr 3.0e-03' from a window summary."""
-  parts = [f'loss {_number(float(summary.get("loss/total", float("nan"))))}']
-  parts += [f'{label} {_number(float(summary[key]))}' for key, label in KEY_FIGURES
-            if key in summary]
-  return '  '.join(parts)
+def loss_parts(summary: Mapping[str, float], weights: Mapping[str, float]
+               ) -> list[tuple[str, float]]:
+  """[(label, weighted value)] of a window summary: the LOSS_GROUPS the run has, then
+  `other`, the weighted sum of its remaining terms (absent when it has none). With the
+  weights of `losses.active_terms(config)` the values sum to loss/total."""
+  parts, used = [], set()
+  for label, names in LOSS_GROUPS:
+    names = [n for n in names if n in weights and f'loss/{n}' in summary]
+    if names:
+      parts.append((label, sum(weights[n] * float(summary[f'loss/{n}']) for n in names)))
+      used.update(names)
+  rest = [n for n in weights if n not in used and f'loss/{n}' in summary]
+  if rest:
+    parts.append(('other', sum(weights[n] * float(summary[f'loss/{n}']) for n in rest)))
+  return parts
+
+
+def loss_legend(weights: Mapping[str, float]) -> str:
+  """The header line that says what the progress line's terms are."""
+  used, labels, meanings = set(), [], []
+  for label, names in LOSS_GROUPS:
+    names = [n for n in names if n in weights]
+    if names:
+      labels.append(label)
+      meanings.append(_GROUP_MEANING[label])
+      used.update(names)
+  rest = [n for n in weights if n not in used]
+  if rest:
+    labels.append('other')
+    meanings.append(' + '.join(rest))
+  return (f'progress: loss = {" + ".join(labels)}, each times its config.loss weight '
+          f'({", ".join(meanings)})')
+
+
+def figures_text(summary: Mapping[str, float],
+                 weights: Optional[Mapping[str, float]] = None) -> str:
+  """'loss 3.214 = id 1.203 + tri 0.310 + kd 0.051 + other 1.650  lr 3.0e-03' from a window
+  summary; `weights` ({term: weight}, losses.active_terms) makes the terms weighted, summing
+  to the loss. Without weights: the loss and the learning rate."""
+  text = f'loss {_number(float(summary.get("loss/total", float("nan"))))}'
+  if weights:
+    parts = loss_parts(summary, weights)
+    if parts:
+      text += ' = ' + ' + '.join(f'{label} {_number(v)}' for label, v in parts)
+  if 'lr' in summary:
+    text += f'  lr {_number(float(summary["lr"]))}'
+  return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +340,7 @@ def figures_text(summary: Mapping[str, float]) -> str:
 
 
 class ProgressDisplay:
-  """Step, epoch, loss, key figures, images/s and ETA of a train loop.
+  """Step, epoch, loss (and its weighted terms), lr, images/s and ETA of a train loop.
 
   `advance(done)` is called after every step: on a terminal the bar's counter moves (redrawn
   at most every `min_interval_s`); `report(done, summary, images_per_sec)` after each logging
@@ -302,11 +349,13 @@ class ProgressDisplay:
   """
 
   def __init__(self, total_steps: int, steps_per_epoch: int, global_batch: int,
-               start_step: int = 0, *, out: Optional[TextIO] = None,
+               start_step: int = 0, *, loss_weights: Optional[Mapping[str, float]] = None,
+               out: Optional[TextIO] = None,
                tty: Optional[bool] = None, min_interval_s: float = 0.5,
                clock: Callable[[], float] = time.monotonic, width: Optional[int] = None):
     self.total_steps, self.steps_per_epoch = int(total_steps), max(int(steps_per_epoch), 1)
     self.global_batch = int(global_batch)
+    self.loss_weights = dict(loss_weights or {})
     self.done = int(start_step)
     self._out = out
     self.tty = is_tty(self._stream()) if tty is None else bool(tty)
@@ -363,7 +412,7 @@ class ProgressDisplay:
   def report(self, done: int, summary: Mapping[str, float],
              images_per_sec: Optional[float] = None) -> None:
     self.done = int(done)
-    self._figures = figures_text(summary)
+    self._figures = figures_text(summary, self.loss_weights)
     if images_per_sec is not None and images_per_sec > 0:
       self._ips = float(images_per_sec)
     if not self.enabled or self._closed:

@@ -41,6 +41,7 @@ from ogfr_jax import checkpoints
 from ogfr_jax import console
 from ogfr_jax import evaluator
 from ogfr_jax import guards
+from ogfr_jax import losses
 from ogfr_jax import manifest
 from ogfr_jax import optim
 from ogfr_jax import parallel
@@ -185,7 +186,8 @@ class _Progress:
     self.corrupt_logged = 0
     self.t_last, self.n_last = time.time(), 0
     self.display = console.ProgressDisplay(self.total_steps, self.steps_per_epoch,
-                                           self.global_batch, start_step)
+                                           self.global_batch, start_step,
+                                           loss_weights=losses.active_terms(config))
 
   def _kept_checkpoint(self, what: str) -> str:
     where = str(self.manager.directory)
@@ -307,9 +309,15 @@ def _finish(manager, writer: Writer, train_iter) -> None:
 
 
 def header_notes(s: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """Extra start-up lines printed at the end of the run's header (the backbone weights, how
-  the state is laid out over the mesh); one string per line."""
-  return pretrained.header_lines(s.get('weights'), config) + parallel.layout_lines(s['layout'])
+  """Extra start-up lines printed at the end of the run's header: the backbone weights, what
+  the progress line's loss terms are and, when some array is split over devices, how the
+  state is laid out (the devices line already names the mesh); one string per line."""
+  notes = pretrained.header_lines(s.get('weights'), config)
+  notes.append(console.loss_legend(losses.active_terms(config)))
+  layout = s['layout']
+  if any(layout[k]['num_split'] for k in ('params', 'optimizer')):
+    notes += ['sharding:'] + parallel.layout_lines(layout)[1:]
+  return notes
 
 
 def _count(n: int) -> str:
@@ -324,6 +332,7 @@ def print_header(s: dict, config: ml_collections.ConfigDict, workdir: str, confi
   t = train.train.stats()
   q, g = test.query.stats(), test.gallery.stats()
   mesh = s['mesh']
+  slices = int(s['layout']['mesh'].get('slices', 1))
   devices = jax.devices()
   kinds = sorted({d.platform for d in devices})
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s['abstract'].params))
@@ -340,7 +349,8 @@ def print_header(s: dict, config: ml_collections.ConfigDict, workdir: str, confi
                 f'{config.model.stride}, {b.height}x{b.width} input; '
                 f'{_count(n_params)} parameters'),
       ('devices', f'{len(devices)} x {"/".join(kinds)} in {jax.process_count()} process(es); '
-                  f'mesh ' + ' x '.join(f'{k}={v}' for k, v in mesh.shape.items())),
+                  f'mesh ' + ' x '.join(f'{k}={v}' for k, v in mesh.shape.items())
+                  + (f' over {slices} slices' if slices > 1 else '')),
   ]
   if mode == 'train':
     fields.append(('schedule', f'{s["total_steps"]} steps = {config.train.epochs} epochs x '

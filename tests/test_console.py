@@ -25,8 +25,13 @@ def _console_state():
   console._state.update(saved)  # pylint: disable=protected-access
 
 
-SUMMARY = {'loss/total': 3.21449, 'loss/student_id': 1.2, 'loss/student_triplet': 0.31,
-           'loss/kd_feature': 0.0512, 'lr': 0.003, 'agent/entropy': 18.2, 'grad_norm': 4.0}
+SUMMARY = {'loss/total': 3.18569, 'loss/student_id': 1.2, 'loss/student_triplet': 0.31,
+           'loss/kd_feature': 0.0512, 'loss/kd_logit': 0.8, 'loss/pattern': 0.6,
+           'loss/agent': 0.02449, 'lr': 0.003, 'agent/entropy': 18.2, 'grad_norm': 4.0}
+# The weights under which SUMMARY's terms add up to its loss: 1.2 + 0.31 + 0.0512 + 0.5 * 0.8
+# + 2 * 0.6 + 0.02449 = 3.18569.
+WEIGHTS = {'student_id': 1.0, 'student_triplet': 1.0, 'kd_feature': 1.0, 'kd_logit': 0.5,
+           'pattern': 2.0, 'agent': 1.0}
 
 
 class _Clock:
@@ -40,7 +45,8 @@ class _Clock:
 def test_plain_lines_when_not_a_terminal():
   out = io.StringIO()
   console.set_stream(out)
-  d = console.ProgressDisplay(total_steps=200, steps_per_epoch=50, global_batch=32, out=out)
+  d = console.ProgressDisplay(total_steps=200, steps_per_epoch=50, global_batch=32, out=out,
+                              loss_weights=WEIGHTS)
   assert not d.tty
   for done in range(1, 101):
     d.advance(done)
@@ -49,9 +55,31 @@ def test_plain_lines_when_not_a_terminal():
   d.close()
   lines = out.getvalue().splitlines()
   # 100 steps left at 320 img/s with 32 images a step: 10 s.
-  assert lines == ['step 100/200  epoch 2.00  loss 3.214  id 1.200  tri 0.310  kd 0.051  '
-                   'lr 3.0e-03  320.0 img/s  ETA 0:00:10']
+  assert lines == ['step 100/200  epoch 2.00  loss 3.186 = id 1.200 + tri 0.310 + kd 0.051 + '
+                   'kd-logit 0.400 + other 1.224  lr 3.0e-03  320.0 img/s  ETA 0:00:10']
   assert '\r' not in out.getvalue()
+
+
+def test_the_terms_on_the_line_add_up_to_the_loss():
+  parts = console.loss_parts(SUMMARY, WEIGHTS)
+  assert [label for label, _ in parts] == ['id', 'tri', 'kd', 'kd-logit', 'other']
+  assert dict(parts)['other'] == pytest.approx(2 * 0.6 + 0.02449)
+  assert sum(v for _, v in parts) == pytest.approx(SUMMARY['loss/total'], rel=1e-12)
+  # As printed: each of the 5 shown terms is rounded to 3 decimals (at most 5e-4 off).
+  text = console.figures_text(SUMMARY, WEIGHTS)
+  shown = [float(w) for w in text.split('=')[1].split('lr')[0].split() if w[0].isdigit()]
+  assert len(shown) == 5 and abs(sum(shown) - 3.186) <= 5 * 5e-4 + 5e-4
+  # Teacher terms group under one label; a run without a term leaves its label out.
+  w = {'student_id': 1.0, 'teacher_id': 0.5, 'teacher_triplet': 0.5}
+  s = {'loss/total': 2.0, 'loss/student_id': 1.0, 'loss/teacher_id': 1.2,
+       'loss/teacher_triplet': 0.8}
+  assert console.loss_parts(s, w) == [('id', 1.0), ('teacher', 1.0)]
+  assert console.loss_legend(w) == ('progress: loss = id + teacher, each times its config.loss '
+                                    'weight (student ID, teacher ID + triplet)')
+  assert console.loss_legend(WEIGHTS).startswith(
+      'progress: loss = id + tri + kd + kd-logit + other, ')
+  assert console.loss_legend(WEIGHTS).endswith('KD logit, pattern + agent)')
+  assert console.figures_text(SUMMARY) == 'loss 3.186  lr 3.0e-03'
 
 
 def test_bar_is_redrawn_in_place_on_a_terminal():
@@ -69,7 +97,7 @@ def test_bar_is_redrawn_in_place_on_a_terminal():
   d.report(50, SUMMARY, images_per_sec=80.0)
   assert term.getvalue().count('\r\x1b[2K') == 2
   last = term.getvalue().split('\r\x1b[2K')[-1]
-  assert last.startswith('[##########..........]  50%  step  50/100  epoch 5.00  loss 3.214')
+  assert last.startswith('[##########..........]  50%  step  50/100  epoch 5.00  loss 3.186')
   assert last.endswith('80.0 img/s  ETA 0:00:05')  # 50 steps x 8 images at 80 img/s
   # A line printed meanwhile lands above the bar, which comes back under it.
   console.say('evaluation at step 50')
@@ -124,7 +152,7 @@ def test_tables():
       'results at step 120 (0:01:15 wall time)',
       '  dataset    rank1  rank5  rank10     mAP  mINP',
       '  synthetic      -      -       -  0.2500     -',
-      '  FEPM selection: gallery precision 0.500 recall 0.250 (chance 0.100)',
+      '  FEPM selection: gallery precision 0.500 (a random pick: 0.100) recall 0.250',
       '  teacher mAP 0.3000 purified vs 0.2000 clean',
       'wrote',
       '  results     wd/results.json',
