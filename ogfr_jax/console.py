@@ -466,6 +466,115 @@ class ProgressDisplay:
     self.close()
 
 
+class CountProgress:
+  """Items done of a known total (the images of a feature extraction), with items/s and ETA.
+
+  On a terminal a bar redrawn in place (at most every `min_interval_s`) and taken off the
+  terminal by `close`; anything else gets a plain line at most every `line_every_s` seconds,
+  and a last line at `close` when it printed any (a short extraction prints nothing). Lines
+  printed with `say` meanwhile appear above the bar. Only process 0 displays.
+  """
+
+  def __init__(self, total: int, title: str, unit: str = 'images', *,
+               out: Optional[TextIO] = None, tty: Optional[bool] = None,
+               min_interval_s: float = 0.5, line_every_s: float = 30.0,
+               clock: Callable[[], float] = time.monotonic, width: Optional[int] = None):
+    self.total, self.title, self.unit = int(total), title, unit
+    self.done = 0
+    self._out = out
+    self.tty = is_tty(self._stream()) if tty is None else bool(tty)
+    self.enabled = is_primary() and self.total > 0
+    self.min_interval_s, self.line_every_s = min_interval_s, line_every_s
+    self.clock = clock
+    self._width = width
+    self._start = clock()
+    self._last = self._start
+    self._lines = 0
+    self._shown = False
+    self._closed = False
+    self._previous_live = None
+    if self.enabled and self.tty:
+      self._previous_live, _state['live'] = _state['live'], self
+
+  def _stream(self) -> TextIO:
+    return self._out or stream()
+
+  def rate(self) -> Optional[float]:
+    elapsed = self.clock() - self._start
+    return self.done / elapsed if self.done and elapsed > 0 else None
+
+  def text(self) -> str:
+    """'extract query: 512/19,871 images  12.3 img/s  ETA 0:26:14'."""
+    parts = [f'{self.title}: {self.done:,d}/{self.total:,d} {self.unit}']
+    rate = self.rate()
+    if rate:
+      parts.append(f'{rate:.1f} img/s' if self.unit == 'images' else f'{rate:.1f}/s')
+      parts.append(f'ETA {format_duration((self.total - self.done) / rate)}')
+    return '  '.join(parts)
+
+  def update(self, n: int) -> None:
+    """`n` more items are done."""
+    self.done = min(self.done + int(n), self.total)
+    if not self.enabled or self._closed:
+      return
+    now = self.clock()
+    if self.tty and now - self._last >= self.min_interval_s:
+      self.redraw()
+    elif not self.tty and now - self._last >= self.line_every_s and self.done < self.total:
+      self._line()
+
+  def _line(self) -> None:
+    s = self._stream()
+    s.write(self.text() + '\n')
+    s.flush()
+    self._lines += 1
+    self._last = self.clock()
+
+  def redraw(self) -> None:
+    if not (self.enabled and self.tty) or self._closed:
+      return
+    width = self._width or shutil.get_terminal_size((100, 24)).columns
+    fraction = self.done / self.total
+    cells = 20
+    filled = int(round(fraction * cells))
+    line = f'[{"#" * filled}{"." * (cells - filled)}] {fraction * 100:3.0f}%  {self.text()}'
+    s = self._stream()
+    s.write('\r\x1b[2K' + line[:max(width - 1, 10)])
+    s.flush()
+    self._shown = True
+    self._last = self.clock()
+
+  def clear(self) -> None:
+    if self._shown:
+      s = self._stream()
+      s.write('\r\x1b[2K')
+      s.flush()
+      self._shown = False
+
+  def close(self) -> None:
+    """Takes the bar off the terminal, or ends a run of plain lines with the total (once)."""
+    if self._closed:
+      return
+    self._closed = True
+    if self.enabled and self.tty:
+      self.clear()
+      if _state['live'] is self:
+        _state['live'] = self._previous_live
+        if self._previous_live is not None:
+          self._previous_live.redraw()
+    elif self.enabled and self._lines:
+      elapsed = self.clock() - self._start
+      s = self._stream()
+      s.write(f'{self.title}: {self.done:,d} {self.unit} in {format_duration(elapsed)}\n')
+      s.flush()
+
+  def __enter__(self) -> 'CountProgress':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def short_path(path: str) -> str:
   """`path` relative to the working directory when it lies below it, else absolute; a URI
   (gs://...) as it is."""

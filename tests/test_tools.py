@@ -272,11 +272,19 @@ def image_folder(trained, tmp_path_factory):
 
 
 def _reference_features(trained, folder, names, camid, variables=None):
+  """camid: one camera for every image, or one per name."""
   c = trained.config
   images = np.stack([augment.eval_transform(
       image_io.load_image(os.path.join(folder, n)), augment.augment_spec(c)) for n in names])
-  return np.asarray(_features_fn(trained)(variables or trained.variables, images,
-                                          np.full(len(names), camid, np.int32)))
+  camids = np.broadcast_to(np.asarray(camid, np.int32), (len(names),))
+  return np.asarray(_features_fn(trained)(variables or trained.variables, images, camids))
+
+
+def _dataset_cameras(trained, names):
+  """The 0-based cameras the dataset reader gives the query images behind `names`."""
+  query = common.read_split(trained.config, 'test').query
+  by_name = {os.path.basename(p): int(c) for p, c in zip(query.paths, query.camids)}
+  return np.array([by_name[os.path.basename(n)] for n in names], np.int32)
 
 
 def test_extract_names_the_unreadable_file(run, image_folder, tmp_path):
@@ -294,17 +302,38 @@ def test_extract_features(run, trained, image_folder, tmp_path):
   with np.load(out) as z:
     assert list(z['names']) == names
     assert list(z['skipped']) == ['sub/broken.jpg']
-    np.testing.assert_array_equal(z['camids'], -1)
+    camids = z['camids']
     feats = z['features']
     meta = json.loads(str(z['meta']))
+  # The benchmark's file names are in the Market-1501 form: each image gets the camera the
+  # dataset reader gives it.
+  cameras = _dataset_cameras(trained, names)
+  np.testing.assert_array_equal(camids, cameras)
+  assert len(set(cameras.tolist())) > 1
   assert feats.shape == (len(names), 64) and feats.dtype == np.float32
   # Unit norm: float32 rounding of a sum of D = 64 squares and one division.
   np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=4 * 64 * 2.0 ** -24)
   # The reference runs another batch size (hence possibly other kernels): float32 rounding of
   # two computations of the same features.
-  np.testing.assert_allclose(feats, _reference_features(trained, folder, names, 0),
-                             rtol=0, atol=float32_feature_tol(trained.config, 2))
-  assert meta['camera_embedding'].startswith('camera 0') and meta['checkpoint_step'] == 3
+  tol = float32_feature_tol(trained.config, 2)
+  np.testing.assert_allclose(feats, _reference_features(trained, folder, names, cameras),
+                             rtol=0, atol=tol)
+  assert meta['camera_embedding'].startswith('the camera in the file name for 5 image(s)')
+  assert meta['checkpoint_step'] == 3
+  # --camera overrides the names: every image gets camera 0's embedding.
+  extract.main(['--workdir', run[0], '--images', folder, '--out', out, '--batch-size', '3',
+                '--skip-bad', '--no-progress', '--camera', '0'])
+  with np.load(out) as z:
+    np.testing.assert_array_equal(z['camids'], 0)
+    np.testing.assert_allclose(z['features'], _reference_features(trained, folder, names, 0),
+                               rtol=0, atol=tol)
+    assert float(np.abs(z['features'] - feats).max()) > 10 * tol
+
+
+def test_cameras_from_file_names():
+  names = ['0161_c2s1_012345_01.jpg', 'sub/-1_c6s3_000001_00.png', '0005_c8_f0046985.jpg',
+           'person.jpg', '0161_c0s1_012345_01.jpg', '12_34.jpg']
+  np.testing.assert_array_equal(extract.cameras_from_names(names), [1, 5, 7, -1, -1, -1])
 
 
 def test_extract_mean_camera(trained, image_folder):
@@ -425,3 +454,105 @@ def test_reevaluate_refuses_training_fields_and_bad_values(run):
     reevaluate.main(['--workdir', wd, '--set', 'eval.feature=middle'])
   with pytest.raises(ValueError, match='results.json'):
     reevaluate.main(['--workdir', wd, '--out', os.path.join(wd, 'results.json')])
+
+
+_SIDECAR_CLIENT = '''\
+import json, sys
+import numpy as np
+from jax import export
+
+program, folder, names, camids, out = sys.argv[1:6]
+meta = json.load(open(program + '.json'))
+scope = {}
+exec(meta['preprocessing']['python'], scope)
+images = np.stack([scope['preprocess'](folder + '/' + n, meta) for n in names.split(',')])
+exp = export.deserialize(open(program, 'rb').read())
+feats = np.asarray(exp.call(images, np.array(camids.split(','), np.int32)))
+np.save(out, feats)
+assert not any(m.split('.')[0] == 'ogfr_jax' for m in sys.modules), 'ogfr_jax was imported'
+'''
+
+
+def test_export_is_reproduced_from_its_sidecar_alone(run, trained, image_folder, tmp_path):
+  """A client with jax, flatbuffers, numpy and Pillow, no ogfr_jax: the sidecar's
+  preprocessing and the program give the features of tools.extract."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  wd, _ = run
+  folder, _ = image_folder
+  program = str(tmp_path / 'student.jaxexport')
+  export.main(['--workdir', wd, '--out', program])
+  result = extract.main(['--workdir', wd, '--images', folder, '--out', str(tmp_path / 'f.npz'),
+                         '--skip-bad', '--no-progress'])
+  client = tmp_path / 'client.py'
+  client.write_text(_SIDECAR_CLIENT)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  proc = subprocess.run(
+      [sys.executable, str(client), program, folder, ','.join(result.names),
+       ','.join(str(int(c)) for c in result.camids), str(tmp_path / 'client.npy')],
+      cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  got = np.load(tmp_path / 'client.npy')
+  tol = float32_feature_tol(trained.config, 2)  # two float32 programs of the same features
+  diff = float(np.abs(got - result.features).max())
+  print(f'max |sidecar client - tools.extract| feature difference: {diff:.3g} (bound {tol:.3g})')
+  assert got.shape == result.features.shape and diff <= tol
+  # The docs show the same function.
+  docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
+                      'serving.md')
+  assert export.REFERENCE_PREPROCESSING.rstrip() in open(docs).read()
+  assert 'flatbuffers' in json.load(open(program + '.json'))['requires']
+
+
+# --------------------------------------------------------------------------------------------
+# What the tools print on stderr
+
+
+def _tool_commands(wd, tmp):
+  return {
+      'export': ['ogfr_jax.tools.export', '--workdir', wd, '--out', f'{tmp}/s.jaxexport'],
+      'extract': ['ogfr_jax.tools.extract', '--workdir', wd, '--images', f'{tmp}/images',
+                  '--out', f'{tmp}/f.npz'],
+      'visrank': ['ogfr_jax.tools.visrank', '--workdir', wd, '--out', f'{tmp}/visrank',
+                  '--num-queries', '2'],
+      'vispurify': ['ogfr_jax.tools.vispurify', '--workdir', wd, '--out', f'{tmp}/vispurify',
+                    '--num-images', '2', '--num-batches', '1'],
+      'plot_training': ['ogfr_jax.tools.plot_training', '--workdir', wd, '--out',
+                        f'{tmp}/training.png'],
+      'reevaluate': ['ogfr_jax.tools.reevaluate', '--workdir', wd, '--out', f'{tmp}/re.json'],
+      'convert': ['ogfr_jax.tools.convert', '--export-student', wd, '--output',
+                  f'{tmp}/s.safetensors'],
+      'convert --help': ['ogfr_jax.tools.convert', '--help'],
+  }
+
+
+@pytest.mark.parametrize('tool', ['export', 'extract', 'visrank', 'vispurify', 'plot_training',
+                                  'reevaluate', 'convert', 'convert --help'])
+def test_tools_write_nothing_on_stderr(run, image_folder, tool, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  wd, _ = run
+  images = tmp_path / 'images'
+  images.mkdir()
+  for name in image_folder[1][:2]:
+    shutil.copy(os.path.join(image_folder[0], name), images)
+  args = _tool_commands(wd, tmp_path)[tool]
+  proc = subprocess.run([sys.executable, '-m'] + args, capture_output=True, text=True,
+                        timeout=600, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr == ''
+  assert proc.stdout.strip()  # what it wrote, or the help
+
+
+def test_tfds_builders_write_no_progress_bars_into_a_pipe(run, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config = run[1]
+  root = common.read_split(config, 'test').root
+  proc = subprocess.run([sys.executable, '-m', 'ogfr_jax.data.tfds_builders', '--dataset',
+                         'synthetic', '--manual_dir', root, '--data_dir', str(tmp_path / 'tfds')],
+                        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr == ''
+  assert proc.stdout.startswith('wrote ') and len(proc.stdout.splitlines()) == 1
+  assert 'Downloading' not in proc.stdout and '\x1b' not in proc.stdout

@@ -23,10 +23,15 @@ swapped for another checkpoint of the same config. Only the student's variables 
 (teacher, agent and replacement token are training-only).
 
 Preprocessing is not part of the program. OUT.json records what a server must do before
-calling it: resize to input_size (bilinear), scale to [0, 1], subtract `mean` and divide by
-`std` per channel; pass camera ids in [0, num_cameras) (unknown camera: see the extract tool's
-docs; 0 is a valid choice). The batch is symbolic ('b') unless --batch-size fixes it. The
-program runs on the --platforms it was lowered for (default: this machine's).
+calling it, under `preprocessing`: decode to RGB with Pillow, resize with Pillow's bilinear
+filter (`Image.resize((W, H), Image.Resampling.BILINEAR)`, antialiased when shrinking; other
+libraries' "bilinear" resizes, jax.image.resize or OpenCV's, are other filters and give other
+features), then x * (1 / (255 * std)) + (-mean / std) in float32, i.e. (x / 255 - mean) / std.
+Its `python` entry is a reference function (numpy and Pillow only) that reproduces the
+project's evaluation input, also shown in docs/serving.md. Camera ids are in
+[0, num_cameras) (unknown camera: see the extract tool's docs; 0 is a valid choice). The batch
+is symbolic ('b') unless --batch-size fixes it. The program runs on the --platforms it was
+lowered for (default: this machine's); `requires` names the packages a client installs.
 
 --safetensors writes the student backbone in timm's layout (`pretrained.export_timm_safetensors`:
 with the camera embedding table as `reid.sie_embed`; no heads; how to use it in timm: the
@@ -52,6 +57,27 @@ import numpy as np
 
 from ogfr_jax.tools import cli
 from ogfr_jax.tools import common
+
+# What a client runs before the program: the evaluation's decoding (data/image_io.py) and
+# resize, and augment.normalize's arithmetic, with numpy and Pillow only. Written verbatim into
+# OUT.json (`preprocessing.python`) and docs/serving.md.
+REFERENCE_PREPROCESSING = """\
+import numpy as np
+from PIL import Image
+
+def preprocess(path, meta):
+  \"\"\"float32 [H, W, 3]: one image file as the exported program takes it.\"\"\"
+  h, w = meta['input_size']
+  with Image.open(path) as img:
+    if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
+      img.draft(img.mode, (w, h))  # large JPEGs: decoded at a reduced scale first
+    img = img.convert('RGB')
+    if img.size != (w, h):
+      img = img.resize((w, h), Image.Resampling.BILINEAR)  # Pillow's filter, no other
+  std = np.float32(meta['std'])
+  scale, offset = np.float32(1.0) / (np.float32(255.0) * std), -np.float32(meta['mean']) / std
+  return np.asarray(img, np.float32) * scale + offset
+"""
 
 # Top-level parameters that only training uses (models/ogfr.py): never needed for inference.
 TRAINING_ONLY = ('teacher_vit', 'teacher_head', 'teacher_part_head', 'agent', 'fepm')
@@ -115,10 +141,15 @@ def export_student(trained: common.TrainedModel, *, batch_size: Optional[int] = 
 
 def serving_metadata(trained: common.TrainedModel, exported, *, params: str,
                      batch_size: Optional[int]) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
   c = trained.config
   out_shape = exported.out_avals[0].shape
   return {
       'format': 'jax.export (serialised StableHLO); load with jax.export.deserialize',
+      'requires': ('pip install jax flatbuffers numpy pillow: jax.export.deserialize needs '
+                   'flatbuffers, which jax does not install; numpy and Pillow run the '
+                   'preprocessing'),
+      'written_with': {'jax': jax.__version__},
       'workdir': trained.workdir, 'checkpoint_step': trained.step,
       'platforms': list(exported.platforms), 'params': params,
       'call': ('exp.call(images, camids)' if params == 'baked'
@@ -127,7 +158,15 @@ def serving_metadata(trained: common.TrainedModel, exported, *, params: str,
       'input_size': [int(c.input.height), int(c.input.width)],
       'images': 'float32 [B, H, W, 3] RGB, (x / 255 - mean) / std',
       'mean': [float(v) for v in c.input.mean], 'std': [float(v) for v in c.input.std],
-      'resize': 'bilinear to input_size',
+      'preprocessing': {
+          'decode': "PIL.Image.open(path); JPEG: img.draft(img.mode, (W, H)) when the mode is "
+                    "RGB or L; img.convert('RGB')",
+          'resize': 'PIL: img.resize((W, H), PIL.Image.Resampling.BILINEAR) to input_size '
+                    "(Pillow's bilinear, antialiased when shrinking; jax.image.resize and "
+                    "OpenCV's bilinear are other filters)",
+          'normalize': 'float32: x * (1 / (255 * std)) + (-mean / std)',
+          'python': REFERENCE_PREPROCESSING,
+      },
       'camids': f'int32 [B] in [0, {trained.num_cameras})',
       'num_cameras': trained.num_cameras,
       'camera_embedding': bool(c.model.sie),

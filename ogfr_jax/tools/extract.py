@@ -10,18 +10,22 @@ the evaluation does (`evaluate.student_features` with the run's config.eval: pre
 averaging, L2 normalisation, test-time pattern policy). The output .npz holds:
   features  float32 [N, D]   L2-normalised when config.eval.normalize (the default)
   names     str [N]          paths relative to --images, in sorted order
-  camids    int32 [N]        -1: the camera is unknown
+  camids    int32 [N]        the camera each image was embedded with (0-based), -1: the
+                             model has no camera embedding or --camera=mean
   skipped   str [M]          unreadable files left out (--skip-bad), relative paths
   meta      str              JSON: workdir, checkpoint step, feature kind, camera embedding
 Compare features with Euclidean distance (`ogfr_jax.metrics.pairwise_distance`), as the
 evaluation does.
 
-Unknown cameras. A model trained with SIE adds a learned camera embedding to every token, so
-it needs a camera id. Images from an unknown camera get --camera's embedding: 0 (default) uses
-the first training camera's, i.e. every image is treated as seen by that camera; 'mean' uses
-the average of all camera embeddings, which favours no training camera. Either way all images
-share one embedding, so their features stay comparable with each other; features for ranking
-against a gallery extracted with true camera ids are not. Without SIE the option does nothing.
+Cameras. A model trained with SIE adds a learned camera embedding to every token, so it needs
+a camera id. File names in the Market-1501 form (`0161_c2s1_012345_01.jpg`) or the
+DukeMTMC / Occluded-Duke form (`0005_c2_f0046985.jpg`) carry their camera (c2: camera id 1,
+0-based as in training), and each such image gets its own camera's embedding. Other names,
+and cameras the model was not trained with, are unknown: they get camera 0's embedding. The
+option --camera overrides the names for every image: an id gives that camera's embedding,
+'mean' the average of all camera embeddings, which favours no training camera. Features of
+one shared embedding stay comparable with each other, but ranking them against a gallery
+extracted with true camera ids is not the evaluation. Without SIE cameras change nothing.
 
 An unreadable image stops the run with an error naming the file, unless --skip-bad, which
 leaves such files out, lists them in `skipped` and reports their number.
@@ -34,6 +38,8 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -47,11 +53,28 @@ _LOOKAHEAD_BATCHES = 2
 _PROGRESS_MIN_BATCHES = 4
 
 
+# Market-1501 ('0161_c2s1_012345_01') and DukeMTMC ('0005_c2_f0046985') file names, as the
+# readers in data/datasets.py parse them: the camera is the number after 'c', 1-based.
+_CAMERA_IN_NAME = re.compile(r'^(?:-1|\d+)_c(\d+)(?:s\d+_\d+_\d+|_f\d+)')
+
+
+def cameras_from_names(names: Sequence[str]) -> np.ndarray:
+  """int32 [N]: the 0-based camera in each file name (Market / Duke form), -1 where the
+  name carries none."""
+  out = np.full(len(names), -1, np.int32)
+  for i, name in enumerate(names):
+    m = _CAMERA_IN_NAME.match(os.path.splitext(os.path.basename(name))[0])
+    if m and int(m.group(1)) >= 1:
+      out[i] = int(m.group(1)) - 1
+  return out
+
+
 @dataclasses.dataclass
 class Features:
   features: np.ndarray  # float32 [N, D]
   names: list[str]  # relative paths of the images in `features`
   skipped: list[str]  # unreadable files left out
+  camids: Optional[np.ndarray] = None  # int32 [N]: the camera id fed for each image
 
 
 def list_images(folder: str) -> list[str]:
@@ -72,13 +95,18 @@ def list_images(folder: str) -> list[str]:
   return sorted(found)
 
 
+def _has_camera_table(variables: dict[str, Any]) -> bool:
+  params = variables['params']
+  return 'sie_embed' in params[common.student_backbone_name(params)]
+
+
 def camera_variables(variables: dict[str, Any], camera: str, num_cameras: int
                      ) -> tuple[dict[str, Any], int, str]:
   """(variables, camid to feed, description) for --camera: an id, or 'mean' (every row of
   the student's SIE table replaced by the table's mean, so any id gives the mean)."""
   params = variables['params']
   name = common.student_backbone_name(params)
-  has_sie = 'sie_embed' in params[name]
+  has_sie = _has_camera_table(variables)
   if camera == 'mean':
     if not has_sie:
       return variables, 0, 'none (the model has no camera embedding)'
@@ -140,27 +168,33 @@ class Extractor:
 
 
 def extract_folder(extractor: Extractor, folder: str, *, camid: int = 0,
+                   camids: Optional[Sequence[int]] = None,
                    skip_bad: bool = False, progress: bool = True,
                    names: Optional[Sequence[str]] = None, decode_threads: int = 0) -> Features:
   """Features of the images under `folder` (or of `names`, relative to it).
 
-  Batches are padded to the extractor's batch so the model runs one compiled program;
-  decoding runs in `decode_threads` threads (0: one per CPU core) ahead of the model.
+  Each image gets camera `camid`, or its entry of `camids` (one per name). Batches are padded
+  to the extractor's batch so the model runs one compiled program; decoding runs in
+  `decode_threads` threads (0: one per CPU core) ahead of the model.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import console  # pylint: disable=g-import-not-at-top
   names = list_images(folder) if names is None else list(names)
+  if camids is None:
+    camids = [camid] * len(names)
+  if len(camids) != len(names):
+    raise ValueError(f'{len(camids)} camera ids for {len(names)} images')
+  camera_of = dict(zip(names, (int(c) for c in camids)))
   batch_size = extractor.batch_size
   h, w = extractor.size
   decode = _decoder(folder, (h, w), skip_bad)
   batches = [names[i:i + batch_size] for i in range(0, len(names), batch_size)]
-  camids = np.full((batch_size,), camid, np.int32)
   kept: list[str] = []
   skipped: list[str] = []
   outputs = []
   threads = decode_threads or os.cpu_count() or 1
-  with tqdm(total=len(names), unit='img', desc='extract',
-            disable=not progress or len(batches) < _PROGRESS_MIN_BATCHES) as bar, \
-      concurrent.futures.ThreadPoolExecutor(threads) as pool:
+  bar = console.CountProgress(len(names) if progress and len(batches) >= _PROGRESS_MIN_BATCHES
+                              else 0, 'extract', out=sys.stderr)
+  with bar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
     pending = collections.deque()
     for b in batches[:_LOOKAHEAD_BATCHES]:
       pending.append([pool.submit(decode, n) for n in b])
@@ -169,6 +203,7 @@ def extract_folder(extractor: Extractor, folder: str, *, camid: int = 0,
       if i + _LOOKAHEAD_BATCHES < len(batches):
         pending.append([pool.submit(decode, n) for n in batches[i + _LOOKAHEAD_BATCHES]])
       images = np.zeros((batch_size, h, w, 3), np.uint8)
+      batch_camids = np.zeros((batch_size,), np.int32)
       rows = []
       for name, future in zip(batch_names, futures):
         image = future.result()
@@ -176,15 +211,17 @@ def extract_folder(extractor: Extractor, folder: str, *, camid: int = 0,
           skipped.append(name)
           continue
         images[len(rows)] = image
+        batch_camids[len(rows)] = camera_of[name]
         rows.append(name)
       if rows:
-        outputs.append((extractor(images, camids), len(rows)))
+        outputs.append((extractor(images, batch_camids), len(rows)))
         kept.extend(rows)
       bar.update(len(batch_names))
   if not kept:
     raise ValueError(f'none of the {len(names)} image files under {folder} could be read')
   features = np.concatenate([np.asarray(out)[:n] for out, n in outputs], axis=0)
-  return Features(features.astype(np.float32), kept, skipped)
+  return Features(features.astype(np.float32), kept, skipped,
+                  np.array([camera_of[n] for n in kept], np.int32))
 
 
 def save_features(path: str, result: Features, meta: dict[str, Any]) -> None:
@@ -192,7 +229,8 @@ def save_features(path: str, result: Features, meta: dict[str, Any]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'wb') as f:  # a file object keeps np.savez from appending '.npz'
     np.savez(f, features=result.features, names=np.array(result.names, dtype=str),
-             camids=np.full(len(result.names), -1, np.int32),
+             camids=(np.full(len(result.names), -1, np.int32) if result.camids is None
+                     else np.asarray(result.camids, np.int32)),
              skipped=np.array(result.skipped, dtype=str), meta=np.array(json.dumps(meta)))
 
 
@@ -204,23 +242,55 @@ def parse_args(argv: Sequence[str]):
   p.add('out', required=True, help='output .npz file')
   p.add('batch-size', type=int, default=64, help='images per batch (rounded up to a '
         'multiple of the device count)')
-  p.add('camera', default='0', help="camera embedding for the unknown cameras: an id of the "
-        "training cameras, or 'mean'")
+  p.add('camera', default='', help="camera embedding of every image: an id of the training "
+        "cameras (0-based), or 'mean'. Default: the camera in each Market / Duke style file "
+        "name (0161_c2s1_..., 0005_c2_f...; c2 is id 1), camera 0 for other names")
   p.add('skip-bad', action='store_true', help='leave unreadable images out instead of failing')
-  p.add('no-progress', action='store_true', help='no progress bar')
+  p.add('no-progress', action='store_true', help='no progress display')
   p.add('step', type=int, default=None, help='checkpoint step (default: latest)')
   p.add('decode-threads', type=int, default=0, help='image decoding threads (0: CPU count)')
   return p.parse_args(list(argv))
 
 
+def image_cameras(names: Sequence[str], camera: str, variables: dict[str, Any],
+                  num_cameras: int) -> tuple[dict[str, Any], np.ndarray, str]:
+  """(variables, camera id per image, description) for --camera (see the module docstring):
+  an explicit id or 'mean' for every image, else the cameras in the file names."""
+  if camera:
+    variables, camid, note = camera_variables(variables, camera, num_cameras)
+    fed = np.full(len(names), camid, np.int32)
+    if camera == 'mean' or note.startswith('none'):
+      return variables, fed, note
+    return variables, fed, f'{note}, every image (--camera)'
+  if not _has_camera_table(variables):
+    return variables, np.zeros(len(names), np.int32), 'none (the model has no camera embedding)'
+  parsed = cameras_from_names(names)
+  known = (parsed >= 0) & (parsed < num_cameras)
+  fed = np.where(known, parsed, 0).astype(np.int32)
+  if known.all():
+    return variables, fed, f'the camera in each file name ({num_cameras} training cameras)'
+  unknown = int((~known).sum())
+  outside = int(((parsed >= num_cameras)).sum())
+  why = (f'{outside} name(s) with a camera outside the model\'s {num_cameras}'
+         if outside else 'no camera in the name')
+  if known.any():
+    return variables, fed, (f'the camera in the file name for {int(known.sum())} image(s); '
+                            f'camera 0 for {unknown} ({why})')
+  return variables, fed, f'camera 0 of {num_cameras} (0-based) for every image ({why})'
+
+
 def main(argv: Sequence[str]) -> Features:
   args = parse_args(argv)
+  names = list_images(args.images)
   trained = common.load_trained(args.workdir, args.step)
-  variables, camid, camera_note = camera_variables(trained.variables, args.camera,
-                                                   trained.num_cameras)
+  variables, camids, camera_note = image_cameras(names, args.camera, trained.variables,
+                                                 trained.num_cameras)
   extractor = Extractor(trained.model, variables, trained.config, args.batch_size)
-  result = extract_folder(extractor, args.images, camid=camid, skip_bad=args.skip_bad,
-                          progress=not args.no_progress, decode_threads=args.decode_threads)
+  result = extract_folder(extractor, args.images, camids=camids, names=names,
+                          skip_bad=args.skip_bad, progress=not args.no_progress,
+                          decode_threads=args.decode_threads)
+  if args.camera == 'mean' or not _has_camera_table(trained.variables):
+    result.camids = np.full(len(result.names), -1, np.int32)
   e = trained.config.eval
   meta = {'workdir': trained.workdir, 'checkpoint_step': trained.step,
           'images': os.path.abspath(args.images), 'feature': e.feature,
