@@ -27,6 +27,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from ogfr_jax import console
 from ogfr_jax import metrics
 from ogfr_jax import parallel
 from ogfr_jax import prefetch
@@ -125,29 +126,42 @@ def _eval_to_devices(batch: dict, mesh, keys: tuple[str, ...] = _EVAL_KEYS
 
 def extract_features(extract_fn, variables: Any, split: records.Split,
                      config: ml_collections.ConfigDict, mesh, *,
-                     with_contam: bool = False) -> jax.Array:
+                     with_contam: bool = False, title: str = 'features') -> jax.Array:
   """Features [len(split), D] float32 in split order, replicated over the mesh.
 
   Every device and process extracts its share; the rows are gathered on the devices (each
   process's batches reach the others through the jitted scatter), never through the host.
-  Batches are transferred config.input.device_prefetch ahead of the model.
+  Batches are transferred config.input.device_prefetch ahead of the model; the last one is
+  padded only to a multiple of the devices (pipeline.eval_last_batch). Process 0 shows the
+  progress (`console.CountProgress`, titled `title`: images/s and ETA).
   """
   n = len(split)
   if n == 0:
     raise ValueError('the split to evaluate is empty')
   replicated = parallel.replicated(mesh)
+  processes = jax.process_count()
   it = pipeline.make_eval_iterator(split, config, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_count=processes,
+                                   row_multiple=max(mesh.size // processes, 1))
   buf = None
   keys = _EVAL_KEYS + (('contam_mask',) if with_contam else ())
+  in_flight = None  # (output, images) of the batch before: waited for before it counts
   with prefetch.DevicePrefetcher(it, functools.partial(_eval_to_devices, mesh=mesh, keys=keys),
-                                 size=config.input.device_prefetch) as batches:
+                                 size=config.input.device_prefetch) as batches, \
+      console.CountProgress(n, title) as progress:
     for arrays in batches:
       extra = (arrays['contam_mask'],) if with_contam else ()
       out = extract_fn(variables, arrays['image'], arrays['camid'], *extra)
       if buf is None:
         buf = _zeros(n + 1, int(out.shape[-1]), replicated)
       buf = _scatter_rows(buf, out, arrays['index'], arrays['valid'], replicated)
+      # Dispatch is asynchronous: the batch before this one is waited for (one batch stays
+      # queued behind it, so the devices never idle) and only then counted.
+      if in_flight is not None:
+        in_flight[0].block_until_ready()
+        progress.update(in_flight[1])
+      in_flight = (out, int(out.shape[0]))
+    progress.update(n)
   return _first_rows(buf, n, replicated)
 
 
@@ -443,6 +457,8 @@ def rank_features(qf: Any, gf: Any, query: records.Split, gallery: records.Split
 def evaluate_dataset(model, variables: Any, data: records.DatasetSplits,
                      config: ml_collections.ConfigDict, mesh) -> dict:
   extract_fn = make_extract_fn(model, config, mesh)
-  qf = extract_features(extract_fn, variables, data.query, config, mesh)
-  gf = extract_features(extract_fn, variables, data.gallery, config, mesh)
+  qf = extract_features(extract_fn, variables, data.query, config, mesh,
+                        title=f'{data.name} query')
+  gf = extract_features(extract_fn, variables, data.gallery, config, mesh,
+                        title=f'{data.name} gallery')
   return rank_features(qf, gf, data.query, data.gallery, config.eval, mesh)

@@ -203,3 +203,41 @@ def test_warnings_of_other_processes_are_tagged(capfd):
   finally:
     std_logging.getLogger().removeHandler(handler)
   assert capfd.readouterr().err == 'warning: [process 3] disk almost full\n'
+
+
+def test_count_progress_in_a_log_and_on_a_terminal():
+  out = io.StringIO()
+  console.set_stream(out)
+  clock = _Clock()
+  # A short extraction prints nothing into a log.
+  with console.CountProgress(96, 'synthetic query', out=out, clock=clock) as p:
+    clock.t = 5.0
+    p.update(96)
+  assert out.getvalue() == ''
+  # A long one: a line at most every line_every_s, then the total.
+  with console.CountProgress(1000, 'synthetic gallery', out=out, clock=clock,
+                             line_every_s=30.0) as p:
+    clock.t += 10.0
+    p.update(100)  # 10 s in: no line yet
+    clock.t += 30.0
+    p.update(300)  # 400 images in 40 s: 10 img/s, 600 left: 60 s
+  assert out.getvalue().splitlines() == [
+      'synthetic gallery: 400/1,000 images  10.0 img/s  ETA 0:01:00',
+      'synthetic gallery: 400 images in 0:00:40']
+  # On a terminal: a bar in place, taken off at the end; a line said meanwhile lands above it.
+  term = _Terminal()
+  console.set_stream(term)
+  with console.CountProgress(200, 'extract', out=term, clock=clock, width=200) as p:
+    clock.t += 1.0
+    p.update(100)
+    console.say('note')
+  text = term.getvalue()
+  assert '[##########..........]  50%  extract: 100/200 images  100.0 img/s  ETA 0:00:01' in text
+  assert 'note\n' in text and text.endswith('\r\x1b[2K')
+  # Other processes show nothing.
+  console.set_process(1)
+  quiet = io.StringIO()
+  with console.CountProgress(10, 'x', out=quiet, clock=clock, line_every_s=0.0) as p:
+    clock.t += 1.0
+    p.update(5)
+  assert quiet.getvalue() == ''

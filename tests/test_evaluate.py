@@ -83,6 +83,46 @@ def test_features_are_gathered_in_split_order_on_the_devices(tmp_path, mesh):
   np.testing.assert_array_equal(host, np.asarray(feats))
 
 
+def test_the_last_batch_is_padded_only_to_the_device_count(tmp_path, mesh):
+  split = _write_split(str(tmp_path), [3, 4, 4, 2], seed=4)  # 13 images
+  seen = []
+
+  @jax.jit
+  def extract_fn(variables, image, camid):
+    seen.append(image.shape[0])
+    return jnp.concatenate([image.astype(jnp.float32).mean(axis=(1, 2)),
+                            camid[:, None].astype(jnp.float32)], axis=1)
+
+  # An eval batch of 32 for 13 images: one batch of 16 rows (13 rounded up to the 8 devices).
+  big = evaluate.extract_features(extract_fn, None, split, _config(eval_batch_size=32), mesh)
+  assert seen == [16]
+  # 40 images at 16 a batch: two full batches and one of 8, i.e. one extra shape.
+  seen.clear()
+  more = records.Split.from_lists(list(split.paths) * 3 + list(split.paths[:1]),
+                                  list(split.pids) * 3 + [split.pids[0]],
+                                  list(split.camids) * 3 + [split.camids[0]])
+  feats = evaluate.extract_features(extract_fn, None, more, _config(eval_batch_size=16), mesh)
+  assert seen == [8]  # the batch of 16 was compiled above
+  assert evaluate.pipeline.eval_last_batch(more, _config(eval_batch_size=16),
+                                           row_multiple=8) == 8
+  np.testing.assert_array_equal(np.asarray(feats)[:13], np.asarray(big))
+  np.testing.assert_array_equal(np.asarray(feats)[39], np.asarray(big)[0])
+
+
+def test_last_eval_batch_sizes():
+  split = records.Split.from_lists([f'{i}.jpg' for i in range(11)], [1] * 11, [0] * 11)
+  last = lambda batch, **kw: evaluate.pipeline.eval_last_batch(  # noqa: E731
+      split, _config(eval_batch_size=batch), **kw)
+  assert last(4) == 3  # 4 + 4 + 3
+  assert last(4, row_multiple=2) == 4
+  assert last(16, row_multiple=8) == 16
+  # Two processes: shares of 6 images, 2 per batch: every process's last batch has 2 rows,
+  # and with 4 per process (batch 8), 6 = 4 + 2.
+  assert last(4, process_count=2) == 2
+  assert last(8, process_count=2) == 2
+  assert last(8, process_count=2, row_multiple=4) == 4
+
+
 # --------------------------------------------------------------------------------------------
 # Ranking
 

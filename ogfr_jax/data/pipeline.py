@@ -453,25 +453,42 @@ def eval_num_batches(split: records.Split, config, *, process_count: int = 1) ->
   return _eval_layout(len(split), config, process_count)[2]
 
 
+def eval_last_batch(split: records.Split, config, *, process_count: int = 1,
+                    row_multiple: int = 1) -> int:
+  """Rows of each process's last eval batch: what is left of its share, rounded up to a
+  multiple of `row_multiple` (its devices, so that the batch splits over them), at most the
+  batch. The same on every process, so the global batch lines up."""
+  batch, share, num_batches = _eval_layout(len(split), config, process_count)
+  rest = max(share - (num_batches - 1) * batch, 1)
+  multiple = max(int(row_multiple), 1)
+  return min(batch, -(-rest // multiple) * multiple)
+
+
 class EvalBatchLoader:
-  """Batch i of one process's contiguous share of an eval split, padded to a fixed size."""
+  """Batch i of one process's contiguous share of an eval split, padded to a fixed size: the
+  batch, and `last_batch` rows for the last of `num_batches` (None: the batch)."""
 
   def __init__(self, split: records.Split, spec: augment.AugmentSpec, *, begin: int, end: int,
-               batch: int, contam: records.PixelMasks | None = None):
+               batch: int, contam: records.PixelMasks | None = None,
+               num_batches: int | None = None, last_batch: int | None = None):
     self.paths = split.paths
     self.contam = contam
     self.pids = np.asarray(split.pids, np.int32)
     self.camids = np.asarray(split.camids, np.int32)
     self.spec = spec
     self.begin, self.end, self.batch = int(begin), int(end), int(batch)
+    self.num_batches = num_batches
+    self.last_batch = int(batch if last_batch is None else last_batch)
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     H, W = self.spec.height, self.spec.width
+    rows = (self.last_batch if self.num_batches is not None and int(i) == self.num_batches - 1
+            else self.batch)
     lo = min(self.begin + int(i) * self.batch, self.end)
-    hi = min(lo + self.batch, self.end)
+    hi = min(lo + rows, self.end)
     n = hi - lo
-    images = np.zeros((self.batch, H, W, 3), np.uint8)
-    contam = np.zeros((self.batch, H, W), np.uint8)
+    images = np.zeros((rows, H, W, 3), np.uint8)
+    contam = np.zeros((rows, H, W), np.uint8)
     for j in range(n):
       images[j] = image_io.load_image(self.paths[lo + j], size=(H, W))
       mask = None if self.contam is None else self.contam.mask(lo + j)
@@ -480,10 +497,10 @@ class EvalBatchLoader:
     out = {
         'image': images,
         'contam_mask': contam,
-        'pid': np.full(self.batch, -1, np.int32),
-        'camid': np.full(self.batch, -1, np.int32),
-        'index': np.full(self.batch, -1, np.int32),
-        'valid': np.zeros(self.batch, bool),
+        'pid': np.full(rows, -1, np.int32),
+        'camid': np.full(rows, -1, np.int32),
+        'index': np.full(rows, -1, np.int32),
+        'valid': np.zeros(rows, bool),
     }
     # Padded rows keep a zero image and -1 ids; `valid` is what consumers must check.
     out['pid'][:n] = self.pids[lo:hi]
@@ -494,20 +511,29 @@ class EvalBatchLoader:
 
 
 def make_eval_iterator(split: records.Split, config, *, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                       process_count: int = 1, row_multiple: int | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
   """Eval batches of this process's contiguous share of `split`, in split order.
 
   Keys: image uint8 [b, H, W, 3] (pixels; the extraction normalises them on the device), pid,
   camid, index int32 [b] (-1 on padding), valid bool [b], contam_mask uint8 [b, H, W] (the
   planted contamination resized with the image; zeros where none is recorded and on
-  padding), with b = config.input.eval_batch_size / process_count.
+  padding), with b = config.input.eval_batch_size / process_count, except for the last batch
+  (`eval_last_batch`): what is left, padded to a multiple of `row_multiple` (default: this
+  process's device count) and no further. A jitted consumer thus compiles one more shape per
+  split at most, where padding to the batch would run up to b - 1 images for nothing.
   """
   _check_process(process_index, process_count)
   batch, share, num_batches = _eval_layout(len(split), config, process_count)
+  if row_multiple is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    row_multiple = jax.local_device_count()
+  last = eval_last_batch(split, config, process_count=process_count, row_multiple=row_multiple)
   begin = min(process_index * share, len(split))
   end = min(begin + share, len(split))
   loader = EvalBatchLoader(split, augment.augment_spec(config), begin=begin, end=end,
-                           batch=batch, contam=synthetic.contamination_masks(split))
+                           batch=batch, contam=synthetic.contamination_masks(split),
+                           num_batches=num_batches, last_batch=last)
   ds = grain.MapDataset.range(num_batches).map(loader)
   return _to_iterator(ds, int(config.input.num_workers), int(config.input.prefetch))
 
