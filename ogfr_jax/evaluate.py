@@ -18,7 +18,7 @@ Every knob is a field of config.eval and is reported with the results.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -455,10 +455,15 @@ def rank_features(qf: Any, gf: Any, query: records.Split, gallery: records.Split
 
 
 def evaluate_dataset(model, variables: Any, data: records.DatasetSplits,
-                     config: ml_collections.ConfigDict, mesh) -> dict:
+                     config: ml_collections.ConfigDict, mesh,
+                     features_out: Optional[dict] = None) -> dict:
+  """The student's metrics on `data`; `features_out` (a dict), when given, receives the
+  device arrays of the 'query' and 'gallery' features."""
   extract_fn = make_extract_fn(model, config, mesh)
   qf = extract_features(extract_fn, variables, data.query, config, mesh,
                         title=f'{data.name} query')
   gf = extract_features(extract_fn, variables, data.gallery, config, mesh,
                         title=f'{data.name} gallery')
+  if features_out is not None:
+    features_out.update(query=qf, gallery=gf)
   return rank_features(qf, gf, data.query, data.gallery, config.eval, mesh)

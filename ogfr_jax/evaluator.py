@@ -32,6 +32,7 @@ from ogfr_jax import console
 from ogfr_jax import evaluate
 from ogfr_jax import parallel
 from ogfr_jax import paths
+from ogfr_jax import writers
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
@@ -53,7 +54,8 @@ def run_evaluation(model, state, test_data, config, mesh, step: int, writer=None
   """The student's metrics on test_data ({name: {..., 'step'}}), logged and written to the
   writer (writers.Writer or None); with `show`, printed as a table on the console."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  metrics = evaluate.evaluate_dataset(model, variables, test_data, config, mesh)
+  features = {}
+  metrics = evaluate.evaluate_dataset(model, variables, test_data, config, mesh, features)
   result = {test_data.name: {**metrics, 'step': int(step)}}
   logging.info('eval @ step %d on %s: %s', step, test_data.name,
                ', '.join(f'{k}={v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
@@ -62,6 +64,8 @@ def run_evaluation(model, state, test_data, config, mesh, step: int, writer=None
   if writer is not None:
     writer.scalars(step, {f'eval/{test_data.name}/{k}': v for k, v in metrics.items()
                           if isinstance(v, float)})
+    writer.image(f'eval/{test_data.name}/ranked_lists', writers.ranked_thumbnail(
+        features['query'], features['gallery'], test_data.query, test_data.gallery), step)
   return result
 
 

@@ -234,7 +234,8 @@ class _Progress:
                  ' '.join(f'{k}={v:.3g}' for k, v in sorted(summary.items()) if k not in quiet),
                  ips, writers.format_eta(eta))
     self.display.report(done, summary, ips)
-    self.writer.scalars(done, {f'train/{k}': v for k, v in summary.items()})
+    self.writer.scalars(done, {f'train/{k}': v
+                               for k, v in writers.drop_redundant(summary, self.config).items()})
     if corrupt > self.corrupt_logged:
       logging.warning('%d corrupt training image(s) replaced by another image of the same '
                       'identity so far (config.input.corrupt_image_policy=skip); the file names '
@@ -371,7 +372,8 @@ def _print_end(workdir: str, results: dict, step: int, wall_time_s: float | None
   written = [('results', at('results.json'))]
   if trained:
     written += [('metrics', f'{at("metrics.jsonl")}, TensorBoard {at("tensorboard")}'),
-                ('checkpoint', at('checkpoints', str(step))), ('config', at('config.json'))]
+                ('checkpoint', at('checkpoints', str(step))), ('config', at('config.json')),
+                ('manifest', at('manifest.json'))]
   console.print_final(results, written, wall_time_s)
 
 
@@ -421,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         size=config.input.device_prefetch)
     # Periodic evaluations come before the checkpoint of their step and are kept; the final one
     # follows the last checkpoint, so a run resumed there evaluates (and logs) it again.
-    writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps)
+    writer = Writer(workdir, resume_step=start_step, redo_eval=start_step == total_steps,
+                    config=config)
   except BaseException:
     if 'train_iter' in locals():
       train_iter.close()
@@ -480,6 +483,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     final_step = int(jax.device_get(state.step))
     results = evaluator.final_evaluation(model, state, s['train_data'], s['test_data'], config,
                                          mesh, final_step, writer)
+    if isinstance(results.get('fepm'), dict):
+      writer.scalars(final_step, writers.fepm_scalars(results['fepm']))
     results['manifest'] = manifest.run_manifest(config, wall_time_s=time.time() - t_start,
                                                 start_time=t_start, layout=s['layout'])
     evaluator.write_results(workdir, results)

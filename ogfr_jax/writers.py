@@ -1,6 +1,13 @@
 """What a run writes as it goes: TensorBoard events and metrics.jsonl (process 0 only),
 the host summary of a logging window, and the small formatting helpers of the progress line.
 
+TensorBoard holds, besides the train scalars: the resolved config as text (`config`), each
+evaluation's metrics (`eval/<dataset>/...`) and a ranked-list thumbnail
+(`eval/<dataset>/ranked_lists`: a few queries with their top gallery images), and at the
+final evaluation the FEPM report of results.json as scalars (`eval/fepm/...`: selection
+precision, recall, rate and the random-pick precision per split, teacher mAP and rank-1
+purified vs clean).
+
 A resumed run first drops what an interrupted run logged after the checkpoint it resumes
 from (`truncate_metrics`, TensorBoard purge_step), so every step appears once.
 """
@@ -73,7 +80,8 @@ class Writer:
   those steps are about to be logged again; `redo_eval`: so is an evaluation at resume_step.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0, *, redo_eval: bool = False):
+  def __init__(self, workdir: str, resume_step: int = 0, *, redo_eval: bool = False,
+               config=None):
     self._active = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
@@ -91,6 +99,8 @@ class Writer:
       paths.register_tensorboard()  # event files of a gs:// (...) workdir go through epath
       self._tb = SummaryWriter(logdir=tb_dir, purge_step=purge_step)
       self._jsonl = paths.AppendFile(path)
+      if config is not None:
+        self.text('config', config_text(config), resume_step)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self._active:
@@ -100,6 +110,18 @@ class Writer:
     self._jsonl.write(encode_row({'step': step, **{k: float(v) for k, v in values.items()}}))
     self._jsonl.flush()
     self._tb.flush()
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    """A text panel in TensorBoard (markdown)."""
+    if self._active:
+      self._tb.add_text(tag, text, step)
+      self._tb.flush()
+
+  def image(self, tag: str, image: np.ndarray, step: int) -> None:
+    """A uint8 [H, W, 3] image in TensorBoard."""
+    if self._active and image is not None:
+      self._tb.add_image(tag, np.asarray(image, np.uint8), step, dataformats='HWC')
+      self._tb.flush()
 
   def close(self) -> None:
     if self._active and self._jsonl is not None:
@@ -128,6 +150,81 @@ def summarize(history: list[dict]) -> dict[str, float]:
     else:
       out[key] = float(np.mean(values[use]))
   return out
+
+
+def config_text(config) -> str:
+  """The resolved config as a markdown code block (TensorBoard's text panel)."""
+  try:
+    body = config.to_json_best_effort(indent=2, sort_keys=True)
+  except AttributeError:
+    body = json.dumps(dict(config), indent=2, sort_keys=True, default=str)
+  # Four-space indentation makes a code block in TensorBoard's markdown.
+  return '\n'.join('    ' + line for line in body.splitlines())
+
+
+def fepm_scalars(report: dict) -> dict[str, float]:
+  """results.json's `fepm` object as TensorBoard scalars: eval/fepm/<split>/<figure> of the
+  selection against the planted contamination (precision, recall, select_rate, and chance:
+  the precision of a random pick), eval/fepm/teacher_<purified|clean>/<mAP|rank1>. Figures
+  that are None (nothing planted, or left out) are left out."""
+  out = {}
+  for split in ('gallery', 'train'):
+    counts = report.get(split)
+    if isinstance(counts, dict):
+      for key in ('precision', 'recall', 'select_rate', 'chance'):
+        if isinstance(counts.get(key), (int, float)):
+          out[f'eval/fepm/{split}/{key}'] = float(counts[key])
+  for branch in ('teacher_purified', 'teacher_clean'):
+    figures = report.get(branch)
+    if isinstance(figures, dict):
+      for key in ('mAP', 'rank1'):
+        if isinstance(figures.get(key), (int, float)):
+          out[f'eval/fepm/{branch}/{key}'] = float(figures[key])
+  return out
+
+
+def drop_redundant(summary: dict[str, float], config) -> dict[str, float]:
+  """The summary without figures that repeat another one: under fepm.baseline=
+  'leave_one_out' the mean of the baselines is the mean reward (each sample's baseline is
+  the mean of the others), so agent/baseline would draw agent/reward again."""
+  if config.fepm.get('baseline') == 'leave_one_out':
+    return {k: v for k, v in summary.items() if k != 'agent/baseline'}
+  return summary
+
+
+def ranked_thumbnail(qf, gf, query, gallery, *, num_queries: int = 4, topk: int = 5,
+                     height: int = 64) -> np.ndarray:
+  """uint8 [H, W, 3]: `num_queries` queries spread over the query set, each beside its `topk`
+  gallery images under the evaluation's protocol (same identity and camera left out); green
+  frame: the same identity, red: another. qf, gf: features (device or host arrays) in split
+  order. Every process must call it (the distances are computed on the devices)."""
+  from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.data import image_io  # pylint: disable=g-import-not-at-top
+  from ogfr_jax.tools import drawing  # pylint: disable=g-import-not-at-top
+  n = len(query)
+  idx = np.unique(np.linspace(0, n - 1, min(num_queries, n)).round().astype(int))
+  dist = np.asarray(parallel.fetch(_query_distances(qf, gf, jax.numpy.asarray(idx))))
+  if jax.process_index() != 0:
+    return None
+  q_pids, q_cams = np.asarray(query.pids), np.asarray(query.camids)
+  g_pids, g_cams = np.asarray(gallery.pids), np.asarray(gallery.camids)
+  rows = []
+  for row, i in enumerate(idx):
+    keep = ~((g_pids == q_pids[i]) & (g_cams == q_cams[i]))
+    order = [j for j in np.argsort(dist[row], kind='stable') if keep[j]][:topk]
+    tile = lambda path: drawing.fit_height(image_io.load_image(path), height)  # noqa: E731
+    tiles = [drawing.bordered(tile(query.paths[i]), drawing.BLUE)]
+    tiles += [drawing.bordered(tile(gallery.paths[j]),
+                               drawing.GREEN if g_pids[j] == q_pids[i] else drawing.RED)
+              for j in order]
+    rows.append(drawing.hstack(tiles))
+  return drawing.vstack(rows)
+
+
+@jax.jit
+def _query_distances(qf, gf, idx):
+  from ogfr_jax import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.pairwise_distance_device(qf[idx], gf)
 
 
 def format_eta(seconds: float) -> str:

@@ -556,3 +556,76 @@ def test_tfds_builders_write_no_progress_bars_into_a_pipe(run, tmp_path):
   assert proc.stderr == ''
   assert proc.stdout.startswith('wrote ') and len(proc.stdout.splitlines()) == 1
   assert 'Downloading' not in proc.stdout and '\x1b' not in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# What a run shows: the console's loss terms, TensorBoard
+
+
+def _tensorboard(workdir):
+  """{(tag, kind): [values]} of a run's TensorBoard events (kind: simple_value, image,
+  tensor)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events*')):
+    data = open(path, 'rb').read()
+    i = 0
+    while i < len(data):
+      n = struct.unpack('<Q', data[i:i + 8])[0]
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        kind = v.WhichOneof('value')
+        value = {'simple_value': lambda: v.simple_value,  # noqa: E731
+                 'image': lambda: v.image.encoded_image_string,
+                 'tensor': lambda: v.tensor.string_val}[kind]()
+        out.setdefault((v.tag, kind), []).append(value)
+  return out
+
+
+def test_console_terms_add_up_to_the_logged_loss(run):
+  """The weights the console applies are those the train step summed: on every logged step
+  the shown terms add up to loss/total."""
+  from ogfr_jax import console  # pylint: disable=g-import-not-at-top
+  from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
+  wd, config = run
+  weights = losses.active_terms(config)
+  rows = [r for r in common.read_jsonl(os.path.join(wd, 'metrics.jsonl'))
+          if 'train/loss/total' in r]
+  assert rows
+  for row in rows:
+    summary = {k[len('train/'):]: v for k, v in row.items() if k.startswith('train/')}
+    parts = console.loss_parts(summary, weights)
+    assert [label for label, _ in parts][-1] == 'other'
+    assert 'kd-logit' in dict(parts)
+    # float32 sum in the step of the weighted terms, float64 here: a few float32 roundings of
+    # the largest partial sum.
+    scale = sum(abs(v) for _, v in parts)
+    assert abs(sum(v for _, v in parts) - summary['loss/total']) <= 8 * scale * 2.0 ** -24
+
+
+def test_tensorboard_holds_config_fepm_report_and_ranked_lists(run):
+  wd, config = run
+  tb = _tensorboard(wd)
+  results = json.load(open(os.path.join(wd, 'results.json')))
+  text = b''.join(tb[('config/text_summary', 'tensor')][0]).decode()
+  assert '"eval_batch_size": 16' in text
+  fepm = results['fepm']
+  for split in ('gallery', 'train'):
+    for key in ('precision', 'recall', 'select_rate', 'chance'):
+      got = tb[(f'eval/fepm/{split}/{key}', 'simple_value')]
+      assert got == [pytest.approx(fepm[split][key], abs=2.0 ** -24 * 4)]
+  for branch in ('teacher_purified', 'teacher_clean'):
+    got = tb[(f'eval/fepm/{branch}/mAP', 'simple_value')]
+    assert got == [pytest.approx(fepm[branch]['mAP'], abs=2.0 ** -24 * 4)]
+  (png,) = tb[('eval/synthetic/ranked_lists', 'image')]
+  import io  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(png)) as img:
+    assert img.size[0] > 5 * 32 and img.size[1] > 4 * 64  # 4 queries x (1 + 5) tiles
+  # Under the leave-one-out baseline the mean baseline is the mean reward: drawn once.
+  assert config.fepm.baseline == 'leave_one_out'
+  assert ('train/agent/reward', 'simple_value') in tb
+  assert ('train/agent/baseline', 'simple_value') not in tb
