@@ -629,3 +629,84 @@ def test_tensorboard_holds_config_fepm_report_and_ranked_lists(run):
   assert config.fepm.baseline == 'leave_one_out'
   assert ('train/agent/reward', 'simple_value') in tb
   assert ('train/agent/baseline', 'simple_value') not in tb
+
+
+# --------------------------------------------------------------------------------------------
+# The README example and bitwise reruns
+
+
+def _readme_example():
+  spec = importlib.util.spec_from_file_location(
+      'readme_example', os.path.join(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__))), 'tools', 'readme_example.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_CONSOLE = '''OGFR train: configs/synthetic.py
+  workdir   runs/synthetic
+step  10/40  epoch 0.50  loss 9.000 = id 2.000 + other 7.000  lr 1.0e-04  50.0 img/s  ETA 0:00:30
+step  20/40  epoch 1.00  loss 8.000 = id 2.000 + other 6.000  lr 2.0e-04  80.0 img/s  ETA 0:00:20
+evaluation at step 20
+  dataset     rank1   rank5  rank10     mAP    mINP
+  synthetic  0.2847  0.5347  0.7014  0.2690  0.1172
+step  30/40  epoch 1.50  loss 7.000 = id 2.000 + other 5.000  lr 3.0e-04  81.0 img/s  ETA 0:00:10
+step  40/40  epoch 2.00  loss 6.000 = id 2.000 + other 4.000  lr 4.0e-04  82.0 img/s  ETA 0:00:00
+results at step 40 (0:01:50 wall time)
+  dataset     rank1   rank5  rank10     mAP    mINP
+  synthetic  0.3819  0.6597  0.7361  0.3741  0.1753
+'''
+
+
+def test_readme_example_checker_compares_every_figure_but_the_timings():
+  m = _readme_example()
+  block = m.example_block(_CONSOLE)
+  lines = _CONSOLE.splitlines()
+  # The first step line, the one before the evaluation, then '...' for step 30, the last.
+  assert block == lines[:7] + ['...'] + lines[8:]
+  text = f'# x\n\n{m.SECTION}\n\nintro\n\n```\nold\n```\n\n(3 lines in all when piped)\n'
+  updated = m.update_readme(text, block, len(lines))
+  first, end = m.readme_block(updated)
+  assert updated.splitlines()[first:end] == block
+  assert f'({len(lines)} lines in all when piped)' in updated
+  # A rerun: other throughput, ETA and wall time, the same figures: current.
+  rerun = (_CONSOLE.replace('80.0 img/s', '91.5 img/s').replace('ETA 0:00:20', 'ETA 0:00:18')
+           .replace('0:01:50 wall', '0:02:03 wall'))
+  assert m.compare(block, m.example_block(rerun)) == []
+  # Any figure else differs: the mAP of the final results, a loss term.
+  for old, new in (('0.3741', '0.3725'), ('id 2.000 + other 6.000', 'id 2.001 + other 5.999')):
+    diffs = m.compare(block, m.example_block(_CONSOLE.replace(old, new)))
+    assert any(d.startswith('-') and old in d for d in diffs)
+    assert any(d.startswith('+') and new in d for d in diffs)
+
+
+# The README run shrunk to a few seconds (the fields of tests/test_train_e2e.tiny_config).
+_TINY = ('synthetic.num_train_ids=8', 'synthetic.num_test_ids=6', 'synthetic.images_per_id=6',
+         'synthetic.height=64', 'synthetic.width=32', 'input.height=64', 'input.width=32',
+         'model.patch_size=16', 'model.stride=16', 'input.ids_per_batch=4',
+         'input.images_per_id=2', 'input.eval_batch_size=16', 'train.epochs=2',
+         'train.steps_per_epoch=2', 'train.log_every=1', 'train.checkpoint_every=4',
+         'train.eval_every_epochs=1', 'eval.fepm_report=False')
+
+
+def test_reruns_on_one_device_and_one_thread_are_bitwise_identical(tmp_path):
+  """The layout the README example states: 1 CPU device, XLA:CPU pinned to one core. Two runs
+  of the same command print the same figures and log bitwise the same metrics."""
+  m = _readme_example()
+  extra = tuple(f'--config.{o}' for o in _TINY) + (f'--config.dataset.root={tmp_path}/data',)
+  env_flags = os.environ.pop('XLA_FLAGS', None)  # 1 device, not the tests' 8
+  try:
+    outputs = [m.run_readme_command('0', str(tmp_path / f'run{i}'), extra) for i in range(2)]
+  finally:
+    if env_flags is not None:
+      os.environ['XLA_FLAGS'] = env_flags
+  blocks = [m.example_block(o) for o in outputs]
+  assert 'devices   1 x cpu' in outputs[0] and 'evaluation at step 2' in outputs[0]
+  assert m.compare(*blocks) == []
+  rows = [[r for r in common.read_jsonl(str(tmp_path / f'run{i}' / 'metrics.jsonl'))
+           if 'train/loss/total' in r or any(k.startswith('eval/') for k in r)]
+          for i in range(2)]
+  drop = ('train/images_per_sec',)
+  rows = [[{k: v for k, v in r.items() if k not in drop} for r in rs] for rs in rows]
+  assert len(rows[0]) == 4 + 2 and rows[0] == rows[1]  # 4 steps, 2 evaluations
