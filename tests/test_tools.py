@@ -120,7 +120,8 @@ def test_visrank_draws_the_evaluation_ranking(run, tmp_path):
   saved = json.load(open(os.path.join(wd, 'results.json')))['synthetic']
   assert res['summary']['mAP'] == pytest.approx(saved['mAP'], abs=1e-6)
   assert res['summary']['rank1'] == pytest.approx(saved['rank1'], abs=1e-6)
-  assert [os.path.basename(p) for p in res['paths']] == ['visrank_000.png', 'visrank_001.png']
+  assert [os.path.basename(p) for p in res['paths']] == ['visrank_spread_000.png',
+                                                       'visrank_spread_001.png']
   assert len(res['chosen']) == 3
   for page, rows in zip(res['paths'], (2, 1)):
     mode, (w, h), pixels = _png(page)
@@ -168,6 +169,14 @@ def test_token_windows_and_clutter_statistics():
   assert stats['chance_precision'] == pytest.approx(3 / 8)
   none = vispurify.clutter_stats(np.zeros((1, 4), bool), np.zeros((1, 4), bool))
   assert none['precision'] is None and none['recall'] is None
+  # A selected token on the image's own occluder is counted apart (token 2 of image 0; token
+  # 0 is clutter and occluder at once, a hit).
+  stats = vispurify.clutter_stats(np.array([[1, 1, 1, 0], [0, 0, 0, 0]], bool),
+                                  np.array([[1, 1, 0, 0], [1, 0, 0, 0]], bool),
+                                  np.array([[1, 0, 1, 1], [0, 0, 0, 0]], bool))
+  assert stats['precision'] == pytest.approx(2 / 3)
+  assert stats['selected_occluder_tokens'] == 1
+  assert stats['occluder_share'] == pytest.approx(1 / 3)
 
 
 def test_unaugmented_batches_line_up_with_the_stored_images(trained):
@@ -203,7 +212,7 @@ def test_vispurify_figure_and_statistics(run, trained, tmp_path):
     report = json.load(f)['fepm']
   assert summary['run_report'] == report
   lines = vispurify.describe_fepm_report(report)
-  assert any(l.strip().startswith('gallery') and 'chance' in l for l in lines)
+  assert any(l.strip().startswith('gallery') and 'random pick' in l for l in lines)
   assert any('teacher mAP' in l for l in lines)
   mode, (w, h), _ = _png(summary['figure'])
   # Panels of 192-pixel-high images: the tiny 64 x 32 input enlarged 3 times; five panels

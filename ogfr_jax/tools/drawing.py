@@ -108,3 +108,26 @@ def banner(text: str, width: int, size: int = 12, colour=BLACK) -> np.ndarray:
   canvas = Image.new('RGB', (max(width, text_width(text, size) + 8), size + 8), WHITE)
   ImageDraw.Draw(canvas).text((4, 3), text, fill=colour, font=font(size))
   return np.asarray(canvas)
+
+
+def colour_key(items: Sequence[tuple[tuple[int, int, int], str]], width: int, size: int = 11,
+               dashed: Sequence[bool] = ()) -> np.ndarray:
+  """A white strip that says what each frame colour means: a small framed swatch (dashed where
+  `dashed` says so) followed by its text, item after item, wrapped to `width`."""
+  dashed = list(dashed) + [False] * (len(items) - len(dashed))
+  pieces = []
+  for (colour, text), dash in zip(items, dashed):
+    swatch = bordered(np.full((size, size, 3), 255, np.uint8), colour, width=3, dashed=dash)
+    label = banner(text, text_width(text, size) + 8, size=size, colour=BLACK)
+    pad = np.full((label.shape[0], swatch.shape[1], 3), 255, np.uint8)
+    pad[:swatch.shape[0]] = swatch[:label.shape[0]]
+    pieces.append(hstack([pad, label], gap=2))
+  rows, row = [], []
+  for piece in pieces:
+    if row and sum(p.shape[1] + 12 for p in row) + piece.shape[1] > width:
+      rows.append(hstack(row, gap=12))
+      row = []
+    row.append(piece)
+  if row:
+    rows.append(hstack(row, gap=12))
+  return vstack(rows, gap=2)

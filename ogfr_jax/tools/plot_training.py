@@ -8,8 +8,14 @@ after an evaluation), so no TensorBoard installation is needed. A resumed run ma
 twice; the later line wins. Panels without data in the log are left out:
   agent selection rate (sampled and greedy) | agent reward (sampled, greedy, baseline)
   loss terms (log scale)                    | evaluation rank-1 / mAP / mINP
-Needs matplotlib (the 'dev' extra), drawn off-screen (Agg). Default output:
-WORKDIR/training.png.
+Every panel spans the run's steps; legends sit beside the panels, not over the curves. Two
+curves of one panel that are the same (the leave-one-out baseline's mean is the mean reward;
+with fepm.eta=0 the reward is the log-prob gain) are drawn once, labelled with both names,
+and a promised curve the run did not log is named under the panel with the reason. The log
+axis of the losses is scaled to the steps after the first logging window (which holds the
+values at initialisation); a first point beyond it is drawn at the edge as a triangle.
+Evaluations are points (joined only from three on). Needs matplotlib (the 'dev' extra),
+drawn off-screen (Agg). Default output: WORKDIR/training.png.
 """
 
 from __future__ import annotations
@@ -28,17 +34,23 @@ from ogfr_jax.tools import common
 PANELS = (
     ('purification agent: selection rate', 'fraction of tokens',
      [('train/agent/select_rate', 'sampled (training policy)'),
-      ('train/agent/greedy_select_rate', 'greedy')], False),
+      ('train/agent/greedy_select_rate', 'greedy (evaluation)')], False),
     ('purification agent: reward', 'reward',
      [('train/agent/reward', 'sampled'), ('train/agent/greedy_reward', 'greedy'),
       ('train/agent/logprob_gain', 'log-prob gain (sampled)'),
-      ('train/agent/baseline', 'moving-average baseline')], False),
-    ('losses', 'loss',
-     [('train/loss/total', 'total'), ('train/loss/teacher_id', 'teacher ID'),
+      ('train/agent/baseline', 'baseline')], False),
+    ('losses (unweighted)', 'loss',
+     [('train/loss/total', 'total (weighted sum)'), ('train/loss/teacher_id', 'teacher ID'),
       ('train/loss/student_id', 'student ID'), ('train/loss/teacher_triplet', 'teacher triplet'),
       ('train/loss/student_triplet', 'student triplet'), ('train/loss/kd_feature', 'KD feature'),
       ('train/loss/kd_logit', 'KD logit'), ('train/loss/pattern', 'pattern CE')], True),
 )
+# Why a run logs no such curve, for the note under its panel ({key: reason}).
+ABSENT_REASONS = {
+    'train/agent/greedy_reward': 'computed only for fepm.baseline=self_critical',
+    'train/agent/baseline': 'not drawn: under leave_one_out its mean is the sampled reward; '
+                            'under self_critical it is the greedy reward',
+}
 EVAL_METRICS = ('rank1', 'mAP', 'mINP')
 
 
@@ -60,39 +72,100 @@ def eval_keys(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
   return [(k, k[len('eval/'):]) for k in keys]
 
 
+def same_series(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+  """Whether two (steps, values) series draw one line (equal to float32 rounding)."""
+  return (a[0].size > 0 and np.array_equal(a[0], b[0])
+          and np.allclose(a[1], b[1], rtol=1e-6, atol=1e-7, equal_nan=True))
+
+
+def panel_curves(rows, keys) -> tuple[list[tuple[str, str]], list[str]]:
+  """([(key, label)] to draw, with curves that repeat an earlier one merged into its label
+  ('sampled = log-prob gain (sampled)'), [labels of the keys without data])."""
+  drawn: list[tuple[str, str]] = []
+  absent = []
+  for key, label in keys:
+    s = series(rows, key)
+    if s[0].size == 0:
+      absent.append(key)
+      continue
+    for i, (other, other_label) in enumerate(drawn):
+      if same_series(series(rows, other), s):
+        drawn[i] = (other, f'{other_label} = {label}')
+        break
+    else:
+      drawn.append((key, label))
+  return drawn, absent
+
+
+def _log_limits(rows, keys) -> tuple[float, float] | None:
+  """y limits of a log panel from the steps after each curve's first point (that window
+  holds the values at initialisation), or None when nothing is left."""
+  later = []
+  for key, _ in keys:
+    values = series(rows, key)[1]
+    values = values[1:] if values.size > 1 else values
+    later.extend(v for v in values if np.isfinite(v) and v > 0)
+  if not later:
+    return None
+  return min(later) / 1.6, max(later) * 1.6
+
+
 def plot(rows: Sequence[dict[str, Any]], path: str, title: str = '',
-         skip: Sequence[str] = ()) -> list[str]:
-  """Draws the panels that have data (leaving out the `skip` keys); returns their titles."""
+         skip: Sequence[str] = (), absent_reasons: dict[str, str] | None = None) -> list[str]:
+  """Draws the panels that have data (leaving out the `skip` keys, which are named under
+  their panel with `absent_reasons`); returns their titles."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = [(name, ylabel, [(k, l) for k, l in keys if k not in skip], log)
-            for name, ylabel, keys, log in PANELS]
-  panels = [p for p in panels if any(series(rows, k)[0].size for k, _ in p[2])]
+  reasons = dict(ABSENT_REASONS, **(absent_reasons or {}))
+  panels = []
+  for name, ylabel, keys, log in PANELS:
+    drawn, absent = panel_curves(rows, [(k, l) for k, l in keys if k not in skip])
+    absent += [k for k, _ in keys if k in skip]
+    if drawn:
+      labels = dict(keys)
+      notes = [f'{labels[k]}: {reasons.get(k, "not logged by this run")}' for k in absent]
+      panels.append((name, ylabel, drawn, log, notes))
   evals = eval_keys(rows)
   if evals:
-    panels.append(('evaluation', 'fraction', evals, False))
+    panels.append(('evaluation (test set)', 'fraction', evals, False, []))
   if not panels:
     raise ValueError('the metrics log holds none of the plotted scalars '
                      f'({", ".join(k for p in PANELS for k, _ in p[2])}, eval/...)')
+  last = max((int(r['step']) for r in rows if 'step' in r), default=1)
   cols = 2 if len(panels) > 1 else 1
   nrows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(6.0 * cols, 3.4 * nrows), squeeze=False)
-  for ax, (name, ylabel, keys, log) in zip(axes.flat, panels):
+  fig, axes = plt.subplots(nrows, cols, figsize=(7.6 * cols, 3.6 * nrows), squeeze=False)
+  for ax, (name, ylabel, keys, log, notes) in zip(axes.flat, panels):
+    limits = _log_limits(rows, keys) if log else None
     for key, label in keys:
       steps, values = series(rows, key)
-      if steps.size == 0:
+      if name.startswith('evaluation'):
+        # A few evaluations are points; a line between two of them would read as a trend.
+        style = '-' if steps.size >= 3 else 'none'
+        ax.plot(steps, values, label=label, marker='o', markersize=5, linestyle=style,
+                linewidth=1.0)
         continue
       marker = 'o' if steps.size < 20 else None
-      ax.plot(steps, values, label=label, marker=marker, markersize=3, linewidth=1.2)
-    if log and all(np.all(series(rows, k)[1] > 0) for k, _ in keys if series(rows, k)[0].size):
+      line, = ax.plot(steps, values, label=label, marker=marker, markersize=3, linewidth=1.2)
+      if limits is not None and values.size and not limits[0] <= values[0] <= limits[1]:
+        edge, shape = (limits[0], 'v') if values[0] < limits[0] else (limits[1], '^')
+        ax.plot([steps[0]], [edge * (1.05 if shape == 'v' else 0.95)], marker=shape,
+                color=line.get_color(), markersize=6, linestyle='none')
+    if log and limits is not None:
       ax.set_yscale('log')
+      ax.set_ylim(*limits)
+    ax.set_xlim(0, last * 1.02)
     ax.set_title(name, fontsize=10)
     ax.set_xlabel('step', fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
-    ax.legend(fontsize=7, loc='best')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              frameon=False)
+    if notes:
+      ax.text(0.0, -0.3, '\n'.join(notes), transform=ax.transAxes, fontsize=7, va='top',
+              color='0.35')
   for ax in list(axes.flat)[len(panels):]:
     ax.axis('off')
   if title:
@@ -123,7 +196,8 @@ def main(argv: Sequence[str]) -> str:
   skip = []
   if paths.exists(paths.join(workdir, 'config.json')):
     if common.workdir_config(args.workdir).fepm.baseline != 'moving_average':
-      # The logged moving average is carried unchanged (zero) under the self-critical baseline.
+      # Under leave_one_out the baseline's mean is the sampled reward, under self_critical
+      # the greedy reward: drawn already (ABSENT_REASONS says so under the panel).
       skip.append('train/agent/baseline')
   panels = plot(rows, out, title=f'{name}: {last} steps', skip=skip)
   print(f'wrote {out} ({", ".join(panels)})')

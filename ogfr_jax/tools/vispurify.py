@@ -19,10 +19,15 @@ masks are stored for the unaugmented image, so only then do they line up with th
 agent sees. Occlusion synthesis stays on.
 
 On the synthetic benchmark the tool prints the agent's precision and recall on clutter tokens
-over --num-batches batches (a token is clutter when at least half its window is covered,
-`synthetic.clutter_token_mask`): precision = selected clutter tokens / selected tokens,
-recall = selected clutter tokens / clutter tokens; chance precision is the clutter fraction of
-all tokens. The figures and the numbers go to OUT/vispurify_000.png and OUT/purification.json.
+over --num-batches batches. What counts as a hit: a selected token whose window is at least
+half covered by the planted clutter (the contamination of clutter.npz: another identity's
+clothes, a bag, ...; `synthetic.clutter_token_mask`). precision = selected clutter tokens /
+selected tokens, recall = selected clutter tokens / clutter tokens; chance precision is the
+clutter fraction of all tokens (the precision of a random pick), as in the run's FEPM
+report. A selected token on the image's own occluder (masks.npz: foliage, a car, ...; same
+half-window rule) is no hit for precision, but no plain mistake either: it is counted apart
+as 'occluder', and `occluder_share` is the share of the selected tokens it takes. The figures and the
+numbers go to OUT/vispurify_000.png and OUT/purification.json.
 """
 
 from __future__ import annotations
@@ -89,11 +94,19 @@ def token_coverage(mask: np.ndarray, grid: tuple[int, int], patch: int, stride: 
   return out
 
 
-def clutter_stats(selected: np.ndarray, clutter: np.ndarray) -> dict[str, Optional[float]]:
-  """Precision / recall of a token selection [B, N] against clutter tokens [B, N]."""
+def clutter_stats(selected: np.ndarray, clutter: np.ndarray,
+                  occluder: Optional[np.ndarray] = None) -> dict[str, Optional[float]]:
+  """Precision / recall of a token selection [B, N] against clutter tokens [B, N]; with
+  `occluder` (tokens on the image's own occluder), the selected occluder tokens that are not
+  clutter, apart."""
   selected, clutter = np.asarray(selected, bool), np.asarray(clutter, bool)
   hit = int(np.sum(selected & clutter))
   n_sel, n_clutter = int(selected.sum()), int(clutter.sum())
+  extra = {}
+  if occluder is not None:
+    on_occluder = int(np.sum(selected & np.asarray(occluder, bool) & ~clutter))
+    extra = {'selected_occluder_tokens': on_occluder,
+             'occluder_share': on_occluder / n_sel if n_sel else None}
   return {
       'selected_tokens': n_sel, 'clutter_tokens': n_clutter, 'selected_clutter_tokens': hit,
       'tokens': int(clutter.size),
@@ -101,6 +114,7 @@ def clutter_stats(selected: np.ndarray, clutter: np.ndarray) -> dict[str, Option
       'precision': hit / n_sel if n_sel else None,
       'recall': hit / n_clutter if n_clutter else None,
       'chance_precision': n_clutter / clutter.size if clutter.size else None,
+      **extra,
   }
 
 
@@ -136,8 +150,9 @@ def _with_donors(batch: dict) -> dict:
 
 
 def clutter_tokens(paths: Sequence[str], indices: np.ndarray, side: dict[str, dict],
-                   config) -> tuple[np.ndarray, np.ndarray]:
-  """(token mask [B, N] bool, pixel mask [B, H, W] bool at the input size) of planted clutter."""
+                   config, key: str = 'clutter_mask') -> tuple[np.ndarray, np.ndarray]:
+  """(token mask [B, N] bool, pixel mask [B, H, W] bool at the input size) of planted clutter
+  (`key`='occluder_mask': of the images' own occluders)."""
   from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   h, w = int(config.input.height), int(config.input.width)
@@ -146,9 +161,9 @@ def clutter_tokens(paths: Sequence[str], indices: np.ndarray, side: dict[str, di
   pixels = np.zeros((len(indices), h, w), bool)
   for row, index in enumerate(indices):
     entry = side.get(os.path.basename(paths[int(index)]))
-    if entry is None or entry['clutter_mask'] is None:
+    if entry is None or entry[key] is None:
       continue
-    mask = entry['clutter_mask']
+    mask = entry[key]
     tokens[row] = synthetic.clutter_token_mask(
         mask, gh, gw, int(config.model.patch_size), int(config.model.stride),
         input_size=(h, w)).reshape(-1)
@@ -191,14 +206,19 @@ def selection_panel(image: np.ndarray, mask: np.ndarray, grid, patch: int,
 def draw_image_row(x: np.ndarray, occ: np.ndarray, pattern_name: str, sampled: np.ndarray,
                    greedy: np.ndarray, clutter_tok: Optional[np.ndarray],
                    clutter_px: Optional[np.ndarray], grid, patch: int, stride: int,
-                   scale: int, caption: str) -> np.ndarray:
+                   scale: int, caption: str,
+                   occluder_tok: Optional[np.ndarray] = None) -> np.ndarray:
   def up(img):
     return np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
 
   def hit_line(mask):
     if clutter_tok is None:
       return f'{int(mask.sum())} tokens'
-    return f'{int(mask.sum())} tok, {int(np.sum(mask & clutter_tok))} clutter'
+    hits = int(np.sum(mask & clutter_tok))
+    line = f'{int(mask.sum())} tok: {hits} clutter'
+    if occluder_tok is not None and occluder_tok.any():
+      line += f', {int(np.sum(mask & occluder_tok & ~clutter_tok))} occluder'
+    return line
 
   panels = [
       drawing.labelled(up(x), ['x (teacher)', caption]),
@@ -212,10 +232,11 @@ def draw_image_row(x: np.ndarray, occ: np.ndarray, pattern_name: str, sampled: n
   if clutter_px is not None:
     img = _tint(x, clutter_px, _CLUTTER, 0.6)
     img = _outline_cells(img, clutter_tok, grid, patch, stride, (0, 90, 255))
-    panels.append(drawing.labelled(up(img), ['planted clutter',
-                                            f'{int(clutter_tok.sum())} clutter tokens'
-                                            if clutter_px.any() else 'none'],
-                                  [(160, 110, 0), drawing.BLACK]))
+    lines = [f'{int(clutter_tok.sum())} clutter tokens' if clutter_px.any() else 'none']
+    if occluder_tok is not None and occluder_tok.any():
+      lines.append(f'+ own occluder: {int(occluder_tok.sum())} tokens')
+    panels.append(drawing.labelled(up(img), ['planted clutter'] + lines,
+                                  [(160, 110, 0)] + [drawing.BLACK] * len(lines)))
   return drawing.hstack(panels, gap=3)
 
 
@@ -272,7 +293,7 @@ def run(args) -> dict[str, Any]:
   rng = np.random.default_rng(args.seed)
   batches = train_batches(config, data.train, start_step=args.step,
                           num_batches=args.num_batches, augment=args.augment)
-  totals = {'sampled': [], 'greedy': [], 'clutter': []}
+  totals = {'sampled': [], 'greedy': [], 'clutter': [], 'occluder': []}
   rows = []
   patterns = tuple(config.occlusion.patterns)
   mean, std = tuple(config.input.mean), tuple(config.input.std)
@@ -283,10 +304,13 @@ def run(args) -> dict[str, Any]:
     sampled = sample_selection(np.asarray(out['scores'], np.float32), config, rng, greedy)
     totals['greedy'].append(greedy)
     totals['sampled'].append(sampled)
-    tok = px = None
+    tok = px = occ_tok = None
     if with_clutter:
       tok, px = clutter_tokens(data.train.paths, batch['index'], side, config)
+      occ_tok, _ = clutter_tokens(data.train.paths, batch['index'], side, config,
+                                  key='occluder_mask')
       totals['clutter'].append(tok)
+      totals['occluder'].append(occ_tok)
     if b:
       continue
     images, occluded = (common.to_uint8(batch[k], mean, std) for k in ('image', 'occluded'))
@@ -301,7 +325,7 @@ def run(args) -> dict[str, Any]:
       rows.append(draw_image_row(images[i], occluded[i], name, sampled[i], greedy[i],
                                  None if tok is None else tok[i],
                                  None if px is None else px[i], grid, patch, stride, scale,
-                                 caption))
+                                 caption, None if occ_tok is None else occ_tok[i]))
   summary: dict[str, Any] = {
       'workdir': trained.workdir, 'checkpoint_step': trained.step, 'dataset': data.name,
       'train_steps': [args.step, args.step + args.num_batches - 1],
@@ -314,10 +338,12 @@ def run(args) -> dict[str, Any]:
   for kind in ('sampled', 'greedy'):
     sel = np.concatenate(totals[kind])
     if with_clutter:
-      stats = clutter_stats(sel, np.concatenate(totals['clutter']))
+      stats = clutter_stats(sel, np.concatenate(totals['clutter']),
+                            np.concatenate(totals['occluder']))
       lines.append(f'  {kind:7s}: select rate {_fmt(stats["select_rate"])}, clutter precision '
-                   f'{_fmt(stats["precision"])} (chance {_fmt(stats["chance_precision"])}), '
-                   f'recall {_fmt(stats["recall"])}')
+                   f'{_fmt(stats["precision"])} (a random pick: '
+                   f'{_fmt(stats["chance_precision"])}), recall {_fmt(stats["recall"])}, '
+                   f'occluder share {_fmt(stats["occluder_share"])}')
     else:
       stats = {'select_rate': float(sel.mean()), 'selected_tokens': int(sel.sum()),
                'tokens': int(sel.size)}
@@ -327,6 +353,11 @@ def run(args) -> dict[str, Any]:
   if report is not None:
     summary['run_report'] = report
     lines.extend(describe_fepm_report(report))
+  if with_clutter:
+    lines.append('  hit: a selected token whose window is at least half planted clutter '
+                 '(clutter.npz).')
+    lines.append('  occluder: a selected token on the image\'s own occluder (masks.npz): no '
+                 'hit for precision, counted apart')
   if side is not None and args.augment:
     lines.append('  (clutter statistics need unaugmented images: run without --augment)')
   elif side is None:
@@ -369,7 +400,8 @@ def describe_fepm_report(report: dict[str, Any]) -> list[str]:
     if r is None:
       lines.append(f'    {part:7s}: left out')
       continue
-    lines.append(f"    {part:7s}: precision {_fmt(r['precision'])} (chance {_fmt(r['chance'])}), "
+    lines.append(f"    {part:7s}: precision {_fmt(r['precision'])} (a random pick: "
+                 f"{_fmt(r['chance'])}), "
                  f"recall {_fmt(r['recall'])}, select rate {_fmt(r['select_rate'])}, "
                  f"{r['contaminated_images']}/{r['images']} images contaminated")
   if 'teacher_purified' in report:

@@ -18,7 +18,9 @@ by `metrics.evaluate_rank`. Each row shows:
 Queries without any true match in the gallery are skipped by the protocol; they are never
 chosen here.
 
-Writes OUT/visrank_000.png, ... (default OUT: WORKDIR/visrank) and prints their paths.
+Each page is titled with the run, the evaluation figures and what --select chose, above a key
+of the frame colours. Writes OUT/visrank_<select>_000.png, ... (default OUT: WORKDIR/visrank)
+and prints their paths.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ QUERY_CONDITION = {
     'partial_ilids': 'partial',
 }
 SELECTIONS = ('spread', 'random', 'failures')
+# What each --select shows, in the page title.
+SELECTION_TITLES = {
+    'spread': 'queries spread evenly over the query set',
+    'random': 'random queries (seed {seed})',
+    'failures': 'failures: queries whose rank-1 gallery image is another identity',
+}
+# The frame colours of a page, in its key.
+KEY = ((drawing.BLUE, 'query'), (drawing.GREEN, 'same identity as the query'),
+       (drawing.RED, 'another identity'),
+       (drawing.GREY, 'same pid and camera: dropped by the protocol, not ranked'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,13 +194,24 @@ def draw_row(ranked: RankedList, data, tags, topk: int, show_dropped: int,
 
 def draw_pages(chosen: Sequence[RankedList], data, tags, *, topk: int, show_dropped: int,
                size: tuple[int, int], tile_height: int, per_page: int,
-               title: str) -> list[np.ndarray]:
+               title: str, subtitle: str = '') -> list[np.ndarray]:
+  """Pages of `per_page` rows under the title, the subtitle (what the rows were chosen
+  for) and the colour key."""
   pages = []
   for start in range(0, len(chosen), per_page):
     rows = [draw_row(r, data, tags, topk, show_dropped, size, tile_height)
             for r in chosen[start:start + per_page]]
     width = max(r.shape[1] for r in rows)
-    pages.append(drawing.vstack([drawing.banner(title, width, size=13)] + rows, gap=8))
+    key = drawing.colour_key(KEY[:4 if show_dropped else 3], width,
+                             dashed=(False, False, False, True))
+    head = [drawing.banner(title, width, size=13)]
+    if subtitle:
+      head.append(drawing.banner(subtitle, width, size=12))
+    head.append(key)
+    if any(t for t in tags[0]) or any(t for t in tags[1]):
+      head.append(drawing.banner('orange text: the occluder in the image', width, size=11,
+                                 colour=drawing.ORANGE))
+    pages.append(drawing.vstack([drawing.vstack(head, gap=2)] + rows, gap=8))
   return pages
 
 
@@ -266,13 +289,15 @@ def run(args) -> dict:
            f'{data.name}: rank-1 {summary["rank1"]:.3f}, mAP {summary["mAP"]:.3f} '
            f'({len(data.query)} queries, {len(data.gallery)} gallery; '
            f'{"re-ranked " if e.rerank else ""}{e.feature} features)')
+  subtitle = SELECTION_TITLES[args.select].format(seed=args.seed)
   pages = draw_pages(chosen, data, occlusion_tags(data), topk=args.topk,
                      show_dropped=args.show_dropped, size=size, tile_height=tile_height,
-                     per_page=args.per_page, title=title)
+                     per_page=args.per_page, title=title, subtitle=subtitle)
   out = args.out or fspaths.join(fspaths.resolve(args.workdir, '--workdir'), 'visrank')
-  paths = [common.save_png(page, fspaths.join(out, f'visrank_{i:03d}.png'), args.colors)
+  paths = [common.save_png(page, fspaths.join(out, f'visrank_{args.select}_{i:03d}.png'),
+                           args.colors)
            for i, page in enumerate(pages)]
-  print(title)
+  print(f'{title}; {subtitle}')
   for path in paths:
     print(f'wrote {path}')
   return {'paths': paths, 'summary': summary, 'chosen': chosen}
