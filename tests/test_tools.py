@@ -243,8 +243,23 @@ def test_plot_training_png(run, tmp_path):
   out = str(tmp_path / 'training.png')
   assert plot_training.main(['--workdir', wd, '--out', out]) == out
   mode, size, _ = _png(out)
-  # 2 columns x 2 rows (agent rate, reward, losses, evaluation) of 6.0 x 3.4 in at 90 dpi
-  assert size == (1080, 612)
+  # 2 columns x 2 rows (agent rate, reward, losses, evaluation) of 7.6 x 3.6 in at 90 dpi
+  assert size == (1368, 648)
+
+
+def test_plot_curves_that_draw_one_line_are_merged_and_absent_ones_named():
+  rows = [{'step': s, 'a': 1.0 * s, 'b': 1.0 * s, 'c': s + 0.001, 'd': -1.0 * s}
+          for s in range(1, 11)]
+  drawn, absent = plot_training.panel_curves(
+      rows, [('a', 'A'), ('b', 'B'), ('c', 'C'), ('d', 'D'), ('e', 'E')])
+  # B equals A; C is 0.001 from it, well under 1% of the panel's range of 20; D is apart.
+  assert drawn == [('a', 'A = B\n~ C (within 1.0e-03)'), ('d', 'D')]
+  assert absent == ['e']
+  # On a log axis closeness is a ratio: 1 and 1.001 merge, 1 and 2 do not.
+  rows = [{'step': s, 'a': 1.0, 'b': 1.001, 'c': 2.0, 'z': 100.0} for s in range(1, 4)]
+  drawn, _ = plot_training.panel_curves(rows, [('a', 'A'), ('b', 'B'), ('c', 'C'), ('z', 'Z')],
+                                        log=True)
+  assert [k for k, _ in drawn] == ['a', 'c', 'z'] and drawn[0][1].startswith('A\n~ B')
 
 
 def test_plot_series_keeps_the_last_value_of_a_repeated_step(tmp_path):

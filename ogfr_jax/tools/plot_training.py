@@ -9,8 +9,9 @@ twice; the later line wins. Panels without data in the log are left out:
   agent selection rate (sampled and greedy) | agent reward (sampled, greedy, baseline)
   loss terms (log scale)                    | evaluation rank-1 / mAP / mINP
 Every panel spans the run's steps; legends sit beside the panels, not over the curves. Two
-curves of one panel that are the same (the leave-one-out baseline's mean is the mean reward;
-with fepm.eta=0 the reward is the log-prob gain) are drawn once, labelled with both names,
+curves of one panel that would draw one line (closer than 1% of the panel's range: the
+reward is the log-prob gain less fepm.eta x the selection rate) are drawn once, labelled
+with both names and their largest distance,
 and a promised curve the run did not log is named under the panel with the reason. The log
 axis of the losses is scaled to the steps after the first logging window (which holds the
 values at initialisation); a first point beyond it is drawn at the edge as a triangle.
@@ -37,7 +38,7 @@ PANELS = (
       ('train/agent/greedy_select_rate', 'greedy (evaluation)')], False),
     ('purification agent: reward', 'reward',
      [('train/agent/reward', 'sampled'), ('train/agent/greedy_reward', 'greedy'),
-      ('train/agent/logprob_gain', 'log-prob gain (sampled)'),
+      ('train/agent/logprob_gain', 'log-prob gain'),
       ('train/agent/baseline', 'baseline')], False),
     ('losses (unweighted)', 'loss',
      [('train/loss/total', 'total (weighted sum)'), ('train/loss/teacher_id', 'teacher ID'),
@@ -68,29 +69,54 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
 def eval_keys(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
   """[(key, label)] of the evaluation scalars in the log, e.g. eval/synthetic/rank1."""
   keys = sorted({k for row in rows for k in row if k.startswith('eval/')
-                 and k.rsplit('/', 1)[-1] in EVAL_METRICS})
+                 and not k.startswith('eval/fepm/') and k.rsplit('/', 1)[-1] in EVAL_METRICS})
   return [(k, k[len('eval/'):]) for k in keys]
 
 
-def same_series(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
-  """Whether two (steps, values) series draw one line (equal to float32 rounding)."""
-  return (a[0].size > 0 and np.array_equal(a[0], b[0])
-          and np.allclose(a[1], b[1], rtol=1e-6, atol=1e-7, equal_nan=True))
+# Two curves closer than this share of their panel's value range draw one line to the eye.
+_ONE_LINE = 0.01
 
 
-def panel_curves(rows, keys) -> tuple[list[tuple[str, str]], list[str]]:
-  """([(key, label)] to draw, with curves that repeat an earlier one merged into its label
-  ('sampled = log-prob gain (sampled)'), [labels of the keys without data])."""
+def gap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+        value_range: float) -> float | None:
+  """The largest distance of two (steps, values) series when they would draw one line (equal
+  steps, closer than _ONE_LINE x `value_range` everywhere), else None."""
+  if a[0].size == 0 or not np.array_equal(a[0], b[0]):
+    return None
+  d = np.abs(a[1] - b[1])
+  d = d[np.isfinite(d)]
+  worst = float(d.max()) if d.size else 0.0
+  return worst if worst <= _ONE_LINE * max(value_range, 1e-12) else None
+
+
+def panel_curves(rows, keys, log: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
+  """([(key, label)] to draw, with a curve that would draw over an earlier one merged into its
+  label ('sampled = log-prob gain', or '~ ... (within 3e-03)' when not equal), [keys without
+  data])."""
   drawn: list[tuple[str, str]] = []
   absent = []
+
+  def get(key):  # on a log axis, closeness is a ratio
+    steps, values = series(rows, key)
+    if log:
+      with np.errstate(divide='ignore', invalid='ignore'):
+        values = np.log10(np.where(values > 0, values, np.nan))
+    return steps, values
+
+  values = [get(k)[1] for k, _ in keys]
+  finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(0)])
+  value_range = float(finite.max() - finite.min()) if finite.size else 0.0
   for key, label in keys:
-    s = series(rows, key)
+    s = get(key)
     if s[0].size == 0:
       absent.append(key)
       continue
     for i, (other, other_label) in enumerate(drawn):
-      if same_series(series(rows, other), s):
-        drawn[i] = (other, f'{other_label} = {label}')
+      d = gap(get(other), s, value_range)
+      if d is not None:
+        apart = f'x{10 ** d:.3f}' if log else f'{d:.1e}'
+        drawn[i] = (other, f'{other_label} = {label}' if d == 0 else
+                    f'{other_label}\n~ {label} (within {apart})')
         break
     else:
       drawn.append((key, label))
@@ -120,7 +146,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str, title: str = '',
   reasons = dict(ABSENT_REASONS, **(absent_reasons or {}))
   panels = []
   for name, ylabel, keys, log in PANELS:
-    drawn, absent = panel_curves(rows, [(k, l) for k, l in keys if k not in skip])
+    drawn, absent = panel_curves(rows, [(k, l) for k, l in keys if k not in skip], log)
     absent += [k for k, _ in keys if k in skip]
     if drawn:
       labels = dict(keys)

@@ -208,9 +208,10 @@ def draw_pages(chosen: Sequence[RankedList], data, tags, *, topk: int, show_drop
     if subtitle:
       head.append(drawing.banner(subtitle, width, size=12))
     head.append(key)
+    note = '#N: rank, d: the distance the evaluation ranks by'
     if any(t for t in tags[0]) or any(t for t in tags[1]):
-      head.append(drawing.banner('orange text: the occluder in the image', width, size=11,
-                                 colour=drawing.ORANGE))
+      note += '; orange text: the occluder in the image'
+    head.append(drawing.banner(note, width, size=11, colour=drawing.BLACK))
     pages.append(drawing.vstack([drawing.vstack(head, gap=2)] + rows, gap=8))
   return pages
 
