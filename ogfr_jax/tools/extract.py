@@ -281,8 +281,8 @@ def image_cameras(names: Sequence[str], camera: str, variables: dict[str, Any],
 
 def main(argv: Sequence[str]) -> Features:
   args = parse_args(argv)
-  names = list_images(args.images)
   trained = common.load_trained(args.workdir, args.step)
+  names = list_images(args.images)
   variables, camids, camera_note = image_cameras(names, args.camera, trained.variables,
                                                  trained.num_cameras)
   extractor = Extractor(trained.model, variables, trained.config, args.batch_size)
