@@ -5,8 +5,8 @@ TensorBoard holds, besides the train scalars: the resolved config as text (`conf
 evaluation's metrics (`eval/<dataset>/...`) and a ranked-list thumbnail
 (`eval/<dataset>/ranked_lists`: a few queries with their top gallery images), and at the
 final evaluation the FEPM report of results.json as scalars (`eval/fepm/...`: selection
-precision, recall, rate and the random-pick precision per split, teacher mAP and rank-1
-purified vs clean).
+precision, recall, rate and the random-pick precision per split; teacher mAP and rank-1
+purified vs clean and the token-ranking probe when those evaluators run).
 
 A resumed run first drops what an interrupted run logged after the checkpoint it resumes
 from (`truncate_metrics`, TensorBoard purge_step), so every step appears once.
@@ -165,7 +165,8 @@ def config_text(config) -> str:
 def fepm_scalars(report: dict) -> dict[str, float]:
   """results.json's `fepm` object as TensorBoard scalars: eval/fepm/<split>/<figure> of the
   selection against the planted contamination (precision, recall, select_rate, and chance:
-  the precision of a random pick), eval/fepm/teacher_<purified|clean>/<mAP|rank1>. Figures
+  the precision of a random pick), eval/fepm/teacher_<purified|clean>/<mAP|rank1>,
+  eval/fepm/token_ranking/<precision|chance|x_chance>: whichever evaluators ran. Figures
   that are None (nothing planted, or left out) are left out."""
   out = {}
   for split in ('gallery', 'train'):
@@ -174,10 +175,12 @@ def fepm_scalars(report: dict) -> dict[str, float]:
       for key in ('precision', 'recall', 'select_rate', 'chance'):
         if isinstance(counts.get(key), (int, float)):
           out[f'eval/fepm/{split}/{key}'] = float(counts[key])
-  for branch in ('teacher_purified', 'teacher_clean'):
+  for branch, keys in (('teacher_purified', ('mAP', 'rank1')),
+                       ('teacher_clean', ('mAP', 'rank1')),
+                       ('token_ranking', ('precision', 'chance', 'x_chance'))):
     figures = report.get(branch)
     if isinstance(figures, dict):
-      for key in ('mAP', 'rank1'):
+      for key in keys:
         if isinstance(figures.get(key), (int, float)):
           out[f'eval/fepm/{branch}/{key}'] = float(figures[key])
   return out

@@ -642,9 +642,14 @@ def test_tensorboard_holds_config_fepm_report_and_ranked_lists(run):
     for key in ('precision', 'recall', 'select_rate', 'chance'):
       got = tb[(f'eval/fepm/{split}/{key}', 'simple_value')]
       assert got == [pytest.approx(fepm[split][key], abs=2.0 ** -24 * 4)]
-  for branch in ('teacher_purified', 'teacher_clean'):
-    got = tb[(f'eval/fepm/{branch}/mAP', 'simple_value')]
-    assert got == [pytest.approx(fepm[branch]['mAP'], abs=2.0 ** -24 * 4)]
+  # Every other evaluator that ran has its figures there too.
+  for branch, key in (('teacher_purified', 'mAP'), ('teacher_clean', 'mAP'),
+                      ('token_ranking', 'precision')):
+    if branch in fepm:
+      got = tb[(f'eval/fepm/{branch}/{key}', 'simple_value')]
+      assert got == [pytest.approx(fepm[branch][key], abs=2.0 ** -24 * 4)]
+    else:
+      assert (f'eval/fepm/{branch}/{key}', 'simple_value') not in tb
   (png,) = tb[('eval/synthetic/ranked_lists', 'image')]
   import io  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(png)) as img:
