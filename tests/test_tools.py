@@ -716,7 +716,7 @@ _TINY = ('synthetic.num_train_ids=8', 'synthetic.num_test_ids=6', 'synthetic.ima
          'model.patch_size=16', 'model.stride=16', 'input.ids_per_batch=4',
          'input.images_per_id=2', 'input.eval_batch_size=16', 'train.epochs=2',
          'train.steps_per_epoch=2', 'train.log_every=1', 'train.checkpoint_every=4',
-         'train.eval_every_epochs=1', 'eval.fepm_report=False')
+         'train.eval_every_epochs=1')
 
 
 def test_reruns_on_one_device_and_one_thread_are_bitwise_identical(tmp_path):
@@ -738,4 +738,5 @@ def test_reruns_on_one_device_and_one_thread_are_bitwise_identical(tmp_path):
           for i in range(2)]
   drop = ('train/images_per_sec',)
   rows = [[{k: v for k, v in r.items() if k not in drop} for r in rs] for rs in rows]
-  assert len(rows[0]) == 4 + 2 and rows[0] == rows[1]  # 4 steps, 2 evaluations
+  # 4 steps, 2 evaluations and the FEPM report of the final one
+  assert len(rows[0]) == 4 + 2 + 1 and rows[0] == rows[1]
