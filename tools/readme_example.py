@@ -111,13 +111,17 @@ def parse_cpus(cpus: str) -> set[int]:
 
 def run_readme_command(cpus: str, workdir: str, extra: tuple[str, ...] = ()) -> str:
   """The console output of the README command, piped, with `workdir` shown as the README's."""
-  command = [sys.executable, '-m', 'ogfr_jax.main', '--config', CONFIG, '--workdir', workdir,
-             *extra]
-  pin = None
+  args = ['--config', CONFIG, '--workdir', workdir, *extra]
   if cpus:
-    wanted = parse_cpus(cpus)
-    pin = lambda: os.sched_setaffinity(0, wanted)  # noqa: E731  (as taskset -c CPUS)
-  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, preexec_fn=pin)
+    # As `taskset -c CPUS`: the affinity is set before jax starts, which sizes XLA:CPU's
+    # thread pool from it.
+    start = (f'import os, runpy, sys; os.sched_setaffinity(0, {sorted(parse_cpus(cpus))}); '
+             "sys.argv[0] = 'ogfr_jax.main'; "
+             "runpy.run_module('ogfr_jax.main', run_name='__main__', alter_sys=True)")
+    command = [sys.executable, '-c', start, *args]
+  else:
+    command = [sys.executable, '-m', 'ogfr_jax.main', *args]
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f'the README command failed (status {proc.returncode}):\n'
                        f'{proc.stderr[-3000:]}')
