@@ -313,7 +313,7 @@ def header_notes(s: dict, config: ml_collections.ConfigDict) -> list[str]:
   """Extra start-up lines printed at the end of the run's header: the backbone weights, what
   the progress line's loss terms are and, when some array is split over devices, how the
   state is laid out (the devices line already names the mesh); one string per line."""
-  notes = pretrained.header_lines(s.get('weights'), config)
+  notes = list(pretrained.header_lines(s.get('weights'), config))
   notes.append(console.loss_legend(losses.active_terms(config)))
   layout = s['layout']
   if any(layout[k]['num_split'] for k in ('params', 'optimizer')):
