@@ -70,10 +70,19 @@ _LOG_LEVEL = flags.DEFINE_enum(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+_HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one clear line for config mistakes instead of a traceback."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl prints the help asked for with --help / --helpshort / --helpfull and exits 1; a
+    # help that was asked for is a success.
+    if e.code == 1 and any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:]):
+      raise SystemExit(0) from None
+    raise
   except flags.Error as e:
     _fail_early(f'{cli.one_line(e)} (--helpshort lists the flags)')
   except OSError as e:

@@ -306,3 +306,10 @@ def test_main_market_tree_with_an_empty_image(tmp_path):
   with pytest.raises(datasets.DatasetError, match=r'2 image file\(s\) of 0 bytes in .*: '
                      rf'0001_c1s1_000001_00\.jpg, {empty.name}'):
     datasets.get_dataset('market1501', tree.root)
+
+
+def test_main_help_exits_zero(tmp_path):
+  res = subprocess.run([sys.executable, '-m', 'ogfr_jax.main', '--help'], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       timeout=120)
+  assert res.returncode == 0 and '--workdir' in res.stdout + res.stderr
