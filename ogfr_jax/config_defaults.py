@@ -76,7 +76,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.pad = 10
   c.input.erase_prob = 0.5
   c.input.erase_area = (0.02, 0.4)
-  c.input.erase_min_aspect = 0.3
   # Resampling of the train-time resize: 'bilinear' or 'bicubic' (TransReID's train resize).
   # Evaluation resizes bilinearly either way, as TransReID's test transform does.
   c.input.train_resize = 'bilinear'
@@ -188,9 +187,6 @@ def base_config() -> ml_collections.ConfigDict:
   # The first warmup_fraction of the run trains the teacher on clean images, without the
   # agent's reward; then all train jointly. A fraction, so a shortened run still reaches it.
   c.fepm.warmup_fraction = 0.15
-  # Oracle selection and the agent's precision/recall: a token counts as contaminated when at
-  # least this share of its window is planted contamination.
-  c.fepm.oracle_min_cover = 0.5
   # The block whose output tokens the identity-consistency labels compare (1-based; 0: the
   # patch embedding; negative from the end, -1: the last block). It must not come before
   # fepm.layer: the labels continue the pass the agent reads.

@@ -166,8 +166,6 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
                        f'output of block {blocks}; it must be in [{layer}, {depth}] (from '
                        f'config.fepm.layer={f.layer} to the last of the {depth} blocks; '
                        f'negative counts from the end, -1 is the last block)')
-    if not 0.0 < f.oracle_min_cover <= 1.0:
-      raise ValueError(f'config.fepm.oracle_min_cover={f.oracle_min_cover} must be in (0, 1]')
   if build.agent_learns_consistency(config) and config.input.images_per_id < 2:
     raise ValueError('config.loss.agent_consistency_weight needs config.input.images_per_id '
                      ">= 2: its labels compare each image with the identity's other images "

@@ -75,14 +75,13 @@ def run_evaluation(model, state, test_data, config, mesh, step: int, writer=None
 
 def _selection_fn(model, config, mesh, with_contam: bool):
   mean, std = tuple(config.input.mean), tuple(config.input.std)
-  f = config.fepm
 
   def fn(variables, image, camid, contam_mask):
     x = augment.normalize_on_device(image, mean, std)
     sel = model.apply(variables, x, camid, contam_mask if with_contam else None,
                       method=ogfr_model.OGFR.teacher_selection)
     planted = fepm_lib.covered_tokens(contam_mask, config.model.patch_size,
-                                      config.model.stride, f.oracle_min_cover)
+                                      config.model.stride)
     return sel['mask'], planted, sel['scores']
 
   return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))

@@ -72,7 +72,6 @@ def augment_spec(config) -> AugmentSpec:
       height=int(c.height), width=int(c.width), flip_prob=float(c.flip_prob), pad=int(c.pad),
       erase_prob=float(c.erase_prob),
       erase_area=tuple(float(v) for v in c.erase_area),
-      erase_min_aspect=float(c.erase_min_aspect),
       mean=tuple(float(v) for v in c.mean), std=tuple(float(v) for v in c.std),
       train_resize=str(c.train_resize))
 

@@ -134,8 +134,7 @@ def fepm_spec(config: Any) -> FEPMSpec | None:
       consistency_blocks=consistency_blocks(config),
       consistency_memory=int(f.consistency_memory),
       score_window=(int(f.score_window[0]), int(f.score_window[1])),
-      share=float(f.share), patch_size=m.patch_size, stride=m.stride,
-      min_cover=float(f.oracle_min_cover))
+      share=float(f.share), patch_size=m.patch_size, stride=m.stride)
 
 
 def student_spec(config: Any) -> StudentSpec:

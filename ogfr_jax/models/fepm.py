@@ -44,8 +44,14 @@ def replace_tokens(tokens: jax.Array, mask: jax.Array, replacement: jax.Array,
   return jnp.concatenate([tokens[:, :1], patches], axis=1)
 
 
+# A token counts as covered by a pixel mask (planted contamination for the oracle and the
+# selection report, an occluder for the student's erasure) when at least this share of its
+# window is masked.
+MIN_COVER = 0.5
+
+
 def covered_tokens(mask: jax.Array, patch: int, stride: int,
-                   min_cover: float = 0.5) -> jax.Array:
+                   min_cover: float = MIN_COVER) -> jax.Array:
   """Pixel mask [B, H, W] -> bool [B, N]: the patch tokens (row-major over the grid of an
   unpadded patch convolution) whose window is at least `min_cover` masked pixels. The numpy
   counterpart for stored masks is `data.synthetic.clutter_token_mask`."""

@@ -55,7 +55,7 @@ class FEPMSpec:
   share: float = 0.1
   patch_size: int = 16  # of the backbone: the token windows of the oracle's pixel masks
   stride: int = 16
-  min_cover: float = 0.5
+  min_cover: float = fepm_lib.MIN_COVER
 
 
 # The consistency labels search the other images' tokens this many grid cells around a
