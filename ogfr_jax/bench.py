@@ -56,6 +56,7 @@ from ogfr_jax import config_defaults
 from ogfr_jax import evaluate
 from ogfr_jax import optim
 from ogfr_jax import parallel
+from ogfr_jax import precision
 from ogfr_jax import train_state
 from ogfr_jax import train_step
 from ogfr_jax.data import donor_exchange
@@ -111,8 +112,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help='global train batch, a multiple of input.images_per_id (default: P x K)')
   p.add_argument('--eval-batch', type=int, default=None, help='global eval batch (default: '
                  '--batch)')
-  p.add_argument('--dtype', choices=['float32', 'bfloat16'], default=None, help='model.dtype')
-  p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
+  p.add_argument('--dtype', choices=['float32', 'bfloat16', 'auto'], default=None,
+                 help='model.dtype')
+  p.add_argument('--attention', choices=['xla', 'cudnn', 'auto'], default=None,
                  help='model.attention_impl')
   p.add_argument('--remat', choices=list(vit_lib.REMAT_CHOICES), default=None,
                  help='model.remat')
@@ -524,7 +526,7 @@ def format_table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
   """The whole benchmark for parsed arguments; returns the JSON-ready result."""
-  config = build_config(args)
+  config = precision.resolve(build_config(args))  # 'auto' dtype/attention for this backend
   if config.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ValueError(f'--attention cudnn needs an NVIDIA GPU; this run has '
                      f'{jax.default_backend()} devices')
