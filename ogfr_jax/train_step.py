@@ -128,9 +128,10 @@ def step_keys(config) -> tuple[str, ...]:
   return STEP_KEYS + build.batch_keys(config) + donors
 
 
-def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings, steps_per_epoch: int = 1):
+def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings, steps_per_epoch: int = 1,
+                   platform: str | None = None):
   step = functools.partial(train_step, model=model, tx=tx, config=config, lr_fn=lr_fn,
-                           steps_per_epoch=steps_per_epoch)
+                           steps_per_epoch=steps_per_epoch, platform=platform)
   batch_shardings = {k: parallel.batch_sharding(mesh) for k in step_keys(config)}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),
