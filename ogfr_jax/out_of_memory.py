@@ -48,19 +48,18 @@ def message(config: Optional[ml_collections.ConfigDict], error: BaseException,
   if dtype == 'float32':
     tries.append('--config.model.dtype=bfloat16')
   later = REMAT_ORDER[REMAT_ORDER.index(m.remat) + 1:] if m.remat in REMAT_ORDER else ()
-  tries += [f'--config.model.remat={r}' for r in later]
+  if later:
+    tries.append(f'--config.model.remat={" or ".join(later)}')
   if b.ids_per_batch > 1:
-    tries.append(f'--config.input.ids_per_batch={b.ids_per_batch // 2} (train batch '
-                 f'{b.ids_per_batch // 2 * b.images_per_id})')
+    tries.append(f'--config.input.ids_per_batch={b.ids_per_batch // 2}')
   if b.eval_batch_size > 1:
-    tries.append(f'--config.input.eval_batch_size={b.eval_batch_size // 2} (if it ran out '
-                 'in evaluation)')
-  return (f'out of device memory ({reason}) with train batch '
-          f'{b.ids_per_batch * b.images_per_id} (input.ids_per_batch={b.ids_per_batch} x '
-          f'input.images_per_id={b.images_per_id}), eval batch {b.eval_batch_size}, '
-          f'model.dtype={dtype}{" (auto)" if m.dtype == "auto" else ""}, model.remat={m.remat}; '
-          f'try {", ".join(tries) or "a larger device or more devices (mesh.fsdp)"}; '
-          'python benchmarks/memory_table.py gives the memory of each choice')
+    tries.append(f'in evaluation --config.input.eval_batch_size={b.eval_batch_size // 2}')
+  return (f'out of device memory ({reason}) at train batch {b.ids_per_batch * b.images_per_id}'
+          f' = input.ids_per_batch {b.ids_per_batch} x input.images_per_id {b.images_per_id}, '
+          f'eval batch {b.eval_batch_size}, model.dtype={dtype}'
+          f'{" (auto)" if m.dtype == "auto" else ""}, model.remat={m.remat}; try '
+          f'{", ".join(tries) or "more devices with --config.mesh.fsdp"} (memory of each '
+          'choice: python benchmarks/memory_table.py)')
 
 
 @contextlib.contextmanager
