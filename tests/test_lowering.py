@@ -43,11 +43,15 @@ def cudnn_version(monkeypatch):
   monkeypatch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: CUDNN_VERSION)
 
 
-def recipe(platform):
+def raw_recipe():
   config = bench.load_config_file(os.path.join(ROOT, 'configs', 'occluded_duke.py') +
                                   ':runlocal')
   assert config.model.dtype == 'auto' and config.model.attention_impl == 'auto'
-  return precision.resolve(config, platform)
+  return config
+
+
+def recipe(platform):
+  return precision.resolve(raw_recipe(), platform)
 
 
 def exported_text(fn, args, platform):
@@ -68,13 +72,25 @@ def test_auto_resolves_per_platform():
     m = recipe(platform).model
     assert (m.dtype, m.attention_impl) == (dtype, attention), platform
   # An explicit choice overrides 'auto' on every platform.
-  config = recipe(None)
+  config = raw_recipe()
   config.model.dtype, config.model.attention_impl = 'float32', 'xla'
   assert precision.resolve(config, 'cuda') is config
   # cuDNN needs a half-precision dtype: float32 on a GPU keeps XLA's attention.
-  config = recipe(None)
+  config = raw_recipe()
   config.model.dtype = 'float32'
   assert precision.resolve(config, 'cuda').model.attention_impl == 'xla'
+
+
+def test_header_line_names_the_choices():
+  config = raw_recipe()
+  assert precision.describe(config, 'cuda') == (
+      'bfloat16 compute (auto), float32 parameters and optimizer state; attention cudnn (auto); '
+      'remat none')
+  assert precision.describe(config, 'cpu').startswith('float32 compute (auto), ')
+  config.model.dtype, config.model.remat = 'bfloat16', 'block'
+  assert precision.describe(config, 'tpu') == (
+      'bfloat16 compute, float32 parameters and optimizer state; attention xla (auto); '
+      'remat block')
 
 
 def test_synthetic_config_is_not_auto():
