@@ -135,10 +135,14 @@ def test_sharded_train_step_lowers_for_accelerators(platform, cudnn_version):
   assert mesh.size == len(jax.devices()) > 1
   step, state, batch, _ = bench.abstract_train_step(config, 7, 8, mesh, platform=platform)
   text = step.trace(state, batch).lower(lowering_platforms=(platform,)).as_text()
-  # Over a mesh, cuDNN attention is a partitioning call the compiler expands per device
-  # (forward and backward of the one full-width block of each ViT: 4), on the padded tokens.
-  calls = text.count('@CustomSPMDPartitioning(')
-  assert calls == (4 if platform == 'cuda' else 0), calls
+  # Over a mesh, each cuDNN attention call (forward or backward) is a partitioning call that
+  # the compiler expands per device: as many as the one-device program has cuDNN calls.
+  one = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  step1, state1, batch1, _ = bench.abstract_train_step(config, 7, 8, one, platform=platform)
+  text1 = step1.trace(state1, batch1).lower(lowering_platforms=(platform,)).as_text()
+  cudnn_calls = sum(text1.count(f'@{name}(') for name in CUDNN_CALLS)
+  assert (cudnn_calls > 0) == (platform == 'cuda'), cudnn_calls
+  assert text.count('@CustomSPMDPartitioning(') == cudnn_calls
   assert ('tensor<8x244x2x32xbf16>' in text) == (platform == 'cuda')
   assert 'bf16' in dot_types(text)
 
