@@ -208,8 +208,13 @@ def random_batch(config, batch: int, num_classes: int, num_cameras: int,
       'pid': pids.astype(np.int32),
       'camid': rng.integers(0, num_cameras, batch).astype(np.int32),
   }
-  if config.model.student_erase:
+  keys = train_step.step_keys(config)
+  if 'occ_mask' in keys:
     out['occ_mask'] = (rng.random((batch, h, w)) < 0.3).astype(np.uint8)
+  if 'contam_mask' in keys:
+    out['contam_mask'] = np.zeros((batch, h, w), np.uint8)
+  if 'index' in keys:  # the training image of each row (the identity memory's slots)
+    out['index'] = np.arange(batch, dtype=np.int32)
   if donor_exchange.on_device(config):
     # The paste's gather and select run whatever the donors, so none costs the same.
     out.update(donor_exchange.no_donors(np.arange(batch)))

@@ -75,8 +75,7 @@ def test_training_with_workers_leaks_nothing(tmp_path):
       [sys.executable, '-m', 'ogfr_jax.main',
        '--config', os.path.join(ROOT, 'configs', 'market1501.py') + ':runlocal',
        '--workdir', str(tmp_path / 'wd'), f'--config.dataset.root={tree.root}',
-       '--config.input.num_workers=2', '--config.input.height=64', '--config.input.width=32',
-       '--config.eval.fepm_report=False'],
+       '--config.input.num_workers=2', '--config.input.height=64', '--config.input.width=32'],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / 'wd' / 'results.json').exists()
