@@ -1,11 +1,17 @@
-"""The ablation ladder over seeds on the embedded benchmark: one table of mean and spread.
+"""The ablation ladder over seeds, on the embedded benchmark or a dataset: one table of mean
+and spread.
 
   python benchmarks/ablation_table.py --root runs/ablations --seeds 0 1 2 [--pretrain] [--json]
+  python benchmarks/ablation_table.py --root runs/abl_oduke --dataset occluded_duke \
+      -- --config.dataset.root=/data/Occluded_Duke --config.init_from=vit_base.npz
 
 Every step of configs/ablations.py runs through the normal entry point
 (`python -m ogfr_jax.main --config configs/ablations.py:step=S --config.seed=N`) with the same
-budget, so each row differs from the one above it by one component. Row `random_init`
-evaluates the full model at initialisation (no training). Runs that already have a
+budget, so each row differs from the one above it by one component. --dataset NAME runs the
+ladder on the recipe of configs/NAME.py (`dataset=NAME` in the config arg; --config-args adds
+more, e.g. `runlocal`). Row `random_init` evaluates the full model (--random-init-step) of the
+same config at random initialisation (no training; `--config.init_from=` overrides are left
+out there, and row `init_only` evaluates that initialisation). Runs that already have a
 results.json are reused, so an interrupted table continues where it stopped. Extra
 `--config.FIELD=VALUE` arguments after `--` go to every run.
 
@@ -18,6 +24,7 @@ while `random_init` stays a truly random initialisation.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -36,20 +43,37 @@ FEPM_METRICS = ('teacher_mAP', 'teacher_clean_mAP', 'gallery_precision', 'galler
                 'gallery_chance')
 
 
+def config_spec(step: str, config: str = 'configs/ablations.py', arg: str = 'step',
+                dataset: str = '', config_args: str = '') -> str:
+  """The --config value of one row: FILE:ARG=STEP[,dataset=NAME][,MORE]."""
+  parts = [f'{arg}={step}'] + ([f'dataset={dataset}'] if dataset else []) + (
+      [config_args] if config_args else [])
+  return f'{config}:{",".join(parts)}'
+
+
+def test_metrics(results: dict) -> dict:
+  """The metrics of the evaluated dataset in a results.json (keyed by its name)."""
+  names = [k for k in results if k not in ('manifest', 'fepm')]
+  if len(names) != 1:
+    raise ValueError(f'expected the results of one test dataset, found {names}')
+  return dict(results[names[0]])
+
+
 def run_step(root: str, step: str, seed: int, extra: list[str],
-             config: str = 'configs/ablations.py', arg: str = 'step') -> dict:
+             config: str = 'configs/ablations.py', arg: str = 'step', dataset: str = '',
+             config_args: str = '') -> dict:
   workdir = os.path.join(root, f'{step}_seed{seed}')
   results = os.path.join(workdir, 'results.json')
   if not os.path.exists(results):
     cmd = [sys.executable, '-m', 'ogfr_jax.main', '--config',
-           f'{config}:{arg}={step}', '--workdir', workdir,
+           config_spec(step, config, arg, dataset, config_args), '--workdir', workdir,
            f'--config.seed={seed}', *extra]
     print('+', ' '.join(cmd), flush=True)
     with open(os.path.join(root, f'{step}_seed{seed}.log'), 'w') as log:
       subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
   with open(results) as f:
     results = json.load(f)
-  row = dict(results['synthetic'])
+  row = test_metrics(results)
   fepm = results.get('fepm')
   if fepm:  # what the purification did (evaluator.fepm_report)
     row.update({'teacher_mAP': fepm['teacher_purified']['mAP'],
@@ -76,24 +100,26 @@ def pretrain(root: str) -> str:
   return weights
 
 
-def random_init(root: str, seed: int, extra: list[str], name: str = 'random_init') -> dict:
-  """Evaluates the untrained full model (same data and evaluation as the trained rows)."""
+def random_init(root: str, seed: int, extra: list[str], name: str = 'random_init',
+                spec: str = 'configs/ablations.py:step=full') -> dict:
+  """Evaluates the untrained model of the config `spec` (same data and evaluation as the
+  trained rows)."""
   path = os.path.join(root, f'{name}_seed{seed}.json')
   if not os.path.exists(path):
     subprocess.run([sys.executable, os.path.abspath(__file__), '--random-init-child', path,
-                    '--seeds', str(seed), '--root', root, '--', *extra], cwd=REPO, check=True)
+                    '--random-init-config', spec, '--seeds', str(seed), '--root', root, '--',
+                    *extra], cwd=REPO, check=True)
   with open(path) as f:
     return json.load(f)
 
 
-def _random_init_child(path: str, root: str, seed: int, extra: list[str]) -> None:
+def _random_init_child(path: str, spec: str, seed: int, extra: list[str]) -> None:
   """In a fresh process: the config exactly as the entry point builds it, then evaluation
   of the freshly initialised state."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from ogfr_jax import evaluator, run_config, train  # pylint: disable=g-import-not-at-top
-  argv = ['ablation_table', '--config', 'configs/ablations.py:step=full',
-          f'--config.seed={seed}', *extra]
+  argv = ['ablation_table', '--config', spec, f'--config.seed={seed}', *extra]
   sys.argv = argv  # config_flags finds the --config.FIELD overrides in sys.argv
   config_flag = config_flags.DEFINE_config_file('config')
   flags.FLAGS(argv)
@@ -103,7 +129,7 @@ def _random_init_child(path: str, root: str, seed: int, extra: list[str]) -> Non
   result = evaluator.run_evaluation(s['model'], s['state'], s['test_data'], config, s['mesh'], 0,
                                 None)
   with open(path, 'w') as f:
-    json.dump(result['synthetic'], f)
+    json.dump(test_metrics(result), f)
 
 
 def main(argv=None) -> dict:
@@ -118,25 +144,43 @@ def main(argv=None) -> dict:
                  help='the config file whose rows are the steps')
   p.add_argument('--arg', default='step', help="the config arg naming the row ('row' for "
                  'configs/fepm_rows.py)')
+  p.add_argument('--dataset', default='', help='run the ladder on configs/NAME.py\'s recipe '
+                 '(dataset=NAME in the config arg); set its root after --')
+  p.add_argument('--config-args', default='', help="more config args, e.g. 'runlocal'")
+  p.add_argument('--random-init-step', default='full',
+                 help='the step whose model the random_init row evaluates untrained')
   p.add_argument('--no-random-init', action='store_true', help='leave out the random_init row')
   p.add_argument('--pretrain', action='store_true',
                  help='start every trained row from a source-pretrained student')
   p.add_argument('--json', action='store_true')
   p.add_argument('--random-init-child', help=argparse.SUPPRESS)
+  p.add_argument('--random-init-config', help=argparse.SUPPRESS)
   args = p.parse_args(own)
   os.makedirs(args.root, exist_ok=True)
   if args.random_init_child:
-    _random_init_child(args.random_init_child, args.root, args.seeds[0], extra)
+    _random_init_child(args.random_init_child, args.random_init_config, args.seeds[0], extra)
     return {}
 
+  spec = functools.partial(config_spec, config=args.config, arg=args.arg, dataset=args.dataset,
+                           config_args=args.config_args)
+  untrained = spec(args.random_init_step)
+  # random_init is untrained from random weights; with --config.init_from=... among the
+  # overrides, init_only evaluates that initialisation untrained.
+  own_init = [a for a in extra if a.startswith('--config.init_from=')]
+  random_extra = [a for a in extra if a not in own_init]
   rows: dict[str, list[dict]] = {} if args.no_random_init else {
-      'random_init': [random_init(args.root, s, extra) for s in args.seeds]}
+      'random_init': [random_init(args.root, s, random_extra, spec=untrained)
+                      for s in args.seeds]}
+  if own_init and not args.no_random_init:
+    rows['init_only'] = [random_init(args.root, s, extra, 'init_only', untrained)
+                         for s in args.seeds]
   if args.pretrain:
     extra = extra + [f'--config.init_from={pretrain(args.root)}']
-    rows['source_only'] = [random_init(args.root, s, extra, 'source_only') for s in args.seeds]
+    rows['source_only'] = [random_init(args.root, s, extra, 'source_only', untrained)
+                           for s in args.seeds]
   for step in args.steps:
-    rows[step] = [run_step(args.root, step, s, extra, args.config, args.arg)
-                  for s in args.seeds]
+    rows[step] = [run_step(args.root, step, s, extra, args.config, args.arg, args.dataset,
+                           args.config_args) for s in args.seeds]
 
   table = {}
   print(f'\nOccluded queries vs gallery, {len(args.seeds)} seeds {args.seeds}; '
@@ -154,7 +198,8 @@ def main(argv=None) -> dict:
       cells.append(f'{vals.mean():.3f}+-{vals.std():.3f} ({vals.min():.2f}..{vals.max():.2f})')
     print(f'{name:15s} ' + ' '.join(f'{c:>22s}' for c in cells))
   with open(os.path.join(args.root, 'table.json'), 'w') as f:
-    json.dump({'seeds': args.seeds, 'extra': extra, 'table': table}, f, indent=2)
+    json.dump({'seeds': args.seeds, 'dataset': args.dataset or None, 'extra': extra,
+               'table': table}, f, indent=2)
   if args.json:
     print(json.dumps(table))
   return table

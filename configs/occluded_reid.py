@@ -46,6 +46,8 @@ def get_config(arg=None):
   config_defaults.transreid_recipe(c)
   c.dataset.name = 'market1501'
   c.dataset.test_name = 'occluded_reid'
+  c.model.dtype = 'auto'  # bfloat16 on GPU/TPU, float32 on CPU (ogfr_jax/precision.py)
+  c.model.attention_impl = 'auto'  # cuDNN fused attention on NVIDIA GPUs
   if arg.runlocal:
     config_defaults.shrink_for_local_run(c)
   return c

@@ -38,6 +38,7 @@ change are in WORKSPACE.md, "Performance"):
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -56,6 +57,7 @@ from ogfr_jax import config_defaults
 from ogfr_jax import evaluate
 from ogfr_jax import optim
 from ogfr_jax import parallel
+from ogfr_jax import precision
 from ogfr_jax import train_state
 from ogfr_jax import train_step
 from ogfr_jax.data import donor_exchange
@@ -111,8 +113,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help='global train batch, a multiple of input.images_per_id (default: P x K)')
   p.add_argument('--eval-batch', type=int, default=None, help='global eval batch (default: '
                  '--batch)')
-  p.add_argument('--dtype', choices=['float32', 'bfloat16'], default=None, help='model.dtype')
-  p.add_argument('--attention', choices=['xla', 'cudnn'], default=None,
+  p.add_argument('--dtype', choices=['float32', 'bfloat16', 'auto'], default=None,
+                 help='model.dtype')
+  p.add_argument('--attention', choices=['xla', 'cudnn', 'auto'], default=None,
                  help='model.attention_impl')
   p.add_argument('--remat', choices=list(vit_lib.REMAT_CHOICES), default=None,
                  help='model.remat')
@@ -205,12 +208,66 @@ def random_batch(config, batch: int, num_classes: int, num_cameras: int,
       'pid': pids.astype(np.int32),
       'camid': rng.integers(0, num_cameras, batch).astype(np.int32),
   }
-  if config.model.student_erase:
+  keys = train_step.step_keys(config)
+  if 'occ_mask' in keys:
     out['occ_mask'] = (rng.random((batch, h, w)) < 0.3).astype(np.uint8)
+  if 'contam_mask' in keys:
+    out['contam_mask'] = np.zeros((batch, h, w), np.uint8)
+  if 'index' in keys:  # the training image of each row (the identity memory's slots)
+    out['index'] = np.arange(batch, dtype=np.int32)
   if donor_exchange.on_device(config):
     # The paste's gather and select run whatever the donors, so none costs the same.
     out.update(donor_exchange.no_donors(np.arange(batch)))
   return out
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes only: the train step and the evaluation lowered without any array (memory analysis,
+# lowering for another platform)
+
+
+def batch_spec(config, batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of the train batch the step of `config` reads."""
+  h, w = config.input.height, config.input.width
+  shapes = {'image': ((batch, h, w, 3), np.uint8), 'occluded': ((batch, h, w, 3), np.uint8),
+            'pattern': ((batch,), np.int32), 'pid': ((batch,), np.int32),
+            'camid': ((batch,), np.int32), 'index': ((batch,), np.int32),
+            'occ_mask': ((batch, h, w), np.uint8), 'contam_mask': ((batch, h, w), np.uint8)}
+  shapes.update({k: (v.shape, v.dtype) for k, v in
+                 donor_exchange.no_donors(np.arange(batch)).items()})
+  sharding = parallel.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1], sharding=sharding)
+          for k in train_step.step_keys(config)}
+
+
+def abstract_train_step(config, num_classes: int, num_cameras: int, mesh,
+                        platform: Optional[str] = None):
+  """(jitted train step, abstract state, abstract batch) of `config` at its global batch,
+  for `platform` (default: this process's). Nothing is initialised: the state is shapes and
+  shardings (jax.eval_shape)."""
+  batch_size = train_batch_size(config)
+  parallel.batch_size_per_device_check(batch_size, mesh, 'the train batch')
+  model = build.build_model(config, num_classes, num_cameras)
+  tx, lr_fn = optim.make_optimizer(config, batch_size, 100, 10_000)
+  init = functools.partial(train_state.init_state, model, tx, config)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  shardings = parallel.state_shardings(abstract, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  step = train_step.jit_train_step(model, tx, config, lr_fn, mesh, shardings,
+                                   platform=platform)
+  return step, state, batch_spec(config, batch_size, mesh), model
+
+
+def step_memory(config, num_classes: int, num_cameras: int, mesh) -> dict[str, int]:
+  """Bytes per device of the compiled train step from XLA's memory analysis: temporaries,
+  arguments (state and batch), outputs, and the outputs aliased to donated arguments."""
+  step, state, batch, _ = abstract_train_step(config, num_classes, num_cameras, mesh)
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  return {'temp': int(analysis.temp_size_in_bytes),
+          'argument': int(analysis.argument_size_in_bytes),
+          'output': int(analysis.output_size_in_bytes),
+          'alias': int(analysis.alias_size_in_bytes)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +581,7 @@ def format_table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
   """The whole benchmark for parsed arguments; returns the JSON-ready result."""
-  config = build_config(args)
+  config = precision.resolve(build_config(args))  # 'auto' dtype/attention for this backend
   if config.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ValueError(f'--attention cudnn needs an NVIDIA GPU; this run has '
                      f'{jax.default_backend()} devices')

@@ -116,7 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.jpm_shift = 5
   c.model.jpm_shuffle_groups = 2
   c.model.jpm_parts = 4
-  c.model.dtype = 'float32'  # compute dtype: float32 or bfloat16 (parameters stay float32)
+  # Compute dtype: float32, bfloat16 or 'auto' (bfloat16 on GPU/TPU, float32 on CPU;
+  # ogfr_jax/precision.py). Parameters and optimizer state stay float32.
+  c.model.dtype = 'float32'
   c.model.teacher = True  # False: student only (ViT baseline ablations; no KD, no FEPM)
   # Occlusion-Aware ViT: learnable pattern embeddings E[0..K] added to the student's tokens.
   c.model.pattern_embed = True
@@ -127,7 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
   # feature). Pre-BN CLS features of a trained ReID ViT share a large constant component and
   # differ by small offsets, which a linear head on 'feat' barely resolves.
   c.model.pattern_head_input = 'bn_feat'
-  c.model.attention_impl = 'xla'  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16 only)
+  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16 only); 'auto': cudnn where it applies.
+  c.model.attention_impl = 'xla'
   # 'plain': flax/jax formulations everywhere (what GPUs and TPUs run). 'cpu': the XLA:CPU
   # formulations of models/cpu_kernels.py (erf GELU, transposed-operand weight gradients,
   # heads-major attention with a hand-written backward): same values, faster on a CPU.

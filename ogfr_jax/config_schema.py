@@ -20,10 +20,10 @@ from ogfr_jax import config_defaults
 CHOICES: dict[str, tuple[Any, ...]] = {
     'init_format': ('auto', 'npz', 'torch', 'safetensors', 'orbax'),
     'model.size': tuple(config_defaults.VIT_SIZES),
-    'model.dtype': ('float32', 'bfloat16'),
+    'model.dtype': ('float32', 'bfloat16', 'auto'),
     'model.remat': ('none', 'dots', 'block'),
     'model.kernels': ('plain', 'cpu'),
-    'model.attention_impl': ('xla', 'cudnn'),
+    'model.attention_impl': ('xla', 'cudnn', 'auto'),
     'model.pattern_head_input': ('feat', 'bn_feat'),
     'model.student_erase_detector': ('student', 'separate'),
     'fepm.selection': ('agent', 'random', 'oracle'),

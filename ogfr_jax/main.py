@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from ogfr_jax import console
+from ogfr_jax import out_of_memory
 from ogfr_jax import parallel
 from ogfr_jax import run_config
 from ogfr_jax.tools import cli
@@ -173,7 +174,8 @@ _USER_ERRORS = cli.USER_ERRORS + (FloatingPointError, app.UsageError)
 def main(argv: list[str]) -> None:
   console.configure_logging(_verbosity())
   try:
-    _main(argv)
+    with out_of_memory.as_user_error(lambda: _CONFIG.value):
+      _main(argv)
   except _USER_ERRORS as e:
     console.clear_live()
     cli.fail(e, show_traceback=_show_traceback(), tag=console.tag().strip())

@@ -45,6 +45,7 @@ from ogfr_jax import losses
 from ogfr_jax import manifest
 from ogfr_jax import optim
 from ogfr_jax import parallel
+from ogfr_jax import precision
 from ogfr_jax import prefetch
 from ogfr_jax import pretrained
 from ogfr_jax import run_config
@@ -349,6 +350,7 @@ def print_header(s: dict, config: ml_collections.ConfigDict, workdir: str, confi
       ('model', f'{config.model.size} ViT, patch {config.model.patch_size} stride '
                 f'{config.model.stride}, {b.height}x{b.width} input; '
                 f'{_count(n_params)} parameters'),
+      ('precision', precision.describe(config)),
       ('devices', f'{len(devices)} x {"/".join(kinds)} in {jax.process_count()} process(es); '
                   f'mesh ' + ' x '.join(f'{k}={v}' for k, v in mesh.shape.items())
                   + (f' over {slices} slices' if slices > 1 else '')),

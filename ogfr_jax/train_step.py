@@ -50,12 +50,14 @@ def fepm_phase(step: jax.Array, config: ml_collections.ConfigDict,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
                config: ml_collections.ConfigDict, lr_fn,
-               steps_per_epoch: int = 1) -> tuple[TrainState, dict]:
+               steps_per_epoch: int = 1, platform: str | None = None) -> tuple[TrainState, dict]:
   """One optimisation step of teacher, student and agent. Pure; jitted by the caller.
 
   When the loss or the gradient norm is not finite the step still counts (the batch is used
   up) but parameters, optimizer state and BN statistics keep their previous values; metrics 'guard/nonfinite' (this step, 0 or 1) and 'guard/nonfinite_total'
   report it, and the loop applies config.train.nonfinite_policy when it fetches them.
+  `platform` (cpu, cuda, rocm, tpu; default: this process's) is the one the step is compiled
+  for, when it is lowered for another (jax.export).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   drop_rng, agent_rng = jax.random.split(step_rng)
@@ -77,7 +79,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = _global_norm(grads)
   finite = guards.is_finite(loss, grad_norm)
-  params, opt_state = _update_if_finite(finite, tx, grads, state.params, state.opt_state)
+  params, opt_state = _update_if_finite(finite, tx, grads, state.params, state.opt_state,
+                                        platform or jax.default_backend())
   batch_stats = guards.finite_update(finite, batch_stats, state.batch_stats)
   nonfinite_steps = jnp.asarray(state.nonfinite_steps, jnp.int32) + (~finite).astype(jnp.int32)
   metrics = dict(metrics)
@@ -98,7 +101,7 @@ def _global_norm(tree) -> jax.Array:
                       for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state):
+def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state, platform: str):
   """(params, opt_state) after the optimizer update when `finite`, else as they were.
 
   On the CPU the update runs under lax.cond, so every leaf is updated in place in its donated
@@ -114,7 +117,7 @@ def _update_if_finite(finite: jax.Array, tx, grads, params, opt_state):
     updates, new_opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_opt_state
 
-  if jax.default_backend() == 'cpu':
+  if platform == 'cpu':
     return jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
   return guards.finite_update(finite, update((params, opt_state)), (params, opt_state))
 
@@ -125,9 +128,10 @@ def step_keys(config) -> tuple[str, ...]:
   return STEP_KEYS + build.batch_keys(config) + donors
 
 
-def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings, steps_per_epoch: int = 1):
+def jit_train_step(model, tx, config, lr_fn, mesh, state_shardings, steps_per_epoch: int = 1,
+                   platform: str | None = None):
   step = functools.partial(train_step, model=model, tx=tx, config=config, lr_fn=lr_fn,
-                           steps_per_epoch=steps_per_epoch)
+                           steps_per_epoch=steps_per_epoch, platform=platform)
   batch_shardings = {k: parallel.batch_sharding(mesh) for k in step_keys(config)}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ogfr_jax import config_defaults
+from ogfr_jax import precision
 from ogfr_jax.models import fepm as fepm_lib
 from ogfr_jax.models import vit as vit_lib
 from ogfr_jax.models.ogfr import OGFR, BackboneSpec, StudentSpec, TeacherSpec
@@ -101,7 +102,7 @@ def batch_keys(config: Any) -> tuple[str, ...]:
 
 
 def backbone_spec(config: Any, num_cameras: int) -> BackboneSpec:
-  m = config.model
+  m = precision.resolve(config).model  # 'auto' dtype and attention for this backend
   dim, depth, heads = vit_size(config)
   return BackboneSpec(
       dim=dim, depth=depth, num_heads=heads, grid=token_grid(config),

@@ -138,6 +138,28 @@ def remat_block(block_cls, remat: str):
   return nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = 'cudnn'):
+  """Self-attention through cuDNN's fused kernel (NVIDIA GPUs, bfloat16/float16), [B, T, H, d].
+
+  jax's cuDNN path refuses an odd token count when it is differentiated (its placeholder bias
+  counts as a bias there, and cuDNN's biased backward needs even lengths); a ReID ViT has
+  1 + gh*gw tokens, odd whenever gh*gw is even (21x10, 22x11). An odd sequence therefore gets
+  one zero token appended that no query attends to (key and query lengths T through cuDNN's
+  padding mask), and its output row is dropped: the other rows are those of the unpadded
+  attention. `implementation='xla'` runs the same padded formulation through XLA (how the
+  padding is tested on a CPU).
+  """
+  t = q.shape[1]
+  if t % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))  # noqa: E731
+  lengths = jnp.full((q.shape[0],), t, jnp.int32)
+  y = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+                                   key_value_seq_lengths=lengths,
+                                   implementation=implementation)
+  return y[:, :t]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (with bias).
 
@@ -169,9 +191,9 @@ class Attention(nn.Module):
       t = 1
     elif self.implementation in (None, 'xla') and self.kernels == 'cpu':
       y = cpu_kernels.heads_major_attention(qkv)
+    elif self.implementation == 'cudnn':
+      y = cudnn_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     else:
-      # The XLA implementation runs everywhere; 'cudnn' (fused, bf16/fp16 on NVIDIA GPUs only)
-      # is opt-in through model.attention_impl.
       y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                                        implementation=self.implementation)
     return checkpoint_name(dense(self.dim, name='proj')(y.reshape(b, t, self.dim)), DENSE_OUTPUT)

@@ -1,0 +1,62 @@
+"""benchmarks/ablation_table.py on a dataset in its real layout (runlocal: tiny ViT, 4 steps).
+
+The random_init row and one trained row of the Occluded-Duke ladder run as the command runs
+them (subprocesses of the normal entry point), on a fixture tree in Occluded_Duke's layout.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dataset_fixtures as fx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'benchmarks', 'ablation_table.py')
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+import ablation_table  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_config_spec_and_test_metrics():
+  assert (ablation_table.config_spec('kd', dataset='msmt17', config_args='runlocal')
+          == 'configs/ablations.py:step=kd,dataset=msmt17,runlocal')
+  assert ablation_table.config_spec('none', 'configs/fepm_rows.py', 'row') == (
+      'configs/fepm_rows.py:row=none')
+  metrics = {'mAP': 0.5}
+  results = {'occluded_reid': metrics, 'fepm': {}, 'manifest': {}}
+  assert ablation_table.test_metrics(results) == metrics
+  with pytest.raises(ValueError, match='one test dataset'):
+    ablation_table.test_metrics({'a': {}, 'b': {}, 'manifest': {}})
+
+
+def test_ladder_on_a_real_layout(tmp_path):
+  tree = fx.make_occluded_duke(tmp_path)  # 3 training identities: P = 2
+  root = tmp_path / 'table'
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  proc = subprocess.run(
+      [sys.executable, SCRIPT, '--root', str(root), '--dataset', 'occluded_duke',
+       '--config-args', 'runlocal', '--steps', 'vit_baseline', '--seeds', '0', '--',
+       f'--config.dataset.root={tree.root}', '--config.input.ids_per_batch=2'],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  with open(root / 'table.json') as f:
+    table = json.load(f)
+  assert table['dataset'] == 'occluded_duke'
+  assert list(table['table']) == ['random_init', 'vit_baseline']
+  with open(root / 'vit_baseline_seed0' / 'results.json') as f:
+    results = json.load(f)
+  trained = results['occluded_duke']
+  for metric in ablation_table.METRICS:
+    assert table['table']['vit_baseline'][metric]['values'] == [trained[metric]]
+  with open(root / 'random_init_seed0.json') as f:
+    untrained = json.load(f)
+  assert table['table']['random_init']['mAP']['values'] == [untrained['mAP']]
+  assert 0.0 < untrained['mAP'] <= 1.0 and untrained['step'] == 0
+  with open(root / 'vit_baseline_seed0' / 'config.json') as f:
+    config = json.load(f)
+  # The row is the ladder's vit_baseline step of the Occluded-Duke recipe, shrunk by runlocal.
+  assert config['dataset']['name'] == 'occluded_duke' and config['model']['size'] == 'tiny'
+  assert config['model']['teacher'] is False and config['occlusion']['enabled'] is False
