@@ -126,6 +126,19 @@ def main_command(config_path: str, workdir: str, overrides: dict) -> list[str]:
           + [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
+def vm_hwm_bytes(pid: int | str = 'self') -> int | None:
+  """Peak resident memory of a process since its exec (VmHWM). ru_maxrss is not used for
+  children: a child forked from this process starts its count at this process's size."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 def _metrics_rows(path: str) -> list[dict]:
   if not os.path.isfile(path):
     return []
@@ -137,7 +150,8 @@ def run_main(cmd: list[str], workdir: str, log_path: str, *, kill_after: int | N
              stall_s: float, env: dict) -> dict:
   """Runs cmd; the wall time each metrics row was first seen; SIGTERM after step kill_after.
 
-  Returns rc, wall_s, peak RSS of the process tree's largest process, and the rows seen."""
+  Returns rc, wall_s, the process's peak RSS (its input workers are separate processes),
+  and the rows seen."""
   metrics = os.path.join(workdir, 'metrics.jsonl')
   seen: dict[int, float] = {}
   t0 = time.time()
@@ -145,12 +159,12 @@ def run_main(cmd: list[str], workdir: str, log_path: str, *, kill_after: int | N
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     killed_at = None
     last_change = time.time()
-    size = -1
+    size, peak = -1, None
     while True:
-      # wait4, not poll: the child's resource usage (its peak RSS) comes with its status.
-      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      pid, status = os.waitpid(proc.pid, os.WNOHANG)
       if pid:
         break
+      peak = vm_hwm_bytes(proc.pid) or peak
       time.sleep(0.25)
       try:
         now_size = os.path.getsize(metrics)
@@ -174,7 +188,7 @@ def run_main(cmd: list[str], workdir: str, log_path: str, *, kill_after: int | N
   for row in _metrics_rows(metrics):
     seen.setdefault(int(row['step']), time.time())
   return {'rc': rc, 'wall_s': wall, 'start': t0, 'seen': seen, 'killed_at': killed_at,
-          'peak_rss_bytes': usage.ru_maxrss * 1024}
+          'peak_rss_bytes': peak}
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,31 +209,31 @@ def measure_scan(config) -> dict:
           'sampler_steps_per_epoch': int(batches.shape[0])}
 
 
-def measure_input(config, split, batches: int) -> dict:
-  """The recipe's train pipeline in this process, no workers: rate of one core."""
+def measure_input(config, split, batches: int, warmup: int = 3) -> dict:
+  """The recipe's train pipeline in this process, no workers: the rate of one host core.
+
+  Totals over `batches` batches after `warmup` (grain reads ahead config.input.prefetch
+  batches, so single batches are not timed alone). CPU seconds count every thread of this
+  process."""
   from ogfr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   cfg = config.copy_and_resolve_references()
   cfg.input.num_workers = 0
   it = pipeline.make_train_iterator(split, cfg)
-  t0, c0 = time.perf_counter(), time.process_time()
-  next(it)
-  first_s = time.perf_counter() - t0
-  times, cpu = [], []
-  for _ in range(batches):
-    t, c = time.perf_counter(), time.process_time()
+  t0 = time.perf_counter()
+  for _ in range(warmup):
     batch = next(it)
-    times.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-  del c0
+  warmup_s = time.perf_counter() - t0
+  t0, c0 = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    batch = next(it)
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   close = getattr(it, 'close', None)
   if close:
     close()
   b = int(batch['image'].shape[0])
-  return {'batch': b, 'first_batch_s': first_s, 'batch_s': float(np.median(times)),
-          'batch_cpu_s': float(np.median(cpu)),
-          'images_per_s': b / float(np.median(times)),
-          'images_per_cpu_s': b / float(np.median(cpu)),
-          'threads_note': 'CPU seconds of this process (all its threads) per batch'}
+  return {'batch': b, 'batches': batches, 'warmup_s': warmup_s, 'batch_s': wall / batches,
+          'batch_cpu_s': cpu / batches, 'images_per_s': b * batches / wall,
+          'images_per_cpu_s': b * batches / cpu}
 
 
 def measure_checkpoint(config, workdir: str, scratch: str) -> dict:
@@ -241,6 +255,7 @@ def measure_checkpoint(config, workdir: str, scratch: str) -> dict:
     try:
       t0 = time.perf_counter()
       checkpoints.save(manager, step, state, data_state or {})
+      save_blocking_s = time.perf_counter() - t0  # what the train loop waits for
       manager.wait_until_finished()
       save_s = time.perf_counter() - t0
     finally:
@@ -249,7 +264,7 @@ def measure_checkpoint(config, workdir: str, scratch: str) -> dict:
                       for x in jax.tree_util.tree_leaves(state) if hasattr(x, 'shape'))
     step_dir = os.path.join(workdir, 'checkpoints', str(step))
     return {'setup_s': setup_s, 'restore_s': restore_s, 'checksum_s': checksum_s,
-            'save_s': save_s, 'step': step, 'state_bytes': state_bytes,
+            'save_s': save_s, 'save_blocking_s': save_blocking_s, 'step': step, 'state_bytes': state_bytes,
             'checkpoint_bytes': _du(step_dir), 'model': s['model'], 'state': state,
             'mesh': s['mesh'], 'num_classes': s['train_data'].num_train_ids,
             'num_cameras': max(s['train_data'].num_cameras, s['test_data'].num_cameras)}
@@ -307,7 +322,9 @@ def measure_ranking(counts: Counts, dim: int) -> dict:
   """benchmarks/eval_scale.py's device worker on this preset's test sizes, in a subprocess."""
   code = ('import json, sys; sys.path.insert(0, %r); from benchmarks import eval_scale; '
           'eval_scale.PROBLEMS["rehearsal"] = (%d, %d, %d, %d, %d); '
-          'print(json.dumps(eval_scale.run_worker("rehearsal", "device", %d, 256, 100)))'
+          'r = eval_scale.run_worker("rehearsal", "device", %d, 256, 100); '
+          'from benchmarks.rehearsal import vm_hwm_bytes; '
+          'r["peak_rss_mb"] = vm_hwm_bytes() / 2**20; print(json.dumps(r))'
           % (ROOT, counts.query_images, counts.gallery_images, counts.query_ids,
              counts.gallery_ids - counts.query_ids, counts.cameras, dim))
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
@@ -345,7 +362,7 @@ def projection(r: dict, counts_recipe: dict, args) -> dict:
   eval_images = student_eval + report
   saves = -(-epochs * spe // counts_recipe['checkpoint_every'])
   f_train, f_eval = r['flops']['flops_per_train_image'], r['flops']['flops_per_eval_image']
-  fixed = r['scan']['scan_s'] + saves * r['checkpoint']['save_s']
+  fixed = r['scan']['scan_s'] + saves * r['checkpoint']['save_blocking_s']
   out = {'train_images': train_images, 'eval_images': eval_images,
          'eval_images_student': student_eval, 'eval_images_fepm_report': report,
          'checkpoint_saves': saves, 'targets': {}}
@@ -403,8 +420,9 @@ def print_report(r: dict) -> None:
       ('XLA compile of the step (recipe batch)', _fmt_s(r['flops']['step_compile_s'])),
       ('train step', f"{_fmt_s(r['train']['step_s'])} at batch {r['train']['batch']} "
                      f"({r['train']['images_per_s']:.2f} img/s)"),
-      ('checkpoint save / restore / checksum',
-       f"{_fmt_s(r['checkpoint']['save_s'])} / {_fmt_s(r['checkpoint']['restore_s'])} / "
+      ('checkpoint save (loop waits) / restore / checksum',
+       f"{_fmt_s(r['checkpoint']['save_s'])} ({_fmt_s(r['checkpoint']['save_blocking_s'])}) / "
+       f"{_fmt_s(r['checkpoint']['restore_s'])} / "
        f"{_fmt_s(r['checkpoint']['checksum_s'])} ({_fmt_b(r['checkpoint']['checkpoint_bytes'])}"
        ' a step)'),
       ('final eval of the bounded share', f"{_fmt_s(r['eval']['wall_s'])} for "
@@ -461,7 +479,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--batch', default='4x4', help='P x K of the rehearsal run (recipe: 16x4)')
   p.add_argument('--eval-query', type=int, default=128)
   p.add_argument('--eval-gallery', type=int, default=128)
-  p.add_argument('--input-batches', type=int, default=5)
+  p.add_argument('--input-batches', type=int, default=12)
   p.add_argument('--flops-batch', type=int, default=0,
                  help="batch of the FLOP count's compile (0 = the recipe's; tests use less)")
   p.add_argument('--model-size', default='', help="e.g. 'tiny' (tests); '' = the config's")
@@ -615,7 +633,9 @@ def main(argv=None) -> dict:
       'XLA:CPU float32 FLOP counts stand for the bf16 step (casts add a few percent)',
       'evaluation forwards cost the student extraction\'s FLOPs each (the FEPM report\'s '
       'teacher passes included) at the same MFU',
-      'fixed costs (scan, checkpoint saves at the measured rate) as on this machine; '
+      'fixed costs as on this machine: the scan and, per checkpoint, the part of a save the '
+      'train loop waits for (checksums, copy to the host; the write itself runs behind the '
+      'next steps); '
       'compilation, start-up and input stalls left out of the accelerator rows',
       'input pipeline: one host core builds images at the measured images per CPU-second; '
       'decoding the real JPEGs costs like these synthetic ones of the same size',
