@@ -2,8 +2,8 @@
 a ViT-B/16 file in timm's names, the real config through `python -m ogfr_jax.main`, every
 stage timed, and the cost of the full recipe projected onto accelerators.
 
-    python benchmarks/rehearsal.py [--preset occluded_duke|market1501|msmt17] [--steps 5]
-        [--batch 4x4] [--kill-after 2] [--eval-query 128] [--eval-gallery 128]
+    python benchmarks/rehearsal.py [--preset occluded_duke|market1501|msmt17] [--steps 4]
+        [--batch 2x4] [--kill-after 1] [--eval-query 128] [--eval-gallery 128]
         [--json rehearsal.json]
 
 Stages, in order:
@@ -474,9 +474,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--width', type=int, default=128)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--config', default='configs/occluded_duke.py')
-  p.add_argument('--steps', type=int, default=5, help='train steps of the run (both parts)')
-  p.add_argument('--kill-after', type=int, default=2, help='SIGTERM once this step is logged')
-  p.add_argument('--batch', default='4x4', help='P x K of the rehearsal run (recipe: 16x4)')
+  p.add_argument('--steps', type=int, default=4, help='train steps of the run (both parts)')
+  p.add_argument('--kill-after', type=int, default=1, help='SIGTERM once this step is logged')
+  p.add_argument('--batch', default='2x4',
+                 help='P x K of the rehearsal run (recipe: 16x4; 2x4 fits a 24 GB machine)')
   p.add_argument('--eval-query', type=int, default=128)
   p.add_argument('--eval-gallery', type=int, default=128)
   p.add_argument('--input-batches', type=int, default=12)
