@@ -21,8 +21,8 @@ Stages, in order:
            this process with no workers: images per CPU-second is the rate of one host core.
   train    `python -m ogfr_jax.main --config CONFIG` in a subprocess, overriding only the
            dataset root, init_from, the schedule length (1 epoch of --steps steps), the batch
-           (--batch, said in the report), log_every=1 (a metrics row per step, for timing) and
-           eval.fepm_report=False (see below). SIGTERM once step --kill-after is logged (the
+           (--batch, said in the report) and log_every=1 (a metrics row per step, for timing).
+           SIGTERM once step --kill-after is logged (the
            preemption path: checkpoint, exit 143), then the same command again resumes and
            finishes, with its final evaluation on a bounded share of the test split
            (--eval-query / --eval-gallery images; symbolic links in a view of the dataset).
@@ -40,11 +40,9 @@ accelerator needs, and a projection of the full recipe (its epochs, its periodic
 and the final one) for this CPU, one H100 (30% and 50% MFU of 989 TFLOP/s bf16 dense) and a
 TPU v5e-8 (8 x 197 TFLOP/s bf16, same MFUs). Assumptions are printed with it.
 
-eval.fepm_report is off in the rehearsal's run: the report at the end of a run forwards every
-training image and the gallery through the teacher's selection and the query and gallery twice
-more through the teacher (clean and purified), which on a real dataset, where nothing is
-planted, yields only the two teacher mAPs. Its cost is in the projection (counted as teacher
-forwards).
+The run's final evaluation runs the config's evaluators (config.eval.evaluators) on the bounded
+share; the projection counts their forwards at full size (the FEPM selection over the gallery,
+the teacher's two passes where teacher_purification is named).
 
 Figures from a run are in docs/results.md ("What a run costs").
 """
@@ -71,6 +69,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.rehearsal_data import (LAYOUT_DIR, PRESETS, Counts, cpus,  # noqa: E402
                                        ensure_dataset, log, make_view, write_timm_vit)
 from ogfr_jax.data import synthetic  # noqa: E402
+from ogfr_jax.models import build  # noqa: E402
 
 H100_BF16_PEAK = 989.4e12  # dense, SXM, vendor datasheet (ogfr_jax.bench.PEAK_FLOPS)
 V5E_BF16_PEAK_PER_CHIP = 197e12
@@ -114,7 +113,7 @@ def run_overrides(args, view: str, weights: str) -> dict:
       'dataset.root': view, 'init_from': weights,
       'train.epochs': 1, 'train.steps_per_epoch': args.steps,
       'input.ids_per_batch': p, 'input.images_per_id': k,
-      'train.log_every': 1, 'eval.fepm_report': False,
+      'train.log_every': 1,
   }
   if args.model_size:
     out['model.size'] = args.model_size
@@ -357,14 +356,19 @@ def projection(r: dict, counts_recipe: dict, args) -> dict:
   q, g, t = counts_recipe['query'], counts_recipe['gallery'], counts_recipe['train']
   periodic = counts_recipe['periodic_evals']
   student_eval = (periodic + 1) * (q + g)
-  # fepm_report: selection over train + gallery, teacher clean + purified over query + gallery.
-  report = (t + g + 2 * (q + g)) if counts_recipe['fepm_report'] else 0
+  # The FEPM evaluators on a real dataset (nothing planted): the selection over the gallery
+  # (the teacher's first fepm.layer blocks and the agent, counted as a whole forward), and the
+  # teacher's clean and purified passes over query + gallery.
+  fepm = counts_recipe['fepm_evaluators']
+  report = (g if 'fepm_selection' in fepm else 0) + (
+      2 * (q + g) if 'teacher_purification' in fepm else 0)
+  del t
   eval_images = student_eval + report
   saves = -(-epochs * spe // counts_recipe['checkpoint_every'])
   f_train, f_eval = r['flops']['flops_per_train_image'], r['flops']['flops_per_eval_image']
   fixed = r['scan']['scan_s'] + saves * r['checkpoint']['save_blocking_s']
   out = {'train_images': train_images, 'eval_images': eval_images,
-         'eval_images_student': student_eval, 'eval_images_fepm_report': report,
+         'eval_images_student': student_eval, 'eval_images_fepm': report,
          'checkpoint_saves': saves, 'targets': {}}
   cpu_train = r['train']['step_s'] / r['train']['batch']
   cpu_eval = r['eval']['s_per_image']
@@ -450,7 +454,7 @@ def print_report(r: dict) -> None:
     print(f'  {a:<{width}}  {b}')
   p = r['projection']
   print(f"\n  full recipe: {p['train_images']:,} train images, {p['eval_images']:,} eval "
-        f"forwards ({p['eval_images_fepm_report']:,} of them the FEPM report), "
+        f"forwards ({p['eval_images_fepm']:,} of them the FEPM evaluators), "
         f"{p['checkpoint_saves']} checkpoint saves")
   print(f"  {'target':<40} {'train':>9} {'eval':>9} {'fixed':>9} {'total':>9} {'img/s':>9}")
   for k, v in p['targets'].items():
@@ -536,7 +540,8 @@ def main(argv=None) -> dict:
                                   int(recipe.train.eval_every_epochs)))
       if recipe.train.eval_every_epochs else 0,
       'checkpoint_every': int(recipe.train.checkpoint_every),
-      'fepm_report': bool(recipe.eval.fepm_report and recipe.fepm.enabled),
+      'fepm_evaluators': [n for n in recipe.eval.evaluators if n != 'student_ranking']
+                         if build.has_fepm(recipe) else [],
       'train': len(train_split.train), 'query': len(train_split.query),
       'gallery': len(train_split.gallery)}
 
@@ -632,7 +637,7 @@ def main(argv=None) -> dict:
       f"batch {p * k}; accelerators: XLA FLOPs of the step at the recipe's batch "
       f"{recipe_facts['batch']} over peak x MFU)",
       'XLA:CPU float32 FLOP counts stand for the bf16 step (casts add a few percent)',
-      'evaluation forwards cost the student extraction\'s FLOPs each (the FEPM report\'s '
+      'evaluation forwards cost the student extraction\'s FLOPs each (the FEPM evaluators\' '
       'teacher passes included) at the same MFU',
       'fixed costs as on this machine: the scan and, per checkpoint, the part of a save the '
       'train loop waits for (checksums, copy to the host; the write itself runs behind the '
