@@ -292,8 +292,12 @@ def measure_flops(config, model, state, mesh, num_classes: int, recipe_batch: in
   shardings = parallel.state_shardings(abstract, mesh)
   target = checkpoints.abstract_with_shardings(abstract, shardings)
   host = train_step_cost.random_batch(cfg, recipe_batch, num_classes, np.random.default_rng(0))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
-           for k, v in host.items()}
+  shapes = {**train_state.dummy_batch(cfg, recipe_batch), **host}
+  # Keys the step reads that neither fabricates are per-row integers (e.g. `index`).
+  batch = {k: jax.ShapeDtypeStruct(shapes[k].shape if k in shapes else (recipe_batch,),
+                                   shapes[k].dtype if k in shapes else np.int32,
+                                   sharding=parallel.batch_sharding(mesh))
+           for k in train_step.step_keys(cfg)}
   step_fn = train_step.jit_train_step(model, tx, cfg, lr_fn, mesh, shardings)
   t0 = time.perf_counter()
   compiled = step_fn.lower(target, batch).compile()
