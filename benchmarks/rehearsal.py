@@ -560,8 +560,9 @@ def main(argv=None) -> dict:
   run1 = run_main(cmd, run_dir, os.path.join(workdir, 'run1.log'), kill_after=args.kill_after,
                   stall_s=args.stall_s, env=env)
   if run1['rc'] != 143:
-    raise RuntimeError(f"run 1 ended with status {run1['rc']}, not 143 (stopped by SIGTERM); "
-                       f"see {workdir}/run1.log")
+    raise RuntimeError(f"run 1 ended with status {run1['rc']}, not 143 (stopped by SIGTERM; "
+                       f"0: it finished before the stop landed, raise --steps); see "
+                       f"{workdir}/run1.log")
   saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, 'checkpoints')) if d.isdigit())
   if not saved or saved[-1] >= args.steps:
     raise RuntimeError(f'run 1 left checkpoints {saved} of {args.steps} steps: the stop came too '

@@ -52,7 +52,9 @@ def test_more_query_than_gallery_identities_is_refused():
 @pytest.mark.slow
 def test_rehearsal_at_tiny_scale(tmp_path):
   out = tmp_path / 'report.json'
-  steps = 4
+  # Tiny steps take a fraction of a second: the stop, sent once step 1 is logged, needs room to
+  # land before the last step.
+  steps = 20
   cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'rehearsal.py'),
          '--cache-dir', str(tmp_path / 'cache'), '--workdir', str(tmp_path / 'work'),
          '--height', '64', '--width', '32', '--model-size', 'tiny', '--steps', str(steps),
