@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ogfr_jax import config_defaults
-from ogfr_jax.data import synthetic
+from ogfr_jax.data import synthetic, synthetic_cache, synthetic_render
 
 MARKET_NAME = re.compile(r'^(\d{4})_c([1-9])s(\d)_(\d{6})_(\d{2})\.jpg$')
 SPLITS = ('train', 'query', 'gallery')
@@ -233,7 +233,7 @@ def test_side_pedestrian_is_cut_by_the_border_and_behind_the_target():
   train = [it for it in synthetic.plan(cfg) if it.split == 'train']
   items = [dataclasses.replace(it, clutter='pedestrian', occluder=None,
                                source=1 + it.pid % 5) for it in train]
-  lo, hi = synthetic._PEDESTRIAN_AREA
+  lo, hi = synthetic_render._PEDESTRIAN_AREA
   for it, r in synthetic.iter_images(cfg, items):
     m = r.clutter_mask
     assert not (m & r.person_mask).any(), it  # the target is never hidden by it
@@ -365,7 +365,7 @@ def counting(monkeypatch):
     calls.append(root)
     return real(root, cfg)
 
-  monkeypatch.setattr(synthetic, 'generate', counted)
+  monkeypatch.setattr(synthetic_cache, 'generate', counted)
   return calls
 
 
@@ -416,11 +416,11 @@ def test_killed_generation_leaves_nothing_that_looks_finished(tmp_path, monkeypa
     os.makedirs(os.path.join(root, 'query'))
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(synthetic, 'generate', dies)
+  monkeypatch.setattr(synthetic_cache, 'generate', dies)
   with pytest.raises(KeyboardInterrupt):
     synthetic.ensure(tiny(), cache)
   assert [e for e in os.listdir(cache) if not e.endswith('.lock')] == []
-  monkeypatch.setattr(synthetic, 'generate', real)
+  monkeypatch.setattr(synthetic_cache, 'generate', real)
   root = synthetic.ensure(tiny(), cache)
   assert os.path.isfile(os.path.join(root, 'meta.json'))
 
@@ -439,7 +439,7 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     with open(os.path.join(target, 'winner.txt'), 'w') as f:
       f.write('1')
 
-  monkeypatch.setattr(synthetic, 'generate', racing)
+  monkeypatch.setattr(synthetic_cache, 'generate', racing)
   assert synthetic.ensure(tiny(), cache) == target
   assert os.path.exists(os.path.join(target, 'winner.txt'))
   assert sorted(e for e in os.listdir(cache) if not e.endswith('.lock')) == [name]
