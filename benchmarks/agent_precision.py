@@ -57,7 +57,7 @@ def agent_clutter_stats(workdir: str, *, batch_size: int = 64, min_cover: float 
   if step == 0:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
   split = s['train_data'].train
-  root = synthetic.ensure(config.synthetic, config.dataset.root or None)
+  root = synthetic.ensure(synthetic.section(config), config.dataset.root or None)
   side = synthetic.load_side_info(root, splits=('train',))
   spec = augment.augment_spec(config)
   gh, gw = build.token_grid(config)

@@ -202,7 +202,7 @@ def main() -> None:
                   help='generation processes (default: the generator decides)')
   args = ap.parse_args()
 
-  cfg = config_defaults.base_config().synthetic.to_dict()
+  cfg = synthetic.section(config_defaults.base_config()).to_dict()
   cfg.update(_parse_sets(args.set))
   tmp = None
   if args.out:

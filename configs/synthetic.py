@@ -24,7 +24,7 @@ from ogfr_jax import config_defaults
 
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, runlocal=False)
-  c = config_defaults.base_config()
+  c = config_defaults.extend(config_defaults.base_config(), 'synthetic')
   c.dataset.name = 'synthetic'
   c.synthetic.num_train_ids = 160
   c.synthetic.occluded_train_fraction = 0.14  # as in Occluded-Duke's training set

@@ -34,30 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.test_name = ''  # '' = test on the same dataset
   c.dataset.test_root = ''
 
-  # The embedded benchmark (used when dataset.name == 'synthetic').
-  c.synthetic = ml_collections.ConfigDict()
-  c.synthetic.seed = 0
-  c.synthetic.num_train_ids = 64
-  c.synthetic.num_test_ids = 48
-  c.synthetic.images_per_id = 12  # per identity, spread over cameras
-  c.synthetic.num_cameras = 4
-  c.synthetic.height = 128
-  c.synthetic.width = 64
-  c.synthetic.clutter_fraction = 0.5  # holistic train images that get planted clutter
-  c.synthetic.occluded_query_fraction = 1.0
-  c.synthetic.occluded_gallery_fraction = 0.1  # as in Occluded-Duke, a few occluded gallery images
-  c.synthetic.occluded_train_fraction = 0.0  # Occluded-Duke: ~14% of training images occluded
-  c.synthetic.distractor_fraction = 0.1  # pid-0 gallery images, relative to test-id gallery images
-  # Holistic gallery images (distractors included) that get planted, identity-free
-  # contamination (generator v3), so that purification has something to remove at test time.
-  c.synthetic.contaminated_gallery_fraction = 0.5
-  # What is planted in train and gallery images: 'pedestrian' (a non-target pedestrian beside
-  # the target, cut by the border), 'clothing' (another identity's clothing texture), and the
-  # v2 kinds 'noise', 'shapes', 'text' (data/synthetic.py, CONTAMINATION_TYPES).
-  c.synthetic.contamination_types = ('pedestrian', 'clothing')
-  # Held-out occlusion protocol: query occluder types never seen in training (neither in the
-  # occluded training images nor in the occluder bank). Empty: every type everywhere.
-  c.synthetic.holdout_occluders = ()
+  # The embedded benchmark's own fields are an extension (section `synthetic`, added by
+  # data/synthetic_config.add_config): a config that uses them adds them.
 
   # --- input pipeline ----------------------------------------------------------------------
   c.input = ml_collections.ConfigDict()
@@ -112,10 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.drop_path = 0.1
   c.model.sie = True  # camera embedding (side information embedding)
   c.model.sie_weight = 3.0
-  c.model.jpm = False  # TransReID jigsaw patch module (part branch)
-  c.model.jpm_shift = 5
-  c.model.jpm_shuffle_groups = 2
-  c.model.jpm_parts = 4
+  # TransReID jigsaw patch module (part branch), with TransReID's shift 5, 2 shuffle groups
+  # and 4 parts (models/vit.py).
+  c.model.jpm = False
   # Compute dtype: float32, bfloat16 or 'auto' (bfloat16 on GPU/TPU, float32 on CPU;
   # ogfr_jax/precision.py). Parameters and optimizer state stay float32.
   c.model.dtype = 'float32'
@@ -357,6 +334,18 @@ def transreid_recipe(c: ml_collections.ConfigDict) -> None:
   c.input.erase_area = (0.02, 1 / 3)
   c.model.jpm = False
   c.loss.student_triplet_views = 'unoccluded'
+
+
+# Sections that only some configs have, beside the code they concern (fast-reid's add_*_config):
+# section name -> (module, function adding the section with its defaults to a config).
+EXTENSIONS = {'synthetic': ('ogfr_jax.data.synthetic_config', 'add_config')}
+
+
+def extend(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Adds the extension section `name` (a key of EXTENSIONS) to `config`, if absent."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module, function = EXTENSIONS[name]
+  return getattr(importlib.import_module(module), function)(config)
 
 
 def parse_arg(arg, **defaults):

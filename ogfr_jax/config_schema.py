@@ -83,6 +83,9 @@ def from_json(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A config read back from JSON (WORKDIR/config.json) merged onto the base config, so that
   fields added since the run was written read as their defaults; unknown fields are refused."""
   config = config_defaults.base_config()
+  for name in config_defaults.EXTENSIONS:
+    if name in values:
+      config_defaults.extend(config, name)
   _merge(config, values, '')
   return config
 

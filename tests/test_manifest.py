@@ -21,7 +21,7 @@ def _git(args, cwd):
 
 
 def test_fields_and_json(tmp_path):
-  config = config_defaults.base_config()
+  config = config_defaults.extend(config_defaults.base_config(), 'synthetic')
   config.seed, config.synthetic.seed = 7, 11
   m = manifest.run_manifest(config, wall_time_s=90.5)
   assert set(m) == {'git', 'packages', 'devices', 'seeds', 'hostname', 'argv', 'start_time',

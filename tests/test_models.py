@@ -31,7 +31,6 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.input.height, c.input.width = H, W
   c.model.patch_size, c.model.stride = 8, 6  # overlapping: a 5 x 2 grid
   c.model.drop_path = 0.0
-  c.model.jpm_parts = 2
   c.fepm.consistency_memory = 0  # the identity memory needs the batch's 'index'
   for key, value in overrides.items():
     section, field = key.split('.')
@@ -203,7 +202,7 @@ def test_output_shapes(name):
   batch['occ_mask'] = jnp.zeros((B, H, W), jnp.uint8)
   batch['contam_mask'] = jnp.zeros((B, H, W), jnp.uint8)
   batch['index'] = jnp.arange(B, dtype=jnp.int32)
-  d, n, k1, p = 64, 10, 5, 2
+  d, n, k1, p = 64, 10, 5, vit.JPM_PARTS
 
   def train_fwd():
     variables = model.init(RNGS, batch, train=False)

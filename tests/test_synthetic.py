@@ -338,7 +338,7 @@ def test_config_errors_name_the_field():
   del cfg['height']
   with pytest.raises(ValueError, match='height'):
     synthetic.resolve_config(cfg)
-  default = config_defaults.base_config().synthetic
+  default = synthetic.add_config(config_defaults.base_config()).synthetic
   resolved = synthetic.resolve_config(default)
   assert resolved['occluded_gallery_fraction'] == synthetic.OPTIONAL_FIELDS[
       'occluded_gallery_fraction']

@@ -20,7 +20,7 @@ def read_dataset(config: ml_collections.ConfigDict, name: str, root: str, *,
   into, or found in, its cache folder). Each reader owns its options: msmt17 merges list_val
   into training with merge_train_val, the others refuse it (they have no validation list)."""
   if name == 'synthetic':
-    root = synthetic.ensure(config.synthetic, root or None)
+    root = synthetic.ensure(synthetic.section(config), root or None)
   elif not root:
     raise ValueError(f'no folder given for dataset {name!r}: set config.dataset.root '
                      '(or config.dataset.test_root for the test dataset)')

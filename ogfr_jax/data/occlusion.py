@@ -123,7 +123,7 @@ def bank_folder(config) -> str:
   root = str(config.dataset.root or '')
   if config.dataset.name == 'synthetic':
     from ogfr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    root = synthetic.ensure(config.synthetic, root or None)
+    root = synthetic.ensure(synthetic.section(config), root or None)
   return os.path.join(root, 'occluders') if root else ''
 
 

@@ -60,8 +60,8 @@ from ogfr_jax.data.synthetic_config import (BACKGROUND_STYLES, CLOTHING_PATTERNS
                                             CLUTTER_TYPES, CONTAMINATION_TYPES,
                                             GENERATOR_VERSION, IDENTITY_CONTAMINATION,
                                             OCCLUDER_TYPES, OPTIONAL_FIELDS, SPLIT_DIRS,
-                                            config_hash, query_occluder_types, resolve_config,
-                                            seen_occluder_types)
+                                            add_config, config_hash, query_occluder_types,
+                                            resolve_config, section, seen_occluder_types)
 from ogfr_jax.data.synthetic_plan import Item, iter_images, plan  # noqa: F401
 from ogfr_jax.data.synthetic_render import (Camera, Identity, Pose, Rendered,  # noqa: F401
                                             camera_backdrop, draw_camera, draw_identity,

@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+import ml_collections
 import numpy as np
 
 # Bump when the drawing changes so that cached folders of older versions are not reused.
@@ -143,3 +144,43 @@ def config_hash(cfg: Any) -> str:
                     sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+
+def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the `synthetic` section (the generator's fields and their defaults) to a config,
+  unless it has one: only configs on the embedded benchmark carry it. Returns `c`."""
+  if 'synthetic' in c:
+    return c
+  s = ml_collections.ConfigDict()
+  s.seed = 0
+  s.num_train_ids = 64
+  s.num_test_ids = 48
+  s.images_per_id = 12  # per identity, spread over cameras
+  s.num_cameras = 4
+  s.height = 128
+  s.width = 64
+  s.clutter_fraction = 0.5  # holistic train images that get planted clutter
+  s.occluded_query_fraction = 1.0
+  s.occluded_gallery_fraction = 0.1  # as in Occluded-Duke, a few occluded gallery images
+  s.occluded_train_fraction = 0.0  # Occluded-Duke: ~14% of training images occluded
+  s.distractor_fraction = 0.1  # pid-0 gallery images, relative to test-id gallery images
+  # Holistic gallery images (distractors included) that get planted, identity-free
+  # contamination (generator v3), so that purification has something to remove at test time.
+  s.contaminated_gallery_fraction = 0.5
+  # What is planted in train and gallery images: 'pedestrian' (a non-target pedestrian beside
+  # the target, cut by the border), 'clothing' (another identity's clothing texture), and the
+  # v2 kinds 'noise', 'shapes', 'text' (data/synthetic.py, CONTAMINATION_TYPES).
+  s.contamination_types = ('pedestrian', 'clothing')
+  # Held-out occlusion protocol: query occluder types never seen in training (neither in the
+  # occluded training images nor in the occluder bank). Empty: every type everywhere.
+  s.holdout_occluders = ()
+  with c.unlocked():
+    c.synthetic = s
+  return c
+
+
+def section(config: Any) -> ml_collections.ConfigDict:
+  """config.synthetic, or the defaults for a config without that section."""
+  if 'synthetic' in config:
+    return config.synthetic
+  return add_config(ml_collections.ConfigDict()).synthetic

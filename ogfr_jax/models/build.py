@@ -108,8 +108,7 @@ def backbone_spec(config: Any, num_cameras: int) -> BackboneSpec:
       dim=dim, depth=depth, num_heads=heads, grid=token_grid(config),
       patch_size=m.patch_size, stride=m.stride, mlp_ratio=m.mlp_ratio,
       num_cameras=max(int(num_cameras), 1), sie=bool(m.sie), sie_weight=m.sie_weight,
-      drop_path=m.drop_path, jpm=bool(m.jpm), jpm_shift=m.jpm_shift,
-      jpm_shuffle_groups=m.jpm_shuffle_groups, jpm_parts=m.jpm_parts, dtype=DTYPES[m.dtype],
+      drop_path=m.drop_path, jpm=bool(m.jpm), dtype=DTYPES[m.dtype],
       attention_impl=m.attention_impl, remat=m.remat, kernels=m.kernels)
 
 

@@ -57,9 +57,9 @@ class BackboneSpec:
   sie_weight: float = 3.0
   drop_path: float = 0.0
   jpm: bool = False
-  jpm_shift: int = 5
-  jpm_shuffle_groups: int = 2
-  jpm_parts: int = 4
+  jpm_shift: int = vit_lib.JPM_SHIFT
+  jpm_shuffle_groups: int = vit_lib.JPM_SHUFFLE_GROUPS
+  jpm_parts: int = vit_lib.JPM_PARTS
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = 'none'

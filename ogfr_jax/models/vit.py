@@ -235,6 +235,11 @@ class Block(nn.Module):
     return x + drop(y, deterministic=not train)
 
 
+# TransReID's jigsaw patch module: the patch tokens shifted by 5, shuffled in 2 groups and
+# split into 4 parts (its SHIFT_NUM, SHUFFLE_GROUP and DEVIDE_LENGTH).
+JPM_SHIFT, JPM_SHUFFLE_GROUPS, JPM_PARTS = 5, 2, 4
+
+
 class ViT(nn.Module):
   """ReID ViT: overlapping patches, CLS, position + camera (SIE) embeddings, blocks, final norm.
 
@@ -256,9 +261,9 @@ class ViT(nn.Module):
   sie_weight: float = 3.0
   drop_path: float = 0.0
   jpm: bool = False
-  jpm_shift: int = 5
-  jpm_shuffle_groups: int = 2
-  jpm_parts: int = 4
+  jpm_shift: int = JPM_SHIFT
+  jpm_shuffle_groups: int = JPM_SHUFFLE_GROUPS
+  jpm_parts: int = JPM_PARTS
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = 'none'

@@ -122,8 +122,7 @@ def backbone_module(config: Any):
   m = config.model
   return vit_lib.ViT(dim=dim, depth=depth, num_heads=heads, grid=build.token_grid(config),
                      patch_size=m.patch_size, stride=m.stride, mlp_ratio=m.mlp_ratio,
-                     jpm=bool(m.jpm), jpm_shift=m.jpm_shift,
-                     jpm_shuffle_groups=m.jpm_shuffle_groups, jpm_parts=m.jpm_parts)
+                     jpm=bool(m.jpm))
 
 
 def backbone_shapes(config: Any) -> dict[str, Any]:
