@@ -6,9 +6,9 @@
   fepm_random    + FEPM that replaces random tokens (no learning)
   fepm_agent     + FEPM with the REINFORCE agent choosing the tokens
   full           + occlusion pattern embeddings in the student (full OGFR)
-  student_erase  + occluder-token erasure in the student (model.student_erase, with the
-                 dataset config's student_erase_* fields; an extension beyond our reading of
-                 the paper, not part of full OGFR)
+  student_erase  + occluder-token erasure in the student (the `student_erase` section, with
+                 the dataset config's values; an extension beyond our reading of the paper,
+                 not part of full OGFR)
 
 Command (one run per step; same budget and seed for each):
   python -m ogfr_jax.main --config configs/ablations.py:step=vit_baseline --workdir runs/abl/base
@@ -35,7 +35,9 @@ def apply_step(c, step):
   c.fepm.enabled = level >= STEPS.index('fepm_random')
   c.fepm.selection = 'random' if step == 'fepm_random' else 'agent'
   c.model.pattern_embed = level >= STEPS.index('full')
-  c.model.student_erase = level >= STEPS.index('student_erase')
+  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  config_defaults.extend(c, 'student_erase')
+  c.student_erase.enabled = level >= STEPS.index('student_erase')
   return c
 
 

@@ -51,10 +51,11 @@ def get_config(arg=None):
   c.model.kernels = 'cpu'  # the XLA:CPU formulations (models/cpu_kernels.py): same values
   c.model.pattern_dropout = 0.3
 
-  # Used only by the ablation step 'student_erase' (configs/ablations.py).
-  c.model.student_erase_detector = 'separate'
-  c.model.student_erase_layer = 2
-  c.loss.occluder_token_weight = 10.0
+  # Used only by the ablation step 'student_erase' (configs/ablations.py), which turns it on.
+  config_defaults.extend(c, 'student_erase')
+  c.student_erase.detector = 'separate'
+  c.student_erase.layer = 2
+  c.student_erase.weight = 10.0
 
   # A ViT trained from scratch on a few thousand images learns far faster with AdamW than
   # with the SGD of the ImageNet-initialised TransReID recipe.

@@ -117,19 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   # outputs (+2% FLOPs); 'block' keeps only each block's input (+22% FLOPs, least memory).
   # Same results. XLA:CPU schedules the recomputation early and saves no memory with it.
   c.model.remat = 'none'
-  # Occluder-token erasure in the student (an extension beyond our reading of the paper): a
-  # linear head on the student's tokens after block `student_erase_layer` predicts which patch
-  # tokens show an occluder (trained against the synthesis mask, loss.occluder_token_weight),
-  # each embedded patch token is blended towards a learnable token (plus its position
-  # embedding) by that probability, and the student runs again from the blended tokens. The
-  # blend is soft, so a wrong guess costs little and the ReID losses also train the head.
-  # Costs `student_erase_layer` extra blocks per image, in training and at test.
-  c.model.student_erase = False
-  c.model.student_erase_layer = 1
-  # Whose blocks the occluder head reads: 'student' (the student's own first blocks, shared
-  # with ReID) or 'separate' (a copy of the student's patch embedding and first
-  # student_erase_layer blocks with parameters of its own, initialised like the backbones).
-  c.model.student_erase_detector = 'student'
+  # The student's occluder-token erasure, an extension beyond our reading of the paper, is an
+  # extension section (`student_erase`, models/student.add_config).
 
   # --- Feature Erasing and Purification Module (teacher) -------------------------------------
   # The purification recipe: the one setting measured to act (docs/results.md,
@@ -204,9 +193,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.kd_logit_weight = 1.0
   c.loss.kd_temperature = 4.0
   c.loss.pattern_weight = 0.1
-  # Binary cross-entropy of the student's occluder-token head (model.student_erase). Target:
-  # patch tokens whose window is at least half occluder pixels in the synthesised view.
-  c.loss.occluder_token_weight = 1.0
   c.loss.agent_weight = 1.0
   # An auxiliary for the agent (not in the paper): binary cross-entropy of its token logits on
   # the clean image against the tokens that no other image of the same identity in the P x K
@@ -338,7 +324,8 @@ def transreid_recipe(c: ml_collections.ConfigDict) -> None:
 
 # Sections that only some configs have, beside the code they concern (fast-reid's add_*_config):
 # section name -> (module, function adding the section with its defaults to a config).
-EXTENSIONS = {'synthetic': ('ogfr_jax.data.synthetic_config', 'add_config')}
+EXTENSIONS = {'synthetic': ('ogfr_jax.data.synthetic_config', 'add_config'),
+              'student_erase': ('ogfr_jax.models.student', 'add_config')}
 
 
 def extend(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:

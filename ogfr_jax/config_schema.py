@@ -25,7 +25,6 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     'model.kernels': ('plain', 'cpu'),
     'model.attention_impl': ('xla', 'cudnn', 'auto'),
     'model.pattern_head_input': ('feat', 'bn_feat'),
-    'model.student_erase_detector': ('student', 'separate'),
     'fepm.selection': ('agent', 'random', 'oracle'),
     'fepm.baseline': ('self_critical', 'leave_one_out'),
     'loss.kd_feature_input': ('feat', 'bn_feat'),
@@ -173,11 +172,16 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.loss.agent_consistency_weight needs config.input.images_per_id '
                      ">= 2: its labels compare each image with the identity's other images "
                      'in the batch')
-  if m.student_erase:
-    if not config.occlusion.enabled:
-      raise ValueError('config.model.student_erase needs config.occlusion.enabled: the '
+  if 'student_erase' in config:
+    from ogfr_jax.models import student  # pylint: disable=g-import-not-at-top
+    e = config.student_erase
+    if e.detector not in student.DETECTORS:
+      raise ValueError(f'config.student_erase.detector={e.detector!r}: must be one of '
+                       f'{list(student.DETECTORS)}')
+    if e.enabled and not config.occlusion.enabled:
+      raise ValueError('config.student_erase.enabled needs config.occlusion.enabled: the '
                        "student's occluder head trains on the synthesised occluders")
-    if not 0 <= m.student_erase_layer <= depth:
-      raise ValueError(f'config.model.student_erase_layer={m.student_erase_layer}: the '
-                       f'occluder head reads the tokens after that many of the {depth} '
-                       f'student blocks, so it must be in [0, {depth}]')
+    if not 0 <= e.layer <= depth:
+      raise ValueError(f'config.student_erase.layer={e.layer}: the occluder head reads the '
+                       f'tokens after that many of the {depth} student blocks, so it must be '
+                       f'in [0, {depth}]')

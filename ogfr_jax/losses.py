@@ -328,7 +328,7 @@ def pattern_term(outputs, batch, ctx: Context) -> TermValue:
                    {'pattern/accuracy': accuracy(logits, pattern)})
 
 
-@term('occluder_token', lambda c: c.loss.occluder_token_weight,
+@term('occluder_token', lambda c: c.student_erase.weight,
       build.student_erases)
 def occluder_token_term(outputs, batch, ctx: Context) -> TermValue:
   del batch, ctx

@@ -72,7 +72,7 @@ def test_ablation_ladder_switches_components():
   for step in ablations.STEPS:
     c = ablations.apply_step(config_defaults.base_config(), step)
     seen[step] = (c.occlusion.enabled, c.model.teacher, c.fepm.enabled, c.fepm.selection,
-                  c.model.pattern_embed, c.model.student_erase)
+                  c.model.pattern_embed, c.student_erase.enabled)
   assert seen['vit_baseline'] == (False, False, False, 'agent', False, False)
   assert seen['kd'] == (True, True, False, 'agent', False, False)
   assert seen['fepm_random'] == (True, True, True, 'random', False, False)
@@ -84,11 +84,11 @@ def test_ablation_ladder_switches_components():
 
 @pytest.mark.parametrize('field,value', [
     ('dataset.name', 'market'), ('model.size', 'huge'), ('fepm.baseline', 'critic'),
-    ('input.ids_per_batch', 0), ('model.student_erase_layer', 13),
-    ('model.student_erase_detector', 'pixels')])
+    ('input.ids_per_batch', 0), ('student_erase.layer', 13),
+    ('student_erase.detector', 'pixels')])
 def test_validate_names_the_field(field, value):
-  c = config_defaults.base_config()
-  c.model.student_erase = True
+  c = config_defaults.extend(config_defaults.base_config(), 'student_erase')
+  c.student_erase.enabled = True
   section, name = field.split('.')
   c[section][name] = value
   with pytest.raises(ValueError, match=field.replace('.', r'\.')):
@@ -96,8 +96,8 @@ def test_validate_names_the_field(field, value):
 
 
 def test_student_erase_needs_occlusion_synthesis():
-  c = config_defaults.base_config()
-  c.model.student_erase = True
+  c = config_defaults.extend(config_defaults.base_config(), 'student_erase')
+  c.student_erase.enabled = True
   run_config.validate(c)
   c.occlusion.enabled = False
   with pytest.raises(ValueError, match=r'occlusion\.enabled'):

@@ -170,8 +170,8 @@ def test_total_loss_adds_the_weighted_occluder_token_term():
   logits = rng.normal(size=(len(batch['pid']), 6)).astype(np.float32)
   target = rng.random((len(batch['pid']), 6)) < 0.3
   out['student'] = dict(out['student'], occluder_logits=logits, occluder_target=target)
-  c.loss.occluder_token_weight = 0.7
-  c.model.student_erase = True
+  config_defaults.extend(c, 'student_erase')
+  c.student_erase.weight, c.student_erase.enabled = 0.7, True
   total_tok, m_tok = total_loss(out, batch, c)
   term = losses.occluder_token_loss(logits, target)
   np.testing.assert_allclose(m_tok['loss/occluder_token'], term, rtol=1e-6)
@@ -288,7 +288,7 @@ def test_active_terms_come_from_the_config():
   c.model.teacher = False
   assert set(losses.active_terms(c)) == {'student_id', 'student_triplet', 'pattern'}
   c.model.pattern_embed = False
-  c.model.student_erase = True
+  config_defaults.extend(c, 'student_erase').student_erase.enabled = True
   assert set(losses.active_terms(c)) == {'student_id', 'student_triplet', 'occluder_token'}
 
 

@@ -32,6 +32,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.model.patch_size, c.model.stride = 8, 6  # overlapping: a 5 x 2 grid
   c.model.drop_path = 0.0
   c.fepm.consistency_memory = 0  # the identity memory needs the batch's 'index'
+  config_defaults.extend(c, 'student_erase')  # off unless a variant turns it on
   for key, value in overrides.items():
     section, field = key.split('.')
     c[section][field] = value
@@ -187,10 +188,10 @@ VARIANTS = {
     'leave_one_out_three': {'fepm.num_samples': 3, 'fepm.prob_bounds': (0.05, 0.9)},
     'no_consistency': {'loss.agent_consistency_weight': 0.0},
     'consistency_memory': {'fepm.consistency_memory': 2, 'fepm.consistency_block': -1},
-    'student_erase_jpm': {'model.student_erase': True, 'model.student_erase_layer': 2,
+    'student_erase_jpm': {'student_erase.enabled': True, 'student_erase.layer': 2,
                           'model.jpm': True},
-    'student_erase_separate': {'model.student_erase': True, 'model.student_erase_layer': 1,
-                               'model.student_erase_detector': 'separate'},
+    'student_erase_separate': {'student_erase.enabled': True, 'student_erase.layer': 1,
+                               'student_erase.detector': 'separate'},
 }
 
 
@@ -223,9 +224,10 @@ def test_output_shapes(name):
     expected_top |= {'pattern_embed', 'pattern_head'}
   if teacher and config.fepm.enabled:
     expected_top |= {'fepm'} | ({'agent'} if config.fepm.selection == 'agent' else set())
-  if m.student_erase:
+  erase = config.student_erase
+  if erase.enabled:
     expected_top |= {'student_erase', 'occluder_head'}
-    if m.student_erase_detector == 'separate':
+    if erase.detector == 'separate':
       expected_top |= {'occluder_vit'}
       # The student's patch embedding and first block, nothing after them.
       assert set(params['occluder_vit']) == {'patch_embed', 'cls_token', 'pos_embed',
@@ -243,9 +245,9 @@ def test_output_shapes(name):
       assert o['part_logits'].shape == (B, p, NUM_CLASSES)
     else:
       assert 'part_feats' not in o
-  assert ('occluder_logits' in out['student']) == m.student_erase
-  assert ('loss/occluder_token' in metrics) == m.student_erase
-  if m.student_erase:
+  assert ('occluder_logits' in out['student']) == erase.enabled
+  assert ('loss/occluder_token' in metrics) == erase.enabled
+  if erase.enabled:
     assert out['student']['occluder_logits'].shape == (B, n)
     assert out['student']['occluder_target'].shape == (B, n)
   assert ('pattern_logits' in out['student']) == m.pattern_embed
@@ -555,8 +557,8 @@ def test_covered_tokens_match_the_numpy_reference():
 
 @pytest.mark.parametrize('detector', ['student', 'separate'])
 def test_student_erase_blends_by_the_head_and_trains_it(detector):
-  config = tiny_config(**{'model.student_erase': True, 'model.teacher': False,
-                          'model.student_erase_detector': detector})
+  config = tiny_config(**{'student_erase.enabled': True, 'model.teacher': False,
+                          'student_erase.detector': detector})
   model = build(config)
   batch = make_batch()
   batch['occ_mask'] = jnp.asarray(np.arange(H)[None, :, None] < 12, jnp.uint8) * jnp.ones(

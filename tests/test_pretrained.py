@@ -41,6 +41,13 @@ def make_config(height=64, width=64, stride=16, **model):
   c.model.patch_size = MANIFEST['patch']
   c.model.stride = stride
   c.input.height, c.input.width = height, width
+  erase = {k: model.pop(k) for k in ('student_erase', 'student_erase_detector',
+                                      'student_erase_layer') if k in model}
+  if erase:
+    config_defaults.extend(c, 'student_erase')
+    c.student_erase.enabled = erase.get('student_erase', False)
+    c.student_erase.detector = erase.get('student_erase_detector', 'student')
+    c.student_erase.layer = erase.get('student_erase_layer', 1)
   for k, v in model.items():
     c.model[k] = v
   return c
@@ -633,14 +640,14 @@ def test_export_of_a_student_with_its_own_occluder_classifier(tmp_path, capfd):
   config = make_config(64, 48, 12, student_erase=True, student_erase_detector='separate')
   params = random_params(config, seed=4)
   path = str(tmp_path / 'student.safetensors')
-  with pytest.raises(pretrained.LossyExportError, match='model.student_erase.*allow-lossy'):
+  with pytest.raises(pretrained.LossyExportError, match='student_erase.*allow-lossy'):
     pretrained.export_timm_safetensors(params, config, path)
   assert not os.path.exists(path)
   meta = pretrained.export_timm_safetensors(params, config, path, fold_pattern_embed=False,
                                             allow_lossy=True)
   assert meta['ogfr.student_erase'] == 'not exported'
-  assert meta['ogfr.lossy'].startswith('model.student_erase')
-  assert 'warning: the export leaves out model.student_erase' in capfd.readouterr().err
+  assert meta['ogfr.lossy'].startswith('student_erase')
+  assert 'warning: the export leaves out student_erase' in capfd.readouterr().err
   np.testing.assert_array_equal(load_file(path)['blocks.0.mlp.fc2.weight'],
                                 params['student_vit']['blocks_0']['fc2']['kernel'].T)
 
@@ -856,9 +863,9 @@ def test_export_reproduces_the_extract_tools_features(tmp_path):
 @pytest.mark.parametrize('field,value,part', [
     ('model.jpm', True, 'model.jpm'),
     ('eval.feature', 'post_bn', 'eval.feature=post_bn'),
-    ('model.student_erase', True, 'model.student_erase')])
+    ('student_erase.enabled', True, 'student_erase')])
 def test_lossy_exports_are_refused_unless_allowed(tmp_path, capfd, field, value, part):
-  config = make_config(64, 48, 12)
+  config = config_defaults.extend(make_config(64, 48, 12), 'student_erase')
   section, name = field.split('.')
   config[section][name] = value
   params = random_params(config)
@@ -875,7 +882,8 @@ def test_lossy_exports_are_refused_unless_allowed(tmp_path, capfd, field, value,
   with safe_open(path, 'np') as f:
     assert f.metadata()['ogfr.lossy'] == meta['ogfr.lossy']
   # The same config without the part exports silently, and says so.
-  config[section][name] = config_defaults.base_config()[section][name]
+  default = config_defaults.extend(config_defaults.base_config(), 'student_erase')
+  config[section][name] = default[section][name]
   assert pretrained.lossy_parts(config) == []
   assert pretrained.export_timm_safetensors(params, config, path)['ogfr.lossy'] == 'no'
   assert 'warning' not in capfd.readouterr().err

@@ -73,7 +73,8 @@ def has_pattern_embed(config: Any) -> bool:
 
 
 def student_erases(config: Any) -> bool:
-  return bool(config.model.student_erase)
+  """The student's occluder-token erasure (the `student_erase` extension section) is on."""
+  return 'student_erase' in config and bool(config.student_erase.enabled)
 
 
 def agent_learns_consistency(config: Any) -> bool:
@@ -84,7 +85,7 @@ def agent_learns_consistency(config: Any) -> bool:
 def backbone_names(config: Any) -> tuple[str, ...]:
   """Top-level parameter names holding a ViT backbone (for pretrained-weight import)."""
   extra = (('occluder_vit',) if student_erases(config)
-           and config.model.student_erase_detector == 'separate' else ())
+           and config.student_erase.detector == 'separate' else ())
   return (('teacher_vit', 'student_vit') if has_teacher(config) else ('student_vit',)) + extra
 
 
@@ -141,8 +142,8 @@ def student_spec(config: Any) -> StudentSpec:
   m = config.model
   erase = None
   if student_erases(config):
-    erase = EraseSpec(layer=int(m.student_erase_layer),
-                      separate=m.student_erase_detector == 'separate',
+    e = config.student_erase
+    erase = EraseSpec(layer=int(e.layer), separate=e.detector == 'separate',
                       patch_size=m.patch_size, stride=m.stride)
   return StudentSpec(
       num_patterns=num_patterns(config) if has_pattern_embed(config) else 0,

@@ -21,12 +21,37 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import ml_collections
 
 from ogfr_jax.models import fepm as fepm_lib
 from ogfr_jax.models import vit as vit_lib
 from ogfr_jax.models.teacher import branch_outputs
 
 PATTERN_HEAD_INPUTS = ('bn_feat', 'feat')
+
+
+DETECTORS = ('student', 'separate')
+
+
+def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the `student_erase` section (off by default) to a config, unless it has one.
+
+  A linear head on the student's tokens after block `layer` predicts which patch tokens show
+  an occluder (trained against the synthesis mask with binary cross-entropy at `weight`;
+  target: tokens whose window is at least half occluder pixels), each embedded patch token is
+  blended towards a learnable token (plus its position embedding) by that probability, and
+  the student runs again from the blended tokens. The blend is soft, so a wrong guess costs
+  little and the ReID losses also train the head. Costs `layer` extra blocks per image, in
+  training and at test. `detector`: whose blocks the head reads, 'student' (the student's own
+  first blocks) or 'separate' (a copy of the patch embedding and first `layer` blocks with
+  parameters of their own, initialised like the backbones).
+  """
+  if 'student_erase' in c:
+    return c
+  with c.unlocked():
+    c.student_erase = ml_collections.ConfigDict(
+        {'enabled': False, 'layer': 1, 'detector': 'student', 'weight': 1.0})
+  return c
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,7 @@ def lossy_parts(config: Any, branch: str = 'student') -> list[str]:
   m = config.model
   parts = []
   if branch == 'student' and build.student_erases(config):
-    parts.append('model.student_erase: the occluder-token erasure before the blocks')
+    parts.append('student_erase: the occluder-token erasure before the blocks')
   if m.jpm:
     parts.append('model.jpm: the part features (JPM branch) concatenated to the CLS feature')
   if config.eval.feature != 'pre_bn':
@@ -136,7 +136,7 @@ def export_timm_safetensors(params: Mapping[str, Any], config: Any, path: str,
     sie = (f'{SIE_TENSOR} [{table.shape[0]} cameras, {table.shape[1]}]: add '
            f'{SIE_WEIGHT_KEY} * table[camid] to every token')
   erase = 'no'
-  if branch == 'student' and config.model.student_erase:
+  if branch == 'student' and build.student_erases(config):
     erase = 'not exported'
   gh, gw = build.token_grid(config)
   dim, depth, heads = build.vit_size(config)
