@@ -94,7 +94,7 @@ class Student(nn.Module):
     if occ_mask is not None:
       out['occluder_target'] = fepm_lib.covered_tokens(occ_mask, e.patch_size, e.stride)
     elif train:
-      raise ValueError("model.student_erase trains the occluder head on the batch's 'occ_mask' "
+      raise ValueError("student_erase trains the occluder head on the batch's 'occ_mask' "
                        '(the synthesised occluder pixels), which this batch lacks')
     blended = self.eraser(tokens, jax.nn.sigmoid(logits), self.vit.patch_pos_embed())
     return blended, out

@@ -46,7 +46,7 @@ Export (a trained student -> timm-compatible safetensors):
   gives the features of `python -m ogfr_jax.tools.extract` (camera: --camera; an unknown
   camera as there: row 0, or the table's mean); with meta['ogfr.eval_flip'] == 'true' average
   them with those of the mirrored image, as the run does. Runs whose features depend on parts
-  a timm ViT has no place for (model.student_erase, model.jpm's part features,
+  a timm ViT has no place for (student_erase, model.jpm's part features,
   eval.feature='post_bn') are refused: --allow_lossy writes
   the backbone anyway, warns on stderr and lists the parts in the metadata ('ogfr.lossy').
 
