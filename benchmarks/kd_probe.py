@@ -28,8 +28,9 @@ sys.path.insert(0, REPO)
 
 STUDENT_PREFIXES = ('student', 'pattern')  # student_vit, student_head, student_part_head, ...
 SUPERVISED = ('student_id', 'student_triplet')
-CURVE_KEYS = ('loss/student_id', 'loss/student_triplet', 'loss/kd_feature', 'loss/kd_logit',
-              'loss/teacher_id', 'teacher/accuracy', 'student/accuracy')
+CURVE_KEYS = tuple(f'train/{k}' for k in (
+    'loss/student_id', 'loss/student_triplet', 'loss/kd_feature', 'loss/kd_logit',
+    'loss/teacher_id', 'teacher/accuracy', 'student/accuracy'))
 
 
 def _student_part(tree: dict) -> dict:
@@ -215,15 +216,15 @@ def curves(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   return [{k: r[k] for k in ('step',) + CURVE_KEYS if k in r}
-          for r in common.read_jsonl(path) if 'loss/student_id' in r]
+          for r in common.read_jsonl(path) if 'train/loss/student_id' in r]
 
 
 def _print_curves(rows: list[dict]) -> None:
   if not rows:
     return
   keys = [k for k in CURVE_KEYS if k in rows[0]]
-  print('metrics.jsonl: ' + '  '.join(k.split('/', 1)[-1] if k.startswith('loss/') else k
-                                      for k in keys))
+  print('metrics.jsonl: ' + '  '.join(k.split('/', 2)[-1] if '/loss/' in k
+                                      else k.split('/', 1)[-1] for k in keys))
   for r in rows:
     print(f"  step {r['step']:5d}  " + '  '.join(f'{r.get(k, float("nan")):.3f}'
                                                 for k in keys))
