@@ -5,7 +5,8 @@ first step. The tiny ViT of the synthetic benchmark has no such weights; their s
 student trained on a disjoint synthetic world (configs/synthetic_source.py). Like the
 benchmark itself it is built on first use and cached: the source run's workdir and its
 exported student go to <cache>/pretrained/<name>-<hash>/ ($OGFR_JAX_CACHE or ~/.cache/ogfr_jax),
-the hash covering the source config and the synthetic generator version. Later runs read the
+the hash covering the source run's training fields (`training_fields`) and the synthetic
+generator version. Later runs read the
 file directly; the run header's weights line names the source and the cached file. The
 build runs `ogfr_jax.main` and `ogfr_jax.tools.convert` in subprocesses,
 under a file lock, and renames the weights into place only when the export is complete.
@@ -49,10 +50,20 @@ def source_config(name: str):
   return module.get_config()
 
 
+def training_fields(config) -> dict:
+  """The fields of a student-only source run that its weights depend on. Not the whole
+  config: a field added elsewhere (an evaluator, an FEPM option) must not force a rebuild."""
+  c = json.loads(config.to_json_best_effort())
+  loss = {k: v for k, v in c['loss'].items()
+          if k.startswith(('id_', 'label_', 'triplet_', 'student_'))}
+  optim = {k: v for k, v in c['optim'].items() if not k.startswith('agent_')}
+  return {'seed': c['seed'], 'epochs': c['train']['epochs'], 'loss': loss, 'optim': optim,
+          **{k: c[k] for k in ('synthetic', 'model', 'input', 'occlusion')}}
+
+
 def folder(name: str, cache_dir: str | None = None) -> str:
   """The cache folder of `name` for the current source config and generator version."""
-  config = source_config(name)
-  blob = json.dumps({'config': json.loads(config.to_json_best_effort()),
+  blob = json.dumps({'config': training_fields(source_config(name)),
                      'generator_version': synthetic.GENERATOR_VERSION}, sort_keys=True)
   key = hashlib.sha256(blob.encode()).hexdigest()[:16]
   base = cache_dir or os.path.dirname(synthetic.default_cache_dir())

@@ -43,6 +43,21 @@ def test_cache_folder_follows_the_source_config(monkeypatch):
   assert source_weights.folder('synthetic_source', '/c') != before
 
 
+def test_cache_folder_ignores_fields_a_student_only_run_does_not_read(monkeypatch):
+  before = source_weights.folder('synthetic_source', '/c')
+  real = source_weights.source_config
+
+  def changed(name):
+    c = real(name)
+    c.fepm.random_fraction += 0.1
+    c.loss.kd_weight += 1.0
+    c.train.log_every += 1
+    return c
+
+  monkeypatch.setattr(source_weights, 'source_config', changed)
+  assert source_weights.folder('synthetic_source', '/c') == before
+
+
 def test_paths_pass_through_and_unknown_names_are_paths(tmp_path):
   assert source_weights.resolve('/w/vit.npz') == '/w/vit.npz'
   assert not source_weights.is_named('synthetic')
