@@ -87,7 +87,7 @@ def make_term_gradients(model, config, steps_per_epoch: int):
     batch = {**batch, **{k: augment.normalize_on_device(batch[k], config.input.mean,
                                                         config.input.std)
                          for k in step_lib.IMAGE_KEYS}}
-    purify, _ = step_lib.fepm_phase(step, config, steps_per_epoch)
+    purify = step_lib.fepm_phase(step, config, steps_per_epoch)
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), step)
     drop_rng, agent_rng = jax.random.split(rng)
 
@@ -96,8 +96,8 @@ def make_term_gradients(model, config, steps_per_epoch: int):
                                batch, train=True, purify=purify,
                                rngs={'dropout': drop_rng, 'agent': agent_rng},
                                mutable=['batch_stats'])
-      ctx = losses.Context(config.loss, config.fepm, jnp.zeros((), jnp.float32),
-                           purify.astype(jnp.float32))
+      ctx = losses.Context(loss=config.loss, fepm=config.fepm,
+                           agent_on=purify.astype(jnp.float32))
       values = jnp.stack([losses.TERMS[n].fn(outputs, batch, ctx).value for n in names])
       extra = {}
       if 'teacher' in outputs:
