@@ -67,3 +67,14 @@ def test_paths_pass_through_and_unknown_names_are_paths(tmp_path):
     config_schema.validate(c)
   c.init_from = 'synthetic_source'
   config_schema.validate(c)  # a name, built on first use: not a missing file
+
+
+def test_header_names_the_source_and_its_cached_file():
+  from ogfr_jax import pretrained  # pylint: disable=g-import-not-at-top
+  report = pretrained.ImportReport('/c/pretrained/synthetic_source-x/student.safetensors',
+                                    'safetensors', 'timm/TransReID names', ('student_vit',), [])
+  config = config_defaults.base_config()
+  config.init_from = 'synthetic_source'
+  [line] = pretrained.header_lines(report, config)
+  assert line.startswith('weights: synthetic_source (cached: /c/pretrained/synthetic_source-x/'
+                         'student.safetensors) (safetensors, timm/TransReID names): 0 loaded')
