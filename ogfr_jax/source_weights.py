@@ -23,6 +23,7 @@ import sys
 
 from ogfr_jax import console
 from ogfr_jax.data import synthetic
+from ogfr_jax.data import synthetic_cache
 
 # name -> config file under configs/ that trains it.
 NAMED = {'synthetic_source': 'synthetic_source.py'}
@@ -80,7 +81,7 @@ def resolve(init_from: str, cache_dir: str | None = None) -> str:
   if os.path.isfile(weights):
     return weights
   os.makedirs(where, exist_ok=True)
-  with synthetic._file_lock(os.path.join(where, '.lock')):  # pylint: disable=protected-access
+  with synthetic_cache._file_lock(os.path.join(where, '.lock')):  # pylint: disable=protected-access
     if not os.path.isfile(weights):
       build(init_from, where)
   return weights
