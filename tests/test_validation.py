@@ -69,7 +69,7 @@ def test_bad_count_names_the_field(n):
 
 
 def test_load_data_on_the_synthetic_benchmark(tmp_path):
-  c = config_defaults.base_config()
+  c = config_defaults.extend(config_defaults.base_config(), 'synthetic')
   c.synthetic.update(dict(seed=3, num_train_ids=8, num_test_ids=4, images_per_id=6,
                           num_cameras=3, height=48, width=24, occluded_train_fraction=0.3))
   c.dataset.root = str(tmp_path)
