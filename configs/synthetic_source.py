@@ -14,10 +14,12 @@ rows that start from it:
 Command:
   python -m ogfr_jax.main --config configs/synthetic_source.py --workdir runs/source
 
-Machine and wall time: the project's 2-core CPU VM; not measured at the current generator.
+Machine and wall time: the project's 2-core CPU VM, 6-8 min pinned to one core under heavy
+load from other jobs, generating the 4,800-image source world included. Built once on the
+first run of configs/synthetic.py (`init_from='synthetic_source'`, ogfr_jax/source_weights.py).
 
-Expected: mAP 0.354 / rank-1 0.340 on its own test split (seed 0, 30 epochs, generator v2;
-one seed only, docs/results.md "Figures").
+Expected: mAP 0.328 / rank-1 0.333 on its own test split (seed 0, 30 epochs, generator v3;
+one seed only, docs/results.md "The teacher on the README recipe").
 
 Args: `runlocal` for smoke tests.
 """
@@ -28,6 +30,7 @@ def get_config(arg=None):
   c = config_defaults.sibling_config(__file__, 'synthetic.py', arg)
   runlocal = 'runlocal' in str(arg or '')
   c.synthetic.seed = 1000  # another world: identities, cameras and backgrounds all differ
+  c.init_from = ''  # the source run itself starts from scratch
   if not runlocal:
     c.synthetic.num_train_ids = 400
     c.train.epochs = 30

@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Cross-domain protocols (Occluded-REID / Partial-REID): train on `name`, test on this one.
   c.dataset.test_name = ''  # '' = test on the same dataset
   c.dataset.test_root = ''
+  # Validation: this many training identities leave training and become the query/gallery
+  # evaluated instead of the test split (data/validation.py), for choosing a recipe. 0 = off.
+  c.dataset.val_ids = 0
 
   # The embedded benchmark's own fields are an extension (section `synthetic`, added by
   # data/synthetic_config.add_config): a config that uses them adds them.

@@ -106,7 +106,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f'config.eval.evaluators: unknown {unknown}; known: '
                      f'{list(evaluator.EVALUATORS)}')
-  if config.init_from and not os.path.exists(config.init_from):
+  from ogfr_jax import source_weights  # pylint: disable=g-import-not-at-top
+  if (config.init_from and not source_weights.is_named(config.init_from)
+      and not os.path.exists(config.init_from)):
     raise ValueError(f'config.init_from={config.init_from!r}: no such file or folder')
   for name in _AT_LEAST_ONE:
     if int(field(config, name)) < 1:

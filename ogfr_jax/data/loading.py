@@ -12,6 +12,7 @@ import ml_collections
 from ogfr_jax.data import datasets as datasets_lib
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import synthetic
+from ogfr_jax.data import validation
 
 
 def read_dataset(config: ml_collections.ConfigDict, name: str, root: str, *,
@@ -29,9 +30,17 @@ def read_dataset(config: ml_collections.ConfigDict, name: str, root: str, *,
 
 
 def load_data(config: ml_collections.ConfigDict):
-  """Returns (train DatasetSplits, test DatasetSplits) per config.dataset."""
+  """Returns (train DatasetSplits, test DatasetSplits) per config.dataset. With
+  dataset.val_ids the second is the validation split carved from the training identities
+  (data/validation.py), which then also leave training."""
   d = config.dataset
   train = read_dataset(config, d.name, d.root, merge_train_val=bool(d.merge_train_val))
+  if d.get('val_ids', 0):
+    occluded = None
+    if d.name == 'synthetic':
+      occluded = {name for name, info in synthetic.load_side_info(train.root, ('train',)).items()
+                  if info['occluder_type'] is not None}
+    return validation.carve(train, int(d.val_ids), occluded)
   if d.test_name and d.test_name != d.name:
     return train, read_dataset(config, d.test_name, d.test_root)
   return train, train

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 from absl import logging
 
+from ogfr_jax import source_weights
 from ogfr_jax.pretrained.readers import Checkpoint, GRID_KEY, read_checkpoint
 
 
@@ -614,7 +615,9 @@ def header_lines(report: Optional[ImportReport], config: Any) -> list[str]:
               f'{report.count("unexpected")} skipped')
     if report.count('missing'):
       counts += f', {report.count("missing")} missing (kept at initialisation)'
-    return [f'weights: {report.path} ({report.fmt}, {report.naming}): {counts}']
+    source = (f'{config.init_from} (cached: {report.path})'
+              if source_weights.is_named(config.init_from) else report.path)
+    return [f'weights: {source} ({report.fmt}, {report.naming}): {counts}']
   if config.init_from:
     return [f'weights: restored from the checkpoint (the run started from {config.init_from})']
   lines = ['weights: random initialisation (config.init_from is empty)']

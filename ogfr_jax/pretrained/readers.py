@@ -32,6 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from ogfr_jax import paths
+from ogfr_jax import source_weights
 
 FORMATS = ('auto', 'npz', 'torch', 'safetensors', 'orbax')
 
@@ -457,7 +458,7 @@ def read_checkpoint(path: str, fmt: str = 'auto') -> Checkpoint:
   if fmt not in FORMATS:
     raise ValueError(f'config.init_format={fmt!r}: use one of {list(FORMATS)}')
   # gs:// (...) weights are copied to a local cache once: the readers need a real file.
-  path = paths.local_copy(path, 'config.init_from')
+  path = paths.local_copy(source_weights.resolve(path), 'config.init_from')
   if not os.path.exists(path):
     raise FileNotFoundError(f'pretrained weights {path} (config.init_from): no such file')
   if fmt == 'auto':
