@@ -9,8 +9,9 @@ Command (one run per row and seed; the table over seeds with benchmarks/ablation
 
 Machine and wall time: the project's 2-core CPU VM, about 2 min per row alone (40 epochs).
 
-Expected student mAP (seeds 0-2, mean +- std): at 40 epochs none 0.391 +- 0.016, agent
-0.378 +- 0.013 (the README run); at 20 epochs (`--config.train.epochs=20`) none 0.275 +-
+Expected: not measured at the current recipe (both ViTs from the source-pretrained start).
+At the from-scratch recipe of commit 53213de, student mAP over seeds 0-2: at 40 epochs none
+0.391 +- 0.016, agent 0.378 +- 0.013; at 20 epochs (`--config.train.epochs=20`) none 0.275 +-
 0.014, random 0.271 +- 0.017, agent 0.271 +- 0.015, oracle 0.280 +- 0.017. docs/results.md
 ("Purification") has the teacher's and the selection's figures.
 

@@ -13,9 +13,10 @@ Command:
 
 Machine and wall time: the project's 2-core CPU VM, about 2 min alone (40 epochs).
 
-Expected: not measured at 40 epochs at this recipe. At 20 epochs (`--config.train.epochs=20`,
-seeds 0-2, through configs/fepm_rows.py:protocol=holdout): student mAP 0.216 +- 0.006 with
-the agent, 0.220 +- 0.005 with FEPM off (docs/results.md, "Purification").
+Expected: not measured at the current recipe (source-pretrained start). At the from-scratch
+recipe of commit 53213de, 20 epochs (`--config.train.epochs=20`, seeds 0-2, through
+configs/fepm_rows.py:protocol=holdout): student mAP 0.216 +- 0.006 with the agent, 0.220 +-
+0.005 with FEPM off (docs/results.md, "Purification").
 
 Args (`configs/synthetic_holdout.py:ARG`): `holdout=vehicle+board` names the held-out types
 (any of the generator's OCCLUDER_TYPES: vehicle, pole, pedestrian, foliage, board, joined by
