@@ -6,6 +6,8 @@
   fepm_random    + FEPM that replaces random tokens (no learning)
   fepm_agent     + FEPM with the REINFORCE agent choosing the tokens
   full           + occlusion pattern embeddings in the student (full OGFR)
+  fepm_oracle    full OGFR with the oracle selection: the planted contamination's tokens
+                 (synthetic benchmark only; the upper bound of the agent)
   student_erase  + occluder-token erasure in the student (the `student_erase` section, with
                  the dataset config's values; an extension beyond our reading of the paper,
                  not part of full OGFR)
@@ -24,22 +26,25 @@ Args: `step=NAME`; `dataset=occluded_duke` (or another dataset name) runs the la
 ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for smoke tests.
 """
 
-STEPS = ('vit_baseline', 'occ_synthesis', 'kd', 'fepm_random', 'fepm_agent', 'full',
-         'student_erase')
+LADDER = ('vit_baseline', 'occ_synthesis', 'kd', 'fepm_random', 'fepm_agent', 'full',
+          'student_erase')
+# Beside the ladder: the full method with the oracle selection (the planted contamination's
+# own tokens), the upper bound of what the agent could select.
+STEPS = LADDER + ('fepm_oracle',)
 
 
 def apply_step(c, step):
   if step not in STEPS:
     raise ValueError(f'unknown ablation step {step!r}; one of {STEPS}')
-  level = STEPS.index(step)
-  c.occlusion.enabled = level >= STEPS.index('occ_synthesis')
-  c.model.teacher = level >= STEPS.index('kd')
-  c.fepm.enabled = level >= STEPS.index('fepm_random')
-  c.fepm.selection = 'random' if step == 'fepm_random' else 'agent'
-  c.model.pattern_embed = level >= STEPS.index('full')
+  level = LADDER.index('full' if step == 'fepm_oracle' else step)
+  c.occlusion.enabled = level >= LADDER.index('occ_synthesis')
+  c.model.teacher = level >= LADDER.index('kd')
+  c.fepm.enabled = level >= LADDER.index('fepm_random')
+  c.fepm.selection = {'fepm_random': 'random', 'fepm_oracle': 'oracle'}.get(step, 'agent')
+  c.model.pattern_embed = level >= LADDER.index('full')
   from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
   config_defaults.extend(c, 'student_erase')
-  c.student_erase.enabled = level >= STEPS.index('student_erase')
+  c.student_erase.enabled = level >= LADDER.index('student_erase')
   return c
 
 

@@ -78,6 +78,7 @@ def test_ablation_ladder_switches_components():
   assert seen['fepm_random'] == (True, True, True, 'random', False, False)
   assert seen['full'] == (True, True, True, 'agent', True, False)
   assert seen['student_erase'] == (True, True, True, 'agent', True, True)
+  assert seen['fepm_oracle'] == (True, True, True, 'oracle', True, False)
   with pytest.raises(ValueError, match='unknown ablation step'):
     ablations.apply_step(config_defaults.base_config(), 'nope')
 
