@@ -20,6 +20,10 @@ from absl import logging  # noqa: E402
 if not flags.FLAGS.is_parsed():
   flags.FLAGS(sys.argv[:1])
 
+# The config factory and helpers shared by test modules and child scripts (tests/helpers.py).
+from helpers import (  # noqa: E402,F401
+    H, MARKET, W, float32_feature_tol, make_config, take, write_split)
+
 
 @pytest.fixture(autouse=True)
 def _logging_state():

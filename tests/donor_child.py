@@ -19,6 +19,9 @@ import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('image', 'occluded', 'pattern', 'occ_mask', 'pid', 'index')
+# Overrides of the 'loader' preset of helpers.make_config; input.donor_exchange is the mode.
+CONFIG = {'seed': 11, 'input.prefetch': 0, 'occlusion.prob': 1.0,
+          'occlusion.patterns': ('object', 'person', 'crop')}
 
 
 def read_split(folder: str):
@@ -32,26 +35,14 @@ def read_split(folder: str):
                                   [int(n.split('_c')[1][0]) - 1 for n in names])
 
 
-def config(mode: str):
-  from ogfr_jax import config_defaults  # pylint: disable=g-import-not-at-top
-  c = config_defaults.base_config()
-  c.seed = 11
-  c.input.height, c.input.width = 32, 16
-  c.input.ids_per_batch, c.input.images_per_id = 4, 2
-  c.input.pad = 2
-  c.input.num_workers, c.input.prefetch = 0, 0
-  c.input.donor_exchange = mode
-  c.occlusion.prob = 1.0
-  c.occlusion.patterns = ('object', 'person', 'crop')
-  return c
-
-
 def meshes():
   """Process-major, and with the processes' devices alternating along the batch axes."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ogfr_jax import parallel  # pylint: disable=g-import-not-at-top
-  major = parallel.make_mesh(config('host').mesh)
+  from helpers import make_config  # pylint: disable=g-import-not-at-top
+  major = parallel.make_mesh(
+      make_config({**CONFIG, 'input.donor_exchange': 'host'}, preset='loader').mesh)
   by_process = [[d for d in jax.devices() if d.process_index == p]
                 for p in range(jax.process_count())]
   alternating = [d for group in zip(*by_process) for d in group]
@@ -80,10 +71,13 @@ def main(argv=None) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ogfr_jax.data import donor_exchange  # pylint: disable=g-import-not-at-top
   from ogfr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from helpers import make_config  # pylint: disable=g-import-not-at-top
 
   split = read_split(args.split)
   where = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
-  iters = {mode: pipeline.make_train_iterator(split, config(mode), **where)
+  iters = {mode: pipeline.make_train_iterator(
+               split, make_config({**CONFIG, 'input.donor_exchange': mode}, preset='loader'),
+               **where)
            for mode in ('host', 'device')}
   batches = {mode: [next(it) for _ in range(args.steps)] for mode, it in iters.items()}
   for it in iters.values():

@@ -97,22 +97,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fault_config(cache: str, args: argparse.Namespace):
-  """The tiny config of tests/test_train_e2e.py, 8 steps, deterministic on CPU."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-  from test_train_e2e import tiny_config  # pylint: disable=g-import-not-at-top
+  """The synthetic preset of helpers.make_config, 8 steps, deterministic on CPU."""
+  from helpers import make_config  # pylint: disable=g-import-not-at-top
   from ogfr_jax import run_config  # pylint: disable=g-import-not-at-top
-  c = tiny_config(pathlib.Path(cache).parent)
-  c.dataset.root = cache
-  c.train.epochs = args.epochs or STEPS // STEPS_PER_EPOCH
-  c.train.steps_per_epoch = STEPS_PER_EPOCH
-  c.train.checkpoint_every = CHECKPOINT_EVERY
-  c.train.keep_checkpoints = STEPS  # keep them all: tests compare intermediate states
-  c.train.log_every = args.log_every
-  c.train.eval_every_epochs = 1  # one evaluation mid-run (step 4) and the final one
-  c.train.nonfinite_policy = args.nonfinite_policy
-  c.input.corrupt_image_policy = args.corrupt_policy
-  c.train.max_skipped_share = args.max_skipped_share
-  c.input.num_workers = 0
+  c = make_config({
+      'train.epochs': args.epochs or STEPS // STEPS_PER_EPOCH,
+      'train.steps_per_epoch': STEPS_PER_EPOCH,
+      'train.checkpoint_every': CHECKPOINT_EVERY,
+      'train.keep_checkpoints': STEPS,  # keep them all: tests compare intermediate states
+      'train.log_every': args.log_every,
+      'train.eval_every_epochs': 1,  # one evaluation mid-run (step 4) and the final one
+      'train.nonfinite_policy': args.nonfinite_policy,
+      'input.corrupt_image_policy': args.corrupt_policy,
+      'train.max_skipped_share': args.max_skipped_share,
+      'input.num_workers': 0,
+  }, preset='synthetic', cache=cache)
   run_config.validate(c)
   return c
 
@@ -232,19 +231,13 @@ def run_workers(args: argparse.Namespace) -> None:
   """Reads one train batch through grain workers, prints their pids, then waits forever."""
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import multiprocessing  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
   from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
-  from test_train_e2e import tiny_config  # pylint: disable=g-import-not-at-top
+  from helpers import MARKET, make_config  # pylint: disable=g-import-not-at-top
   from ogfr_jax.data import loading  # pylint: disable=g-import-not-at-top
   from ogfr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  c = tiny_config(pathlib.Path(args.root).parent)
-  c.dataset.name, c.dataset.root = 'market1501', args.root
-  c.input.height, c.input.width = 32, 16
-  c.input.ids_per_batch, c.input.images_per_id = 4, 2
-  c.model.patch_size = c.model.stride = 8
-  c.train.steps_per_epoch = 0
-  c.occlusion.patterns = ('object', 'texture')
-  c.input.num_workers, c.input.prefetch = args.num_workers, 2
+  c = make_config({**MARKET, 'occlusion.patterns': ('object', 'texture'),
+                   'input.num_workers': args.num_workers, 'input.prefetch': 2},
+                  preset='synthetic', cache=args.root)
   train_data, _ = loading.load_data(c)
   it = pipeline.make_train_iterator(train_data.train, c)
   next(it)

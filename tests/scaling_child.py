@@ -46,40 +46,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def scaling_config(cache: str, steps: int = 4, mesh: str = '-1x1'):
-  """The tiny end-to-end config with settings that make runs comparable to float rounding.
+  """The synthetic preset of helpers.make_config with settings that make runs comparable to
+  float rounding.
 
   Plain SGD and no stochastic depth; the data augmentation, the occlusions and the agent's
   samples stay random, drawn identically on every layout. An MLP ratio of 16 makes the
   64 x 1024 MLP kernels reach parallel.FSDP_MIN_SIZE, so FSDP splits them even with the
   library's default threshold.
   """
-  if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
-  c = synthetic.get_config('runlocal')
-  c.dataset.root = cache
-  c.synthetic.num_train_ids, c.synthetic.num_test_ids = 8, 6
-  c.synthetic.images_per_id = 6
-  c.synthetic.height, c.synthetic.width = 64, 32
-  c.input.height, c.input.width = 64, 32
-  c.model.patch_size, c.model.stride = 16, 16
-  c.model.mlp_ratio = 16.0
-  c.model.drop_path = 0.0
-  c.input.ids_per_batch, c.input.images_per_id = 4, 2
-  c.input.eval_batch_size = 16
-  c.input.num_workers = 0
-  c.optim.name = 'sgd'
-  c.optim.lr = 0.4  # large enough that parameters move far beyond the tolerances
-  c.optim.warmup_epochs = 0
-  c.train.epochs = 1
-  c.train.steps_per_epoch = int(steps)
-  c.train.log_every = 1
-  c.train.checkpoint_every = 2
-  c.train.keep_checkpoints = 4
-  c.train.eval_every_epochs = 100
+  tests = os.path.join(_ROOT, 'tests')  # also when ogfr_jax.main reads this file as a config
+  if tests not in sys.path:
+    sys.path.insert(0, tests)
+  from helpers import make_config  # pylint: disable=g-import-not-at-top
   data, fsdp = (int(v) for v in mesh.split('x'))
-  c.mesh.data, c.mesh.fsdp = data, fsdp
-  return c
+  return make_config({
+      'model.mlp_ratio': 16.0,
+      'model.drop_path': 0.0,
+      'input.num_workers': 0,
+      'optim.name': 'sgd',
+      'optim.lr': 0.4,  # large enough that parameters move far beyond the tolerances
+      'optim.warmup_epochs': 0,
+      'train.steps_per_epoch': int(steps),
+      'train.checkpoint_every': 2,
+      'train.keep_checkpoints': 4,
+      'mesh.data': data, 'mesh.fsdp': fsdp,
+  }, preset='synthetic', cache=cache)
 
 
 def get_config(arg=None):

@@ -18,10 +18,13 @@ from ogfr_jax.data import image_io
 from ogfr_jax.data import occlusion
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import records
+from helpers import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 32, 16
 PATTERNS = ('object', 'texture', 'person', 'crop', 'bank')
+# The loader preset, every image occluded; each test names the bank and the exchange.
+DONOR = {'seed': 5, 'input.prefetch': 0, 'occlusion.prob': 1.0, 'occlusion.patterns': PATTERNS}
 NON_DONOR_KEYS = ('image', 'pattern', 'occ_mask', 'contam_mask', 'pid', 'camid', 'index',
                   'num_skipped')
 
@@ -59,20 +62,6 @@ def data(tmp_path_factory):
   return _write_split(str(root / 'train'), [3, 4, 2, 5, 3, 4, 3, 2]), _write_bank(root / 'bank')
 
 
-def _config(bank, mode, *, prob=1.0, patterns=PATTERNS):
-  c = config_defaults.base_config()
-  c.seed = 5
-  c.input.height, c.input.width = H, W
-  c.input.ids_per_batch, c.input.images_per_id = 4, 2
-  c.input.pad = 2
-  c.input.num_workers, c.input.prefetch = 0, 0
-  c.input.donor_exchange = mode
-  c.occlusion.prob = prob
-  c.occlusion.patterns = patterns
-  c.occlusion.bank_dir = bank
-  return c
-
-
 def _batches(split, config, steps, **process):
   it = pipeline.make_train_iterator(split, config, **process)
   try:
@@ -94,8 +83,11 @@ def _device_paste(batch, mesh=None):
 @pytest.mark.parametrize('prob', [1.0, 0.75])
 def test_device_paste_equals_the_host_rendering(data, prob):
   split, bank = data
-  host = _batches(split, _config(bank, 'host', prob=prob), 6)
-  device = _batches(split, _config(bank, 'device', prob=prob), 6)
+  donor = {**DONOR, 'occlusion.bank_dir': bank}
+  host = _batches(split, make_config(
+      {**donor, 'input.donor_exchange': 'host', 'occlusion.prob': prob}, preset='loader'), 6)
+  device = _batches(split, make_config(
+      {**donor, 'input.donor_exchange': 'device', 'occlusion.prob': prob}, preset='loader'), 6)
   mesh = parallel.make_mesh(config_defaults.base_config().mesh)  # 8 fake devices
   seen = set()
   for h, d in zip(host, device):
@@ -120,9 +112,12 @@ def test_device_paste_follows_the_rows_in_any_order(data):
   """The global array may order the processes' rows otherwise (interleaved hosts): `row`
   says where each donor is."""
   split, bank = data
-  config = _config(bank, 'device', patterns=('person', 'crop'))
+  donor = {**DONOR, 'occlusion.bank_dir': bank}
+  config = make_config({**donor, 'input.donor_exchange': 'device',
+                        'occlusion.patterns': ('person', 'crop')}, preset='loader')
   [d] = _batches(split, config, 1)
-  [h] = _batches(split, _config(bank, 'host', patterns=('person', 'crop')), 1)
+  [h] = _batches(split, make_config({**donor, 'input.donor_exchange': 'host',
+                                     'occlusion.patterns': ('person', 'crop')}, preset='loader'), 1)
   order = np.random.default_rng(1).permutation(8)
   shuffled = {k: v[order] for k, v in d.items() if k != pipeline.NOTES_KEY}
   np.testing.assert_array_equal(_device_paste(shuffled), h['occluded'][order])
@@ -144,11 +139,13 @@ def _count_decodes(monkeypatch):
 
 def test_a_process_decodes_only_its_own_rows_when_the_devices_paste(data, monkeypatch):
   split, bank = data
+  donor = {**DONOR, 'occlusion.bank_dir': bank}
   calls = _count_decodes(monkeypatch)
   steps, processes = 4, 4
   decoded = {}
   for mode in ('device', 'host'):
-    config = _config(bank, mode, patterns=('person', 'crop'))
+    config = make_config({**donor, 'input.donor_exchange': mode,
+                          'occlusion.patterns': ('person', 'crop')}, preset='loader')
     per_process = []
     for p in range(processes):
       del calls[:]
@@ -163,11 +160,14 @@ def test_a_process_decodes_only_its_own_rows_when_the_devices_paste(data, monkey
 
 def test_the_field_and_the_step_keys(data):
   split, bank = data
-  config = _config(bank, 'device')
+  donor = {**DONOR, 'occlusion.bank_dir': bank}
+  config = make_config({**donor, 'input.donor_exchange': 'device'}, preset='loader')
   config_schema.check_choice(config.input.donor_exchange, 'input.donor_exchange')
   assert config_defaults.base_config().input.donor_exchange == 'device'
   assert train_step.step_keys(config)[-3:] == donor_exchange.KEYS
-  for other in (_config(bank, 'host'), _config(bank, 'device', patterns=('object', 'bank'))):
+  for other in (make_config({**donor, 'input.donor_exchange': 'host'}, preset='loader'),
+                make_config({**donor, 'input.donor_exchange': 'device',
+                             'occlusion.patterns': ('object', 'bank')}, preset='loader')):
     assert not set(donor_exchange.KEYS) & set(train_step.step_keys(other))
     assert not set(donor_exchange.KEYS) & set(_batches(split, other, 1)[0])
   config.input.donor_exchange = 'network'
@@ -201,7 +201,8 @@ def test_two_processes_paste_on_the_devices_as_the_host_renders(data, tmp_path):
     np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
   r = results[0]
   assert bool(r['major/pipeline_order']) and not bool(r['interleaved/pipeline_order'])
-  whole = _batches(split, donor_child.config('host'), steps)
+  whole = _batches(split, make_config({**donor_child.CONFIG, 'input.donor_exchange': 'host'},
+                                     preset='loader'), steps)
   for mesh in ('major', 'interleaved'):
     for step in range(steps):
       prefix = f'{mesh}/{step}/'
@@ -215,15 +216,6 @@ def test_two_processes_paste_on_the_devices_as_the_host_renders(data, tmp_path):
       assert (r[prefix + 'pasted'] != r[prefix + 'unpasted']).any()
 
 
-def _tiny_config(bank, mode):
-  c = _config(bank, mode, patterns=('object', 'person', 'crop'))
-  config_defaults.shrink_for_local_run(c)
-  c.input.height, c.input.width, c.input.num_workers = H, W, 0
-  c.model.patch_size, c.model.stride, c.model.drop_path = 16, 16, 0.0
-  c.fepm.enabled = False  # the occluded view's way into the step needs no agent
-  return c
-
-
 @pytest.mark.slow
 def test_train_steps_are_bitwise_the_same_with_either_exchange(data):
   """Two jitted train steps over 8 devices: metrics and parameters bit for bit."""
@@ -232,7 +224,16 @@ def test_train_steps_are_bitwise_the_same_with_either_exchange(data):
   from ogfr_jax import train_state  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import build  # pylint: disable=g-import-not-at-top
   split, bank = data
-  configs = {mode: _tiny_config(bank, mode) for mode in ('host', 'device')}
+  donor = {**DONOR, 'occlusion.bank_dir': bank}
+  configs = {mode: make_config({**donor, 'input.donor_exchange': mode,
+                                'occlusion.patterns': ('object', 'person', 'crop'),
+                                'model.patch_size': 16, 'model.stride': 16,
+                                'model.drop_path': 0.0,
+                                # The occluded view's way into the step needs no agent.
+                                'fepm.enabled': False}, preset='loader')
+             for mode in ('host', 'device')}
+  for config in configs.values():
+    config_defaults.shrink_for_local_run(config)
   # The model and optimizer do not read input.donor_exchange: one init serves both.
   model = build.build_model(configs['host'], 8, 3)
   tx, lr_fn = optim.make_optimizer(configs['host'], 8, 4, 8)

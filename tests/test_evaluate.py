@@ -17,7 +17,7 @@ from ogfr_jax import run_config
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.data import records
-from test_pipeline import H, W, _config, _write_split
+from helpers import H, W, make_config, write_split
 
 
 @pytest.fixture(scope='module')
@@ -51,8 +51,8 @@ def _eval_cfg(**overrides):
 
 
 def test_features_are_gathered_in_split_order_on_the_devices(tmp_path, mesh):
-  split = _write_split(str(tmp_path), [3, 4, 4, 2], seed=4)  # 13 images: 2 batches, 3 padding
-  config = _config(eval_batch_size=8)
+  split = write_split(str(tmp_path), [3, 4, 4, 2], seed=4)  # 13 images: 2 batches, 3 padding
+  config = make_config({'input.eval_batch_size': 8}, preset='pipeline')
   mean, std = tuple(config.input.mean), tuple(config.input.std)
   seen = []
 
@@ -84,7 +84,7 @@ def test_features_are_gathered_in_split_order_on_the_devices(tmp_path, mesh):
 
 
 def test_the_last_batch_is_padded_only_to_the_device_count(tmp_path, mesh):
-  split = _write_split(str(tmp_path), [3, 4, 4, 2], seed=4)  # 13 images
+  split = write_split(str(tmp_path), [3, 4, 4, 2], seed=4)  # 13 images
   seen = []
 
   @jax.jit
@@ -94,17 +94,19 @@ def test_the_last_batch_is_padded_only_to_the_device_count(tmp_path, mesh):
                             camid[:, None].astype(jnp.float32)], axis=1)
 
   # An eval batch of 32 for 13 images: one batch of 16 rows (13 rounded up to the 8 devices).
-  big = evaluate.extract_features(extract_fn, None, split, _config(eval_batch_size=32), mesh)
+  big = evaluate.extract_features(
+      extract_fn, None, split, make_config({'input.eval_batch_size': 32}, preset='pipeline'), mesh)
   assert seen == [16]
   # 40 images at 16 a batch: two full batches and one of 8, i.e. one extra shape.
   seen.clear()
   more = records.Split.from_lists(list(split.paths) * 3 + list(split.paths[:1]),
                                   list(split.pids) * 3 + [split.pids[0]],
                                   list(split.camids) * 3 + [split.camids[0]])
-  feats = evaluate.extract_features(extract_fn, None, more, _config(eval_batch_size=16), mesh)
+  feats = evaluate.extract_features(
+      extract_fn, None, more, make_config({'input.eval_batch_size': 16}, preset='pipeline'), mesh)
   assert seen == [8]  # the batch of 16 was compiled above
-  assert evaluate.pipeline.eval_last_batch(more, _config(eval_batch_size=16),
-                                           row_multiple=8) == 8
+  assert evaluate.pipeline.eval_last_batch(
+      more, make_config({'input.eval_batch_size': 16}, preset='pipeline'), row_multiple=8) == 8
   np.testing.assert_array_equal(np.asarray(feats)[:13], np.asarray(big))
   np.testing.assert_array_equal(np.asarray(feats)[39], np.asarray(big)[0])
 
@@ -112,7 +114,7 @@ def test_the_last_batch_is_padded_only_to_the_device_count(tmp_path, mesh):
 def test_last_eval_batch_sizes():
   split = records.Split.from_lists([f'{i}.jpg' for i in range(11)], [1] * 11, [0] * 11)
   last = lambda batch, **kw: evaluate.pipeline.eval_last_batch(  # noqa: E731
-      split, _config(eval_batch_size=batch), **kw)
+      split, make_config({'input.eval_batch_size': batch}, preset='pipeline'), **kw)
   assert last(4) == 3  # 4 + 4 + 3
   assert last(4, row_multiple=2) == 4
   assert last(16, row_multiple=8) == 16

@@ -53,7 +53,7 @@ from ogfr_jax import train
 from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import sampler
-from test_train_e2e import tiny_config
+from helpers import MARKET, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, 'tests', 'faults_child.py')
@@ -596,7 +596,7 @@ def test_processes_agree_on_the_step_to_stop(mode):
 
 
 def _progress(tmp_path, policy: str):
-  config = tiny_config(tmp_path)
+  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
   config.train.nonfinite_policy = policy
 
   class Iterator:
@@ -779,7 +779,7 @@ def test_unfinished_checkpoint_folder_is_ignored_and_removed(tmp_path):
 
 def _restore_into(workdir, num_classes: int):
   """train.restore_latest with the model of the tiny config and `num_classes` identities."""
-  config = tiny_config(pathlib.Path('unused'))
+  config = make_config(preset='synthetic', cache='unused/cache')
   model = build.build_model(config, num_classes, 4)
   tx, _ = optim.make_optimizer(config, 8, 4, 8)
   abstract = jax.eval_shape(lambda r: train_state.init_state(model, tx, config, r),
@@ -824,7 +824,8 @@ def test_overwrite_discards_another_runs_checkpoint_only_once_every_check_passed
   shutil.copytree(shared['reference'], wd)
   os.remove(wd / 'config.json')
   before = tree_digest(wd)
-  config = tiny_config(pathlib.Path('unused'))  # another schedule than the reference's
+  # Another schedule than the reference's.
+  config = make_config(preset='synthetic', cache='unused/cache')
   model = build.build_model(config, 8, 4)
   tx, _ = optim.make_optimizer(config, 8, 4, 8)
   abstract = jax.eval_shape(lambda r: train_state.init_state(model, tx, config, r),
@@ -854,18 +855,6 @@ def test_overwrite_discards_another_runs_checkpoint_only_once_every_check_passed
 # Bad input: folders, names, images, batch sizes, configs, workdirs
 
 
-def _market_config(root, tmp_path):
-  config = tiny_config(tmp_path)
-  config.dataset.name = 'market1501'
-  config.dataset.root = str(root)
-  config.input.height, config.input.width = 32, 16
-  config.input.ids_per_batch, config.input.images_per_id = 4, 2
-  config.model.patch_size = config.model.stride = 8
-  config.train.steps_per_epoch = 0
-  config.occlusion.patterns = ('object', 'texture', 'person', 'crop')  # no occluder bank here
-  return config
-
-
 def test_missing_or_misnamed_dataset_folder_fails_before_anything_is_written(tmp_path):
   tree = fx.make_market1501(tmp_path)
   wd = tmp_path / 'wd'
@@ -873,11 +862,15 @@ def test_missing_or_misnamed_dataset_folder_fails_before_anything_is_written(tmp
            (tmp_path, f'(it exists under {tree.root}')]  # the root one level too high
   for root, named in cases:
     with pytest.raises(FileNotFoundError) as e:
-      train.train_and_evaluate(_market_config(root, tmp_path), str(wd))
+      config = make_config({**MARKET, 'dataset.root': str(root)}, preset='synthetic',
+                           cache=tmp_path / 'cache')
+      train.train_and_evaluate(config, str(wd))
     assert named in str(e.value)
   (tree.root / 'bounding_box_train').rename(tree.root / 'bounding_box_training')
   with pytest.raises(FileNotFoundError) as e:
-    train.train_and_evaluate(_market_config(tree.root, tmp_path), str(wd))
+    config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
+                         cache=tmp_path / 'cache')
+    train.train_and_evaluate(config, str(wd))
   assert f'expected folder {tree.root / "bounding_box_train"} is missing' in str(e.value)
   assert not wd.exists()
 
@@ -886,7 +879,8 @@ def test_corrupt_images_warned_about_are_the_ones_counted(tmp_path, caplog):
   """Batches read ahead and never used warn about nothing: every 'skipping corrupt training
   image' warning is one of the corrupt files counted in num_skipped."""
   tree = fx.make_market1501(tmp_path)
-  config = _market_config(tree.root, tmp_path)
+  config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
+                       cache=tmp_path / 'cache')
   config.input.corrupt_image_policy = 'skip'
   config.input.prefetch = 2
   train_data, _ = loading.load_data(config)
@@ -954,19 +948,20 @@ def test_grain_workers_die_with_a_main_process_killed_by_sigkill(tmp_path):
 
 
 def test_batch_not_divisible_by_the_devices_names_the_fields(tmp_path):
-  config = tiny_config(tmp_path)
+  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
   config.input.ids_per_batch, config.input.images_per_id = 3, 2
   with pytest.raises(ValueError, match=r'config\.input\.ids_per_batch x config\.input\.'
                      r'images_per_id=6 is not divisible by the 8 devices'):
     train.setup(config, str(tmp_path / 'wd'))
-  config = tiny_config(tmp_path)
+  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
   config.input.eval_batch_size = 12
   with pytest.raises(ValueError, match=r'config\.input\.eval_batch_size=12'):
     train.setup(config, str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists() and not (tmp_path / 'cache').exists()
   # More identities per batch than the dataset has: named before the model is built.
   tree = fx.make_market1501(tmp_path)
-  config = _market_config(tree.root, tmp_path)
+  config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
+                       cache=tmp_path / 'cache')
   config.input.ids_per_batch, config.input.images_per_id = 8, 1
   with pytest.raises(ValueError, match=r'4 identities .*P = 8 distinct identities '
                      r'\(config\.input\.ids_per_batch\)'):
@@ -995,7 +990,8 @@ def test_names_modes_and_small_identities_through_the_train_pipeline(tmp_path, m
       img = Image.fromarray(rgb).convert(mode)
     path.unlink()
     img.save(path.with_suffix('.png'))
-  config = _market_config(tree.root, tmp_path)
+  config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
+                       cache=tmp_path / 'cache')
   with caplog.at_level(std_logging.INFO):
     train_data, _ = loading.load_data(config)
     it = pipeline.make_train_iterator(train_data.train, config)
@@ -1025,7 +1021,7 @@ def test_unknown_dataset_and_policy_names_are_refused_before_the_workdir(tmp_pat
   assert "config.dataset.name='market'" in proc.stderr and 'market1501' in proc.stderr
   assert not (tmp_path / 'wd').exists()
   with pytest.raises(ValueError, match=r'config\.train\.nonfinite_policy'):
-    config = tiny_config(tmp_path)
+    config = make_config(preset='synthetic', cache=tmp_path / 'cache')
     config.train.nonfinite_policy = 'ignore'
     run_config.validate(config)
 

@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ogfr_jax import config_defaults
 from ogfr_jax import train_step
 from ogfr_jax.models import build
 from ogfr_jax.models import fepm
+from helpers import make_config
+
+# The tiny preset with no score window unless a test asks.
+FEPM = {'fepm.score_window': (1, 1)}
 
 
 def _enumerate_masks(n):
@@ -56,21 +59,8 @@ def test_window_mean_averages_the_grid_cells_inside_the_window():
     fepm.window_mean(jnp.asarray(logits), grid, (2, 1))
 
 
-def _tiny_config(**fepm_fields):
-  c = config_defaults.base_config()
-  c.model.size = 'tiny'
-  c.input.height, c.input.width = 32, 16
-  c.model.patch_size, c.model.stride = 8, 6  # a 5 x 2 grid
-  c.model.drop_path = 0.0
-  # No memory (it needs the batch's 'index') and no window unless a test asks.
-  c.fepm.consistency_memory = 0
-  c.fepm.score_window = (1, 1)
-  c.fepm.update(fepm_fields)
-  return c
-
-
 def _tiny_batch(**extra):
-  """A training batch of 4 images for `_tiny_config` models and the rngs of one step."""
+  """A training batch of 4 images for `FEPM` models and the rngs of one step."""
   batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 32, 16, 3)),
            'occluded': jax.random.normal(jax.random.PRNGKey(1), (4, 32, 16, 3)),
            'camid': jnp.zeros((4,), jnp.int32), 'pattern': jnp.zeros((4,), jnp.int32),
@@ -81,7 +71,7 @@ def _tiny_batch(**extra):
 
 
 def test_oracle_selection_replaces_exactly_the_planted_tokens():
-  c = _tiny_config(selection='oracle', layer=0)
+  c = make_config({**FEPM, 'fepm.selection': 'oracle', 'fepm.layer': 0}, preset='tiny')
   model = build.build_model(c, 4, 2)
   image = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 16, 3))
   camid = jnp.zeros((2,), jnp.int32)
@@ -98,7 +88,7 @@ def test_oracle_selection_replaces_exactly_the_planted_tokens():
 
 
 def test_warmup_is_a_fraction_of_the_run():
-  c = _tiny_config(warmup_fraction=0.25)
+  c = make_config({**FEPM, 'fepm.warmup_fraction': 0.25}, preset='tiny')
   c.train.epochs = 2
   purify = [bool(train_step.fepm_phase(jnp.int32(s), c, steps_per_epoch=10))
             for s in (0, 4, 5, 19)]
@@ -188,7 +178,8 @@ def test_identity_memory_is_a_ring_buffer_per_identity_that_skips_the_images_own
 
 
 def test_consistency_memory_explains_an_identity_alone_in_the_batch():
-  c = _tiny_config(layer=0, share=0.25, consistency_memory=2)
+  c = make_config({**FEPM, 'fepm.layer': 0, 'fepm.share': 0.25, 'fepm.consistency_memory': 2},
+                  preset='tiny')
   c.loss.agent_consistency_weight = 1.0
   assert 'index' in build.batch_keys(c)
   model = build.build_model(c, 4, 2)
@@ -230,7 +221,8 @@ def test_consistency_memory_explains_an_identity_alone_in_the_batch():
 def test_quantile_greedy_uses_a_running_threshold_calibrated_on_training_batches():
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
   from ogfr_jax.models import teacher  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0, share=0.25, score_window=(3, 1))
+  c = make_config({**FEPM, 'fepm.layer': 0, 'fepm.share': 0.25, 'fepm.score_window': (3, 1)},
+                  preset='tiny')
   config_schema.validate(c)
   model = build.build_model(c, 4, 2)
   batch, rngs = _tiny_batch()
@@ -261,7 +253,7 @@ def test_quantile_greedy_uses_a_running_threshold_calibrated_on_training_batches
   np.testing.assert_array_equal(sel['mask'], scores >= (w * np.float32(tenth + 1.0)) / w)
   for field, value in (('score_window', (2, 1)), ('score_window', (7, 1)), ('share', 1.0),
                        ('warmup_fraction', 1.0)):
-    bad = _tiny_config(layer=0, **{field: value})
+    bad = make_config({**FEPM, 'fepm.layer': 0, f'fepm.{field}': value}, preset='tiny')
     with pytest.raises(ValueError, match=field):
       config_schema.validate(bad)
 
@@ -293,7 +285,7 @@ def test_unexplained_tokens_flag_what_the_identitys_other_images_lack():
 def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
   from ogfr_jax import losses  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0, share=0.25)
+  c = make_config({**FEPM, 'fepm.layer': 0, 'fepm.share': 0.25}, preset='tiny')
   c.loss.agent_consistency_weight = 1.0
   model = build.build_model(c, 4, 2)
   batch, rngs = _tiny_batch()
@@ -320,7 +312,8 @@ def test_agent_consistency_auxiliary_labels_a_share_of_the_batch():
 @pytest.mark.parametrize('block', [0, 1, -1])
 def test_consistency_labels_compare_the_tokens_after_the_configured_block(block):
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  c = _tiny_config(layer=0, share=0.25, consistency_block=block)
+  c = make_config({**FEPM, 'fepm.layer': 0, 'fepm.share': 0.25, 'fepm.consistency_block': block},
+                  preset='tiny')
   c.loss.agent_consistency_weight = 1.0
   config_schema.validate(c)
   model = build.build_model(c, 4, 2)
@@ -350,9 +343,9 @@ def test_consistency_labels_compare_the_tokens_after_the_configured_block(block)
 
 def test_consistency_block_must_not_precede_the_selection():
   from ogfr_jax import config_schema  # pylint: disable=g-import-not-at-top
-  depth = build.vit_size(_tiny_config())[1]
+  depth = build.vit_size(make_config(FEPM, preset='tiny'))[1]
   for layer, block in ((1, 0), (0, depth + 1), (0, -depth - 2)):
-    c = _tiny_config(layer=layer, consistency_block=block)
+    c = make_config({**FEPM, 'fepm.layer': layer, 'fepm.consistency_block': block}, preset='tiny')
     c.loss.agent_consistency_weight = 1.0
     with pytest.raises(ValueError, match='consistency_block'):
       config_schema.validate(c)
@@ -362,7 +355,7 @@ def test_a_calibrated_teacher_purifies_at_evaluation():
   """After one training step the greedy threshold selects about `share` of the tokens, and the
   teacher's purified features differ from its clean ones exactly on the images with a
   selection."""
-  c = _tiny_config(layer=0, share=0.25)
+  c = make_config({**FEPM, 'fepm.layer': 0, 'fepm.share': 0.25}, preset='tiny')
   model = build.build_model(c, 4, 2)
   batch, rngs = _tiny_batch()
   variables = model.init(rngs, batch, train=False)

@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ogfr_jax import config_defaults
 from ogfr_jax import losses
 from ogfr_jax import run_config
+from helpers import make_config
 
 
 def _np_log_softmax(x):
@@ -164,7 +164,7 @@ def test_occluder_token_loss_is_binary_cross_entropy():
 
 def test_total_loss_adds_the_weighted_occluder_token_term():
   rng = np.random.default_rng(8)
-  out, batch, c = _outputs(rng), _batch(rng), _config()
+  out, batch, c = _outputs(rng), _batch(rng), make_config(LOSS)
   total, m = total_loss(out, batch, c)
   assert 'loss/occluder_token' not in m
   logits = rng.normal(size=(len(batch['pid']), 6)).astype(np.float32)
@@ -259,18 +259,14 @@ def _batch(rng):
           'pattern': jnp.asarray(rng.integers(0, K1, B), jnp.int32)}
 
 
-def _config(**loss):
-  c = config_defaults.base_config()
-  weights = dict(id_weight=1.3, triplet_weight=0.7, kd_weight=0.5, kd_logit_weight=0.25,
-                 pattern_weight=0.1, agent_weight=2.0, teacher_weight=0.9, student_weight=1.1,
-                 label_smoothing=0.1)
-  weights.update(loss)
-  c.loss.update(weights)
-  return c
+# Distinct weights, so that a term scaled by another's weight shows.
+LOSS = {'loss.id_weight': 1.3, 'loss.triplet_weight': 0.7, 'loss.kd_weight': 0.5,
+        'loss.kd_logit_weight': 0.25, 'loss.pattern_weight': 0.1, 'loss.agent_weight': 2.0,
+        'loss.teacher_weight': 0.9, 'loss.student_weight': 1.1, 'loss.label_smoothing': 0.1}
 
 
 def test_active_terms_come_from_the_config():
-  c = _config()
+  c = make_config(LOSS)
   assert set(losses.active_terms(c)) == {
       'student_id', 'student_triplet', 'teacher_id', 'teacher_triplet', 'kd_feature',
       'kd_logit', 'pattern', 'agent', 'agent_consistency'}
@@ -294,7 +290,7 @@ def test_active_terms_come_from_the_config():
 
 def test_total_is_the_weighted_sum_of_its_terms():
   rng = np.random.default_rng(4)
-  out, batch, c = _outputs(rng), _batch(rng), _config()
+  out, batch, c = _outputs(rng), _batch(rng), make_config(LOSS)
   total, m = total_loss(out, batch, c)
   expected = sum(w * m[f'loss/{name}'] for name, w in losses.active_terms(c).items())
   np.testing.assert_allclose(total, expected, rtol=1e-6)
@@ -313,12 +309,12 @@ def test_a_term_whose_model_part_is_missing_fails_loudly():
   rng = np.random.default_rng(5)
   # The config trains with a teacher, the outputs have none: an error, not a silent skip.
   with pytest.raises(KeyError, match='teacher'):
-    losses.total_loss(_outputs(rng, teacher=False), _batch(rng), _config())
+    losses.total_loss(_outputs(rng, teacher=False), _batch(rng), make_config(LOSS))
 
 
 def test_student_and_teacher_id_terms():
   rng = np.random.default_rng(12)
-  out, batch, c = _outputs(rng), _batch(rng), _config()
+  out, batch, c = _outputs(rng), _batch(rng), make_config(LOSS)
   ctx = losses.Context(c.loss, c.fepm)
   pid = batch['pid']
   v = losses.student_id_term(out, batch, ctx)
@@ -333,7 +329,7 @@ def test_student_and_teacher_id_terms():
 
 def test_kd_feature_term_reads_the_configured_feature():
   rng = np.random.default_rng(13)
-  out, batch, c = _outputs(rng), _batch(rng), _config()
+  out, batch, c = _outputs(rng), _batch(rng), make_config(LOSS)
   s, t = out['student'], out['teacher']
   ctx = losses.Context(c.loss, c.fepm)
   bn = losses.kd_feature_term(out, batch, ctx).value
@@ -346,7 +342,7 @@ def test_kd_feature_term_reads_the_configured_feature():
 
 def test_pattern_term():
   rng = np.random.default_rng(14)
-  out, batch, c = _outputs(rng), _batch(rng), _config()
+  out, batch, c = _outputs(rng), _batch(rng), make_config(LOSS)
   v = losses.pattern_term(out, batch, losses.Context(c.loss, c.fepm))
   np.testing.assert_allclose(v.value, losses.pattern_loss(out['student']['pattern_logits'],
                                                           batch['pattern']), rtol=1e-6)
@@ -354,7 +350,7 @@ def test_pattern_term():
 
 def test_agent_term_self_critical():
   rng = np.random.default_rng(15)
-  out, batch, c = _outputs(rng, samples=1), _batch(rng), _config()
+  out, batch, c = _outputs(rng, samples=1), _batch(rng), make_config(LOSS)
   c.fepm.baseline = 'self_critical'
   c.fepm.num_samples = 1
   a = out['agent']
@@ -377,7 +373,7 @@ def test_agent_term_self_critical():
 
 def test_agent_term_leave_one_out():
   rng = np.random.default_rng(16)
-  out, batch, c = _outputs(rng, samples=3), _batch(rng), _config()
+  out, batch, c = _outputs(rng, samples=3), _batch(rng), make_config(LOSS)
   # The model runs no greedy reward pass for this baseline.
   out['agent'] = a = {k: v for k, v in out['agent'].items() if k != 'lp_greedy'}
   c.fepm.baseline = 'leave_one_out'
@@ -397,7 +393,7 @@ def test_total_loss_ablations():
   rng = np.random.default_rng(5)
   batch = _batch(rng)
   # Student only (ViT baseline): no teacher, KD or agent terms.
-  c = _config()
+  c = make_config(LOSS)
   c.model.teacher = False
   total, m = total_loss(_outputs(rng, teacher=False), batch, c)
   assert not any(k.startswith(('loss/teacher', 'loss/kd', 'loss/agent', 'agent/')) for k in m)
@@ -407,12 +403,12 @@ def test_total_loss_ablations():
                                   + lc.triplet_weight * m['loss/student_triplet'])
       + lc.pattern_weight * m['loss/pattern'], rtol=1e-6)
   # FEPM off: teacher without agent.
-  c = _config()
+  c = make_config(LOSS)
   c.fepm.enabled = False
   _, m = total_loss(_outputs(rng, agent=False), batch, c)
   assert 'loss/teacher_id' in m and 'loss/agent' not in m and 'agent/reward' not in m
   # No pattern embeddings: no pattern term.
-  c = _config()
+  c = make_config(LOSS)
   c.model.pattern_embed = False
   _, m = total_loss(_outputs(rng, pattern=False), batch, c)
   assert 'loss/pattern' not in m
@@ -421,7 +417,7 @@ def test_total_loss_ablations():
 def test_total_loss_parts():
   rng = np.random.default_rng(6)
   out, batch = _outputs(rng, parts=True), _batch(rng)
-  c = _config()
+  c = make_config(LOSS)
   total, m = total_loss(out, batch, c)
   s, t = out['student'], out['teacher']
   pid = batch['pid']
@@ -447,7 +443,7 @@ def test_triplet_reads_the_configured_feature(parts):
     glob = losses.triplet_loss(s[key], pid)
     expected[key] = (0.5 * glob + 0.5 * losses.part_triplet_loss(s[f'part_{key}s'], pid)
                      if parts else glob)
-  c = _config()
+  c = make_config(LOSS)
   _, m_default = total_loss(out, batch, c)
   np.testing.assert_allclose(m_default['loss/student_triplet'], expected['feat'], rtol=1e-6)
   c.loss.triplet_feature_input = 'bn_feat'
@@ -472,7 +468,7 @@ def test_student_triplet_on_unoccluded_views(parts):
   glob = losses.triplet_loss(s['feat'], pid, 0.0, unoccluded)
   expected = (0.5 * glob + 0.5 * losses.part_triplet_loss(s['part_feats'], pid, 0.0, unoccluded)
               if parts else glob)
-  c = _config()
+  c = make_config(LOSS)
   _, m_all = total_loss(out, batch, c)
   c.loss.student_triplet_views = 'unoccluded'
   run_config.validate(c)
@@ -489,7 +485,8 @@ def test_student_triplet_on_unoccluded_views(parts):
 def test_total_loss_gradients_never_reach_the_teacher_through_kd():
   rng = np.random.default_rng(7)
   out, batch = _outputs(rng), _batch(rng)
-  c = _config(teacher_weight=0.0)  # leave only the KD terms touching the teacher outputs
+  # Leave only the KD terms touching the teacher outputs.
+  c = make_config({**LOSS, 'loss.teacher_weight': 0.0})
 
   def f(teacher):
     o = dict(out, teacher=teacher)

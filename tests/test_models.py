@@ -19,24 +19,13 @@ from ogfr_jax.models import fepm
 from ogfr_jax.models import build as build_lib
 from ogfr_jax.models import ogfr
 from ogfr_jax.models import vit
+from helpers import H, W, make_config
 
-B, H, W = 8, 32, 16
+B = 8
 NUM_CLASSES, NUM_CAMERAS = 4, 3
+# The student_erase section, off unless a variant turns it on.
+ERASE = ('student_erase',)
 FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  c = config_defaults.base_config()
-  c.model.size = 'tiny'
-  c.input.height, c.input.width = H, W
-  c.model.patch_size, c.model.stride = 8, 6  # overlapping: a 5 x 2 grid
-  c.model.drop_path = 0.0
-  c.fepm.consistency_memory = 0  # the identity memory needs the batch's 'index'
-  config_defaults.extend(c, 'student_erase')  # off unless a variant turns it on
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    c[section][field] = value
-  return c
 
 
 def make_batch(seed=0):
@@ -66,7 +55,7 @@ def fast_jit(fn, *args):
 
 
 def test_token_grid_for_overlapping_strides():
-  assert build_lib.token_grid(tiny_config()) == (5, 2)
+  assert build_lib.token_grid(make_config(preset='tiny', extend=ERASE)) == (5, 2)
   c = config_defaults.base_config()
   assert build_lib.token_grid(c) == (21, 10)  # 256x128, patch 16, stride 12 (TransReID)
   c.model.stride = 11
@@ -78,7 +67,7 @@ def test_token_grid_for_overlapping_strides():
 
 
 def test_fepm_layer_resolution_and_errors():
-  c = tiny_config(**{'fepm.layer': -1})  # tiny depth 2
+  c = make_config({'fepm.layer': -1}, preset='tiny', extend=ERASE)  # tiny depth 2
   assert build_lib.fepm_layer(c) == 1
   c.fepm.layer = 0
   assert build_lib.fepm_layer(c) == 0
@@ -197,7 +186,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))
 def test_output_shapes(name):
-  config = tiny_config(**VARIANTS[name])
+  config = make_config(VARIANTS[name], preset='tiny', extend=ERASE)
   model = build(config)
   batch = make_batch()
   batch['occ_mask'] = jnp.zeros((B, H, W), jnp.uint8)
@@ -310,11 +299,13 @@ def test_bad_config_values_name_the_field():
                             ('fepm.num_samples', 0, 'fepm.num_samples'),
                             ('eval.feature', 'bn', 'eval.feature')]:
     with pytest.raises(ValueError, match=field):
-      config_schema.validate(tiny_config(**{key: value}))
-  c = tiny_config(**{'fepm.baseline': 'leave_one_out', 'fepm.num_samples': 1})
+      config_schema.validate(make_config({key: value}, preset='tiny', extend=ERASE))
+  c = make_config({'fepm.baseline': 'leave_one_out', 'fepm.num_samples': 1}, preset='tiny',
+                  extend=ERASE)
   with pytest.raises(ValueError, match='fepm.num_samples'):
     config_schema.validate(c)
-  model = build(tiny_config(**{'input.height': 40}))  # grid no longer matches the images
+  # The grid no longer matches the images.
+  model = build(make_config({'input.height': 40}, preset='tiny', extend=ERASE))
   with pytest.raises(ValueError, match='input.height'):
     jax.eval_shape(lambda: model.init(RNGS, batch, train=False))
 
@@ -357,7 +348,7 @@ def _step_fn(config, split: bool):
 
 @pytest.fixture(scope='module')
 def default_state():
-  config = tiny_config(**{'model.jpm': True})
+  config = make_config({'model.jpm': True}, preset='tiny', extend=ERASE)
   model, step = _step_fn(config, split=True)
   batch = make_batch()
   variables = fast_jit(lambda r, b: model.init(r, b, train=False), RNGS, batch)(RNGS, batch)
@@ -469,7 +460,8 @@ def test_new_batch_and_rngs_reuse_the_compiled_step(default_state):
 
 
 def test_bfloat16_runs_with_finite_losses(default_state):
-  config = tiny_config(**{'model.dtype': 'bfloat16', 'model.jpm': True})
+  config = make_config({'model.dtype': 'bfloat16', 'model.jpm': True}, preset='tiny',
+                       extend=ERASE)
   model, step = _step_fn(config, split=False)
   batch = default_state['batch']
   # Parameters are float32 whatever the compute dtype, so the float32 model's variables fit.
@@ -520,7 +512,8 @@ def test_extract_and_greedy_selection(default_state):
 
 @pytest.mark.parametrize('head_input', ['bn_feat', 'feat'])
 def test_pattern_head_reads_the_configured_feature(head_input):
-  config = tiny_config(**{'model.pattern_head_input': head_input})
+  config = make_config({'model.pattern_head_input': head_input}, preset='tiny',
+                       extend=ERASE)
   model = build(config)
   batch = make_batch()
   variables = model.init(RNGS, batch, train=False)
@@ -557,8 +550,8 @@ def test_covered_tokens_match_the_numpy_reference():
 
 @pytest.mark.parametrize('detector', ['student', 'separate'])
 def test_student_erase_blends_by_the_head_and_trains_it(detector):
-  config = tiny_config(**{'student_erase.enabled': True, 'model.teacher': False,
-                          'student_erase.detector': detector})
+  config = make_config({'student_erase.enabled': True, 'model.teacher': False,
+                        'student_erase.detector': detector}, preset='tiny', extend=ERASE)
   model = build(config)
   batch = make_batch()
   batch['occ_mask'] = jnp.asarray(np.arange(H)[None, :, None] < 12, jnp.uint8) * jnp.ones(

@@ -17,12 +17,12 @@ from fsspec.implementations.memory import MemoryFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
 from ogfr_jax import checkpoints
-from ogfr_jax import config_defaults
 from ogfr_jax import evaluator
 from ogfr_jax import paths
 from ogfr_jax import pretrained
 from ogfr_jax import run_config
 from ogfr_jax import writers
+from helpers import make_config
 
 _REGISTRY = sys.modules['fsspec.registry']  # (fsspec.registry is a read-only view)
 
@@ -64,12 +64,6 @@ def bucket(monkeypatch, tmp_path):
   assert os.listdir(tmp_path) == [], 'a gs:// path was written as a local folder'
 
 
-def _config():
-  config = config_defaults.base_config()
-  config.seed = 3
-  return config
-
-
 def test_resolve_local_and_file_scheme(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert paths.resolve('runs/x', '--workdir') == str(tmp_path / 'runs' / 'x')
@@ -82,7 +76,7 @@ def test_unsupported_scheme_is_refused_naming_the_flag(uri):
   with pytest.raises(ValueError, match=r"--workdir='[a-z]+://.*not supported.*gs://"):
     paths.resolve(uri, '--workdir')
   with pytest.raises(ValueError, match='not supported'):
-    run_config.prepare_workdir(uri, _config())
+    run_config.prepare_workdir(uri, make_config({'seed': 3}))
   with pytest.raises(ValueError, match='not supported'):
     checkpoints.make_manager(uri)
 
@@ -106,7 +100,7 @@ def test_gs_without_the_gcs_client_is_refused(monkeypatch):
 
 def test_workdir_files_go_to_the_bucket(bucket):
   workdir = 'gs://bkt/runs/x'
-  config = _config()
+  config = make_config({'seed': 3})
   run_config.prepare_workdir(workdir, config)
   saved = json.loads(bucket.cat_file('gs://bkt/runs/x/config.json'))
   assert saved['seed'] == 3
@@ -115,7 +109,7 @@ def test_workdir_files_go_to_the_bucket(bucket):
   # deletes them in the bucket.
   run_config.prepare_workdir(workdir, config)
   bucket.pipe_file('gs://bkt/runs/x/checkpoints/5/state/x', b'1')
-  other = _config()
+  other = make_config({'seed': 3})
   other.seed = 4
   with pytest.raises(ValueError, match=r'(?s)different config.*seed: 3 -> 4.*steps \[5\]'):
     run_config.prepare_workdir(workdir, other)
@@ -176,7 +170,7 @@ def test_tools_read_and_write_a_bucket_workdir(bucket):
   from ogfr_jax.tools import plot_training  # pylint: disable=g-import-not-at-top
   from ogfr_jax.tools import reevaluate  # pylint: disable=g-import-not-at-top
   workdir = 'gs://bkt/runs/t'
-  run_config.prepare_workdir(workdir, _config())
+  run_config.prepare_workdir(workdir, make_config({'seed': 3}))
   rows = [{'step': s, 'train/loss/total': 3.0 - s} for s in (1, 2, 3)]
   bucket.pipe_file(workdir + '/metrics.jsonl',
                    ''.join(json.dumps(r) + '\n' for r in rows).encode())

@@ -7,55 +7,18 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ogfr_jax import config_defaults
 from ogfr_jax.data import augment
 from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import records
 from ogfr_jax.data import sampler
-
-H, W = 32, 16
-
-
-def _write_split(folder, counts, seed=0):
-  """JPEGs named as in DukeMTMC (`0001_c2_f0046182.jpg`), pids already 0..N-1."""
-  os.makedirs(folder, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  paths, pids, camids = [], [], []
-  for pid, count in enumerate(counts):
-    base = rng.integers(0, 256, size=3)
-    for k in range(count):
-      pixels = np.clip(base + rng.integers(-40, 41, size=(48, 24, 3)), 0, 255).astype(np.uint8)
-      path = os.path.join(folder, f'{pid + 1:04d}_c{k % 3 + 1}_f{k:07d}.jpg')
-      Image.fromarray(pixels).save(path, quality=90)
-      paths.append(path)
-      pids.append(pid)
-      camids.append(k % 3)
-  return records.Split.from_lists(paths, pids, camids)
-
-
-def _config(**input_overrides):
-  c = config_defaults.base_config()
-  c.seed = 3
-  c.input.height, c.input.width = H, W
-  c.input.ids_per_batch, c.input.images_per_id = 4, 2
-  c.input.pad = 2
-  c.input.num_workers = 0
-  c.input.prefetch = 1
-  c.input.eval_batch_size = 4
-  for key, value in input_overrides.items():
-    c.input[key] = value
-  return c
+from helpers import H, W, make_config, take, write_split
 
 
 @pytest.fixture(scope='module')
 def train_split(tmp_path_factory):
   # One identity has a single image (filled with replacement); the rest have 3-6.
-  return _write_split(str(tmp_path_factory.mktemp('train')), [4, 1, 6, 3, 5, 4, 3, 6, 4])
-
-
-def _take(it, n):
-  return [next(it) for _ in range(n)]
+  return write_split(str(tmp_path_factory.mktemp('train')), [4, 1, 6, 3, 5, 4, 3, 6, 4])
 
 
 def _assert_same(batches_a, batches_b):
@@ -67,7 +30,7 @@ def _assert_same(batches_a, batches_b):
 
 
 def test_batch_layout_and_paired_views(train_split):
-  config = _config()
+  config = make_config(preset='pipeline')
   it = pipeline.make_train_iterator(train_split, config)
   batch = next(it)
   it.close()
@@ -96,11 +59,12 @@ _normalize = jax.jit(augment.normalize_on_device, static_argnums=(1, 2))
 def test_device_normalisation_reproduces_the_host_float_path(train_split):
   """uint8 batches normalised on the device equal the float batches the host used to build:
   each row's view is rebuilt from its own generators and normalised on the host."""
-  config = _config(pad=3, erase_prob=1.0, flip_prob=0.5)
+  config = make_config({'input.pad': 3, 'input.erase_prob': 1.0, 'input.flip_prob': 0.5},
+                       preset='pipeline')
   config.input.mean, config.input.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
   mean, std = tuple(config.input.mean), tuple(config.input.std)
   it = pipeline.make_train_iterator(train_split, config)
-  batches = _take(it, 2)
+  batches = take(it, 2)
   it.close()
   spec = augment.augment_spec(config)
   step_unit = 1.0 / (255.0 * min(std))  # one uint8 quantisation step in normalised units
@@ -135,13 +99,13 @@ def test_random_erasing_fills_uniform_uint8_noise():
 
 
 def test_epochs_follow_the_sampler_and_start_epoch(train_split):
-  config = _config()
+  config = make_config(preset='pipeline')
   spe = pipeline.steps_per_epoch(train_split, config)
   it = pipeline.make_train_iterator(train_split, config)
-  batches = _take(it, spe + 1)
+  batches = take(it, spe + 1)
   it.close()
   later = pipeline.make_train_iterator(train_split, config, start_epoch=1)
-  _assert_same(batches[spe:], _take(later, 1))
+  _assert_same(batches[spe:], take(later, 1))
   later.close()
   assert not np.array_equal(batches[0]['index'], batches[spe]['index'])
   config.train.steps_per_epoch = 1
@@ -152,12 +116,12 @@ def test_epochs_follow_the_sampler_and_start_epoch(train_split):
 def test_configured_epoch_length_maps_onto_sampler_draws(train_split, extra):
   # Shorter than one sampler draw: epoch e is the first steps of draw e. Longer: it continues
   # into the next draw, and epoch e starts at draw 2e (two draws per epoch).
-  config = _config()
+  config = make_config(preset='pipeline')
   natural = pipeline.steps_per_epoch(train_split, config)
   config.train.steps_per_epoch = natural + extra
   assert pipeline.steps_per_epoch(train_split, config) == natural + extra
   it = pipeline.make_train_iterator(train_split, config)
-  indices = [b['index'] for b in _take(it, 2 * (natural + extra))]
+  indices = [b['index'] for b in take(it, 2 * (natural + extra))]
   it.close()
   P, K = config.input.ids_per_batch, config.input.images_per_id
   draw = lambda d: sampler.epoch_batches(train_split.pids, P, K, config.seed, d)
@@ -174,7 +138,7 @@ def test_process_slices_concatenate_to_the_global_batch(train_split, donor_excha
   # prob=1 with donor-based patterns only: most donors sit in the other process's half, which
   # must rebuild exactly the pixels the single-process run uses ('host'), or leave the same
   # boxes to the devices ('device').
-  config = _config(donor_exchange=donor_exchange)
+  config = make_config({'input.donor_exchange': donor_exchange}, preset='pipeline')
   config.occlusion.prob = 1.0
   config.occlusion.patterns = ('person', 'crop')
   whole = pipeline.make_train_iterator(train_split, config)
@@ -193,50 +157,51 @@ def test_process_slices_concatenate_to_the_global_batch(train_split, donor_excha
 
 def test_process_count_must_divide_the_batch(train_split):
   with pytest.raises(ValueError, match='not divisible by the number of processes'):
-    pipeline.make_train_iterator(train_split, _config(), process_index=0, process_count=3)
+    pipeline.make_train_iterator(train_split, make_config(preset='pipeline'), process_index=0,
+                                 process_count=3)
 
 
 def test_restore_resumes_bitwise(train_split):
-  config = _config()
+  config = make_config(preset='pipeline')
   it = pipeline.make_train_iterator(train_split, config)
-  reference = _take(it, 7)
+  reference = take(it, 7)
   it.close()
   it = pipeline.make_train_iterator(train_split, config)
-  _take(it, 4)
+  take(it, 4)
   state = it.get_state()
   it.close()
   assert state['step'] == 4
   restored = pipeline.make_train_iterator(train_split, config)
   restored.set_state(state)
-  _assert_same(reference[4:], _take(restored, 3))
+  _assert_same(reference[4:], take(restored, 3))
   assert restored.get_state()['step'] == 7
   restored.close()
 
 
 def test_two_workers_match_the_main_process_and_restore_across_worker_counts(train_split):
-  config = _config()
+  config = make_config(preset='pipeline')
   it = pipeline.make_train_iterator(train_split, config)
-  reference = _take(it, 5)
+  reference = take(it, 5)
   state = None
   it.close()
   config.input.num_workers = 2
   workers = pipeline.make_train_iterator(train_split, config)
   try:
-    _assert_same(reference[:3], _take(workers, 3))
+    _assert_same(reference[:3], take(workers, 3))
     state = workers.get_state()
   finally:
     workers.close()
   config.input.num_workers = 0
   single = pipeline.make_train_iterator(train_split, config)
   single.set_state(state)
-  _assert_same(reference[3:], _take(single, 2))
+  _assert_same(reference[3:], take(single, 2))
   single.close()
 
 
 @pytest.fixture()
 def corrupt_split(tmp_path):
   # 8 ids x 2 images with K = 2: every image is in every epoch, so the bad file is always read.
-  split = _write_split(str(tmp_path), [2] * 8, seed=1)
+  split = write_split(str(tmp_path), [2] * 8, seed=1)
   bad = 5
   with open(split.paths[bad], 'wb') as f:
     f.write(b'\xff\xd8 this is not a complete jpeg')
@@ -245,30 +210,32 @@ def corrupt_split(tmp_path):
 
 def test_corrupt_image_fails_naming_the_file(corrupt_split):
   split, bad = corrupt_split
-  it = pipeline.make_train_iterator(split, _config(corrupt_image_policy='fail'))
-  spe = pipeline.steps_per_epoch(split, _config())
+  it = pipeline.make_train_iterator(
+      split, make_config({'input.corrupt_image_policy': 'fail'}, preset='pipeline'))
+  spe = pipeline.steps_per_epoch(split, make_config(preset='pipeline'))
   with pytest.raises(image_io.CorruptImageError, match=os.path.basename(split.paths[bad])):
-    _take(it, spe)
+    take(it, spe)
   it.close()
 
 
 def test_corrupt_image_fails_through_workers(corrupt_split):
   split, bad = corrupt_split
-  it = pipeline.make_train_iterator(split, _config(corrupt_image_policy='fail', num_workers=2))
-  spe = pipeline.steps_per_epoch(split, _config())
+  it = pipeline.make_train_iterator(split, make_config(
+      {'input.corrupt_image_policy': 'fail', 'input.num_workers': 2}, preset='pipeline'))
+  spe = pipeline.steps_per_epoch(split, make_config(preset='pipeline'))
   try:
     with pytest.raises(image_io.CorruptImageError, match=os.path.basename(split.paths[bad])):
-      _take(it, spe)
+      take(it, spe)
   finally:
     it.close()
 
 
 def test_corrupt_image_skip_replaces_with_same_identity(corrupt_split):
   split, bad = corrupt_split
-  config = _config(corrupt_image_policy='skip')
+  config = make_config({'input.corrupt_image_policy': 'skip'}, preset='pipeline')
   spe = pipeline.steps_per_epoch(split, config)
   it = pipeline.make_train_iterator(split, config)
-  batches = _take(it, spe)
+  batches = take(it, spe)
   assert it.num_skipped == 1 and it.get_state()['num_skipped'] == 1
   it.close()
   skipped = np.concatenate([b['num_skipped'] for b in batches])
@@ -282,18 +249,19 @@ def test_corrupt_image_skip_replaces_with_same_identity(corrupt_split):
 
 def test_unknown_corrupt_policy_is_rejected(train_split):
   with pytest.raises(ValueError, match='config.input.corrupt_image_policy'):
-    pipeline.make_train_iterator(train_split, _config(corrupt_image_policy='ignore'))
+    pipeline.make_train_iterator(
+        train_split, make_config({'input.corrupt_image_policy': 'ignore'}, preset='pipeline'))
 
 
 def test_too_few_identities_names_the_numbers(tmp_path):
-  split = _write_split(str(tmp_path), [2, 2, 2])
+  split = write_split(str(tmp_path), [2, 2, 2])
   with pytest.raises(ValueError, match=r'3 identities .*P = 4'):
-    pipeline.make_train_iterator(split, _config())
+    pipeline.make_train_iterator(split, make_config(preset='pipeline'))
 
 
 def test_eval_shares_padding_and_valid_mask(tmp_path):
-  split = _write_split(str(tmp_path), [3, 4, 4], seed=2)  # 11 images
-  config = _config()  # eval batch 4 -> 2 per process with 2 processes
+  split = write_split(str(tmp_path), [3, 4, 4], seed=2)  # 11 images
+  config = make_config(preset='pipeline')  # eval batch 4 -> 2 per process with 2 processes
   n_batches = pipeline.eval_num_batches(split, config, process_count=2)
   assert n_batches == 3  # shares of 6 and 5 images, 2 per batch
   seen = []
@@ -324,9 +292,10 @@ def test_eval_shares_padding_and_valid_mask(tmp_path):
 
 
 def test_eval_batch_must_divide_over_processes(tmp_path):
-  split = _write_split(str(tmp_path), [2, 2])
+  split = write_split(str(tmp_path), [2, 2])
   with pytest.raises(ValueError, match='config.input.eval_batch_size'):
-    pipeline.make_eval_iterator(split, _config(), process_index=0, process_count=3)
+    pipeline.make_eval_iterator(split, make_config(preset='pipeline'), process_index=0,
+                                process_count=3)
 
 
 def _write_contaminated_split(root):
@@ -359,11 +328,12 @@ def _write_contaminated_split(root):
 def test_contamination_mask_follows_the_augmentation(tmp_path):
   split = _write_contaminated_split(str(tmp_path))
   # Flips and shifts on; erasing off (the mask does not follow random erasing).
-  config = _config(flip_prob=0.5, pad=4, erase_prob=0.0)
+  config = make_config({'input.flip_prob': 0.5, 'input.pad': 4, 'input.erase_prob': 0.0},
+                       preset='pipeline')
   config.occlusion.enabled = False
   it = pipeline.make_train_iterator(split, config)
   seen = 0
-  for batch in _take(it, 6):
+  for batch in take(it, 6):
     assert batch['contam_mask'].shape == (8, H, W) and batch['contam_mask'].dtype == np.uint8
     # The image is its own mask: wherever the view moved, the mask moved with it.
     np.testing.assert_array_equal(batch['contam_mask'], batch['image'][..., 0] >= 128)
@@ -376,7 +346,7 @@ def test_contamination_mask_follows_the_augmentation(tmp_path):
 
 
 def test_no_side_file_means_no_contamination(train_split):
-  batch = next(pipeline.make_train_iterator(train_split, _config()))
+  batch = next(pipeline.make_train_iterator(train_split, make_config(preset='pipeline')))
   assert batch['contam_mask'].shape == (8, H, W) and not batch['contam_mask'].any()
 
 
@@ -393,7 +363,7 @@ def test_synthetic_contamination_reaches_train_and_eval_batches(tmp_path):
     return side.get(os.path.basename(split.paths[i]), {}).get('clutter_mask')
 
   # Eval: the stored mask at the model input size, zeros for clean images and padding.
-  config = _config(eval_batch_size=8)
+  config = make_config({'input.eval_batch_size': 8}, preset='pipeline')
   for split in (data.train, data.query, data.gallery):
     planted = 0
     for batch in pipeline.make_eval_iterator(split, config):
@@ -408,10 +378,11 @@ def test_synthetic_contamination_reaches_train_and_eval_batches(tmp_path):
     assert planted == sum(stored(split, i) is not None for i in range(len(split)))
     assert (planted > 0) == (split is not data.query)
   # Train: rows of contaminated images carry their mask (moved with the view), others zeros.
-  config = _config(erase_prob=0.0, pad=0, flip_prob=0.0)
+  config = make_config({'input.erase_prob': 0.0, 'input.pad': 0, 'input.flip_prob': 0.0},
+                       preset='pipeline')
   it = pipeline.make_train_iterator(data.train, config)
   seen = 0
-  for batch in _take(it, 4):
+  for batch in take(it, 4):
     for row, i in enumerate(batch['index']):
       want = stored(data.train, i)
       if want is None:
@@ -431,15 +402,15 @@ def test_contamination_masks_survive_resume(tmp_path):
       seed=2, num_train_ids=4, num_test_ids=2, images_per_id=4, num_cameras=2, height=H,
       width=W, clutter_fraction=1.0, occluded_query_fraction=1.0))
   train = datasets.get_dataset('synthetic', root).train
-  config = _config()
+  config = make_config(preset='pipeline')
   first = pipeline.make_train_iterator(train, config)
-  _take(first, 2)
+  take(first, 2)
   state = first.get_state()
-  expected = _take(first, 2)
+  expected = take(first, 2)
   first.close()
   again = pipeline.make_train_iterator(train, config)
   again.set_state(state)
-  got = _take(again, 2)
+  got = take(again, 2)
   again.close()
   _assert_same(expected, got)
   assert all(b['contam_mask'].any() for b in got)

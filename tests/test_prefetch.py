@@ -11,7 +11,7 @@ import pytest
 from ogfr_jax import parallel
 from ogfr_jax import prefetch
 from ogfr_jax.data import pipeline
-from test_pipeline import _config, _take, _write_split
+from helpers import make_config, take, write_split
 
 
 class CountingSource:
@@ -155,10 +155,10 @@ def test_sources_without_state_and_bad_sizes():
 
 
 def test_train_batches_on_the_mesh_and_resume_from_the_consumed_state(tmp_path):
-  split = _write_split(str(tmp_path), [4, 3, 6, 3, 5, 4])
-  config = _config()
+  split = write_split(str(tmp_path), [4, 3, 6, 3, 5, 4])
+  config = make_config(preset='pipeline')
   plain = pipeline.make_train_iterator(split, config)
-  reference = _take(plain, 6)
+  reference = take(plain, 6)
   plain.close()
   mesh = parallel.make_mesh(types.SimpleNamespace(data=-1, fsdp=1))
   put = lambda b: parallel.global_batch({k: b[k] for k in ('image', 'pid')}, mesh)

@@ -28,6 +28,7 @@ from ogfr_jax import pretrained
 from ogfr_jax import run_config
 from ogfr_jax.models import vit as vit_lib
 from ogfr_jax.tools import convert
+from helpers import float32_feature_tol, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures', 'parity')
@@ -35,22 +36,11 @@ MANIFEST = json.load(open(os.path.join(FIXTURES, 'manifest.json')))
 WEIGHTS = os.path.join(FIXTURES, MANIFEST['weights'])
 
 
-def make_config(height=64, width=64, stride=16, **model):
-  c = config_defaults.base_config()
-  c.model.size = 'tiny'
-  c.model.patch_size = MANIFEST['patch']
-  c.model.stride = stride
-  c.input.height, c.input.width = height, width
-  erase = {k: model.pop(k) for k in ('student_erase', 'student_erase_detector',
-                                      'student_erase_layer') if k in model}
-  if erase:
-    config_defaults.extend(c, 'student_erase')
-    c.student_erase.enabled = erase.get('student_erase', False)
-    c.student_erase.detector = erase.get('student_erase_detector', 'student')
-    c.student_erase.layer = erase.get('student_erase_layer', 1)
-  for k, v in model.items():
-    c.model[k] = v
-  return c
+# A tiny ViT with the committed fixtures' patch size on 64 x 64 images.
+PARITY = {'model.size': 'tiny', 'model.patch_size': MANIFEST['patch'], 'model.stride': 16,
+          'input.height': 64, 'input.width': 64}
+NARROW = {**PARITY, 'input.width': 48, 'model.stride': 12}
+ERASE = ('student_erase',)
 
 
 def zero_params(config, num_cameras=2):
@@ -93,8 +83,9 @@ def rows_by_key(report):
 @pytest.mark.parametrize('case', sorted(MANIFEST['cases']))
 def test_forward_matches_timm(case):
   spec = MANIFEST['cases'][case]
-  config = make_config(spec['height'], spec['width'], spec['stride'], sie=False,
-                       pattern_embed=False, teacher=False)
+  config = make_config({**PARITY, 'input.height': spec['height'], 'input.width': spec['width'],
+                        'model.stride': spec['stride'], 'model.sie': False,
+                        'model.pattern_embed': False, 'model.teacher': False})
   assert list(build.token_grid(config)) == spec['grid']
   params, report = pretrained.load_backbone(zero_params(config), WEIGHTS, config)
   rows = rows_by_key(report)
@@ -138,8 +129,9 @@ def test_resampling_is_torch_bilinear():
 
 
 def test_load_backbone_fills_the_occluder_classifier_blocks_it_has():
-  config = make_config(128, 64, 12, student_erase=True, student_erase_detector='separate',
-                       student_erase_layer=1)
+  config = make_config({**PARITY, 'input.height': 128, 'model.stride': 12,
+                        'student_erase.enabled': True, 'student_erase.detector': 'separate',
+                        'student_erase.layer': 1}, extend=ERASE)
   before = random_params(config)
   after, report = pretrained.load_backbone(before, WEIGHTS, config)
   assert report.backbones == ('teacher_vit', 'student_vit', 'occluder_vit')
@@ -152,7 +144,7 @@ def test_load_backbone_fills_the_occluder_classifier_blocks_it_has():
 
 
 def test_load_backbone_fills_both_backbones_and_nothing_else():
-  config = make_config(128, 64, 12, jpm=True)
+  config = make_config({**PARITY, 'input.height': 128, 'model.stride': 12, 'model.jpm': True})
   before = random_params(config)
   after, report = pretrained.load_backbone(before, WEIGHTS, config)
   assert report.backbones == ('teacher_vit', 'student_vit')
@@ -178,7 +170,7 @@ def test_load_backbone_fills_both_backbones_and_nothing_else():
 
 
 def test_load_into_an_abstract_tree():
-  config = make_config()
+  config = make_config(PARITY)
   abstract = jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape, z.dtype), zero_params(config))
   loaded, _ = pretrained.load_backbone(abstract, WEIGHTS, config)
   assert isinstance(loaded['student_vit']['cls_token'], np.ndarray)
@@ -187,7 +179,7 @@ def test_load_into_an_abstract_tree():
 
 
 def test_load_vit_on_a_plain_backbone_tree():
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   tree = zero_params(config)
   via_ogfr, _ = pretrained.load_backbone(tree, WEIGHTS, config)
   vit, report = pretrained.load_vit(tree['student_vit'], WEIGHTS, grid=(5, 3), num_heads=2)
@@ -197,7 +189,7 @@ def test_load_vit_on_a_plain_backbone_tree():
 
 
 def test_load_from_config_is_a_no_op_without_init_from():
-  config = make_config()
+  config = make_config(PARITY)
   params = zero_params(config)
   assert pretrained.load_from_config(params, config) == (params, None)
   config.init_from, config.init_format = WEIGHTS, 'safetensors'
@@ -282,7 +274,7 @@ def test_pickles_that_look_like_safetensors_stay_torch(tmp_path):
 
 
 def test_header_names_the_weights_or_warns_about_random_init():
-  config = make_config()
+  config = make_config(PARITY)
   _, report = pretrained.load_from_config(zero_params(config), _with_init(config, WEIGHTS))
   [line] = pretrained.header_lines(report, config)
   loaded = report.count('loaded') + report.count('copied')
@@ -320,7 +312,7 @@ def test_report_table_lists_missing_unexpected_and_resampled(tmp_path):
   tensors['pre_logits.fc.weight'] = np.ones((64, 64), np.float32)
   path = str(tmp_path / 'edited.safetensors')
   save_file(tensors, path)
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   params, report = pretrained.load_backbone(zero_params(config), path, config)
   rows = rows_by_key(report)
   assert rows['blocks_1/fc2/kernel'].status == 'missing'
@@ -347,7 +339,7 @@ def test_report_table_lists_missing_unexpected_and_resampled(tmp_path):
 
 
 def test_unmappable_shape_names_the_key(tmp_path):
-  config = make_config()
+  config = make_config(PARITY)
   for key, value, match in (
       ('blocks.0.mlp.fc1.weight', np.zeros((128, 64), np.float32),
        r'blocks\.0\.mlp\.fc1\.weight: shape \(128, 64\)'),
@@ -365,7 +357,7 @@ def test_pos_embed_grid_that_cannot_be_inferred(tmp_path):
   tensors = dict(timm_tensors(), pos_embed=np.zeros((1, 1 + 6, 64), np.float32))
   path = str(tmp_path / 'odd_grid.safetensors')
   save_file(tensors, path)
-  config = make_config()
+  config = make_config(PARITY)
   with pytest.raises(ValueError, match='pos_embed: cannot tell the token grid.*source_grid'):
     pretrained.load_backbone(zero_params(config), path, config)
   _, report = pretrained.load_backbone(zero_params(config), path, config, source_grid=(3, 2))
@@ -375,7 +367,7 @@ def test_pos_embed_grid_that_cannot_be_inferred(tmp_path):
 def test_file_without_vit_weights(tmp_path):
   path = str(tmp_path / 'resnet.safetensors')
   save_file({'conv1.weight': np.zeros((4, 3, 7, 7), np.float32)}, path)
-  config = make_config()
+  config = make_config(PARITY)
   with pytest.raises(ValueError, match='resnet.safetensors holds no ViT weights'):
     pretrained.load_backbone(zero_params(config), path, config)
 
@@ -430,7 +422,7 @@ def to_jax_names(tensors, style):
 
 @pytest.mark.parametrize('style', ['augreg', 'opt_target', 'big_vision', 'big_vision_scan'])
 def test_npz_naming_gives_the_same_backbone(tmp_path, style):
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   reference, _ = pretrained.load_backbone(zero_params(config), WEIGHTS, config)
   path = str(tmp_path / f'{style}.npz')
   np.savez(path, **to_jax_names(timm_tensors(), style))
@@ -458,7 +450,7 @@ def test_npz_with_other_head_count_is_refused(tmp_path):
   tensors[key] = tensors[key].reshape(64, 4, 16)
   path = str(tmp_path / 'heads.npz')
   np.savez(path, **tensors)
-  config = make_config()
+  config = make_config(PARITY)
   with pytest.raises(ValueError, match=f'{key}: the checkpoint has 4 attention heads'):
     pretrained.load_backbone(zero_params(config), path, config)
 
@@ -483,7 +475,7 @@ def test_transreid_checkpoint_with_jpm_branches(tmp_path):
   tensors['module.bottleneck.running_mean'] = np.zeros(64, np.float32)
   path = str(tmp_path / 'transreid.safetensors')
   save_file(tensors, path)
-  config = make_config(jpm=True)
+  config = make_config({**PARITY, 'model.jpm': True})
   params, report = pretrained.load_backbone(zero_params(config), path, config)
   vit = params['student_vit']
   np.testing.assert_array_equal(vit['blocks_1']['attn']['qkv']['kernel'],
@@ -543,7 +535,7 @@ def test_malicious_pickle_is_refused(tmp_path):
   plain.write_bytes(payload)
   zipped = tmp_path / 'evil_zip.pth'
   _write_fake_torch_zip(zipped, payload)
-  config = make_config()
+  config = make_config(PARITY)
   for path in (plain, zipped):
     assert pretrained.detect_format(str(path)) == 'torch'
     for call in (lambda p: pretrained.read_torch(p, use_torch=False),  # the torch-free reader
@@ -599,7 +591,7 @@ def test_torch_reader_bounds_checks_tensor_records(tmp_path):
 
 
 def test_safetensors_round_trip(tmp_path):
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   params = random_params(config, seed=3)
   path = str(tmp_path / 'student.safetensors')
   meta = pretrained.export_timm_safetensors(params, config, path, fold_pattern_embed=False)
@@ -626,18 +618,19 @@ def test_safetensors_round_trip(tmp_path):
       params['student_vit']['pos_embed'] + params['pattern_embed'][0])
   assert 'reid.pattern_embed_0' not in load_file(folded)
   # Without SIE there is no camera table to export.
-  no_sie = make_config(64, 48, 12, sie=False)
+  no_sie = make_config({**NARROW, 'model.sie': False})
   meta = pretrained.export_timm_safetensors(random_params(no_sie), no_sie, folded)
   assert 'reid.sie_embed' not in load_file(folded) and meta['ogfr.sie'] == 'off'
 
   # The recorded grid (5x3) is used to resample for another config, not a guess.
-  other = make_config(64, 64, 16)
+  other = make_config(PARITY)
   _, report = pretrained.load_backbone(zero_params(other), path, other)
   assert rows_by_key(report)['pos_embed'].note == 'grid 5x3 -> 4x4 (bilinear)'
 
 
 def test_export_of_a_student_with_its_own_occluder_classifier(tmp_path, capfd):
-  config = make_config(64, 48, 12, student_erase=True, student_erase_detector='separate')
+  config = make_config({**NARROW, 'student_erase.enabled': True,
+                        'student_erase.detector': 'separate'}, extend=ERASE)
   params = random_params(config, seed=4)
   path = str(tmp_path / 'student.safetensors')
   with pytest.raises(pretrained.LossyExportError, match='student_erase.*allow-lossy'):
@@ -653,7 +646,7 @@ def test_export_of_a_student_with_its_own_occluder_classifier(tmp_path, capfd):
 
 
 def test_convert_then_load(tmp_path):
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   out = str(tmp_path / 'converted')
   report = convert.convert(WEIGHTS, out, config)
   assert rows_by_key(report)['pos_embed'].status == 'resampled'
@@ -683,7 +676,7 @@ def make_workdir(tmp_path, config, params, step=7, batch_stats=None, name='run')
 
 
 def test_export_student_from_a_workdir(tmp_path):
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   params = random_params(config, seed=5)
   wd = make_workdir(tmp_path, config, params)
   out = str(tmp_path / 'model.safetensors')
@@ -715,7 +708,7 @@ def test_command_line(tmp_path):
   assert "error: cls_token: shape (1, 1, 64) cannot be mapped to the model's cls_token of " \
       'shape (1, 1, 384)' in res.stderr
 
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   params = random_params(config, seed=6)
   wd = make_workdir(tmp_path, config, params)
   model = str(tmp_path / 'model.safetensors')
@@ -777,23 +770,6 @@ def timm_vit_features(state, meta, images, camid):
   return feat
 
 
-def float32_feature_tol(config, computations: int = 1) -> float:
-  """Bound on the float32 rounding error of a unit-norm ViT feature of `config`, against the
-  exact value (computations=1) or between two float32 computations of it (2) that may sum in
-  other orders (another batch size, program, machine or thread count).
-
-  Each stage (the patch embedding, then each of the depth blocks) ends in dot products of
-  length at most n = max(3 p^2, 4 D), each within gamma_n ~ n u (u = 2^-24) of exact relative
-  to the sum of its terms' magnitudes, for any summation order (Higham, Accuracy and Stability
-  of Numerical Algorithms, Thm 3.1). LayerNorm rescales each stage's output to unit scale, so
-  the relative errors of the depth + 1 stages add; a factor 4 covers the sum of |terms|
-  exceeding the result (cancellation) and the softmax and GELU roundings.
-  """
-  dim, depth, _ = build.vit_size(config)
-  n = max(3 * int(config.model.patch_size) ** 2, 4 * dim)
-  return computations * 4 * (depth + 1) * n * 2.0 ** -24
-
-
 def init_variables(config, num_cameras, seed=0):
   """The OGFR variables at initialisation, with the camera and pattern tables drawn at unit
   scale so that leaving either out changes the features far beyond rounding."""
@@ -811,7 +787,7 @@ def init_variables(config, num_cameras, seed=0):
 def test_export_reproduces_the_extract_tools_features(tmp_path):
   from PIL import Image
   from ogfr_jax.tools import extract
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   params, batch_stats = init_variables(config, num_cameras=4)
   wd = make_workdir(tmp_path, config, params, batch_stats=batch_stats)
   folder = tmp_path / 'images'
@@ -865,7 +841,7 @@ def test_export_reproduces_the_extract_tools_features(tmp_path):
     ('eval.feature', 'post_bn', 'eval.feature=post_bn'),
     ('student_erase.enabled', True, 'student_erase')])
 def test_lossy_exports_are_refused_unless_allowed(tmp_path, capfd, field, value, part):
-  config = config_defaults.extend(make_config(64, 48, 12), 'student_erase')
+  config = make_config(NARROW, extend=ERASE)
   section, name = field.split('.')
   config[section][name] = value
   params = random_params(config)
@@ -891,7 +867,7 @@ def test_lossy_exports_are_refused_unless_allowed(tmp_path, capfd, field, value,
 
 @pytest.mark.parametrize('umask', [0o022, 0o077, 0o002])
 def test_exports_honour_the_umask(tmp_path, umask):
-  config = make_config(64, 48, 12)
+  config = make_config(NARROW)
   params = random_params(config)
   wd = make_workdir(tmp_path, config, params)
   old = os.umask(umask)

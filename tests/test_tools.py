@@ -24,8 +24,7 @@ from ogfr_jax.tools import extract
 from ogfr_jax.tools import plot_training
 from ogfr_jax.tools import visrank
 from ogfr_jax.tools import vispurify
-from test_pretrained import float32_feature_tol
-from test_train_e2e import tiny_config
+from helpers import float32_feature_tol, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.slow
 def run(tmp_path_factory):
   """(workdir, config) of a 3-step run of the tiny synthetic config, evaluated."""
   tmp = tmp_path_factory.mktemp('tools')
-  config = tiny_config(tmp)
+  config = make_config(preset='synthetic', cache=tmp / 'cache')
   wd = str(tmp / 'run')
   run_config.prepare_workdir(wd, config)
   train.train_and_evaluate(config, wd)
@@ -710,7 +709,8 @@ def test_readme_example_checker_compares_every_figure_but_the_timings():
     assert any(d.startswith('+') and new in d for d in diffs)
 
 
-# The README run shrunk to a few seconds (the fields of tests/test_train_e2e.tiny_config).
+# The README run shrunk to a few seconds (the fields of the synthetic preset of
+# tests/helpers.make_config).
 _TINY = ('synthetic.num_train_ids=8', 'synthetic.num_test_ids=6', 'synthetic.images_per_id=6',
          'synthetic.height=64', 'synthetic.width=32', 'input.height=64', 'input.width=32',
          'model.patch_size=16', 'model.stride=16', 'input.ids_per_batch=4',

@@ -10,31 +10,12 @@ from ml_collections import config_flags  # noqa: F401
 
 from ogfr_jax import run_config
 from ogfr_jax import train
+from helpers import make_config
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_KEYS = {'rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'step'}
-
-
-def tiny_config(tmp_path, epochs=1):
-  from configs import synthetic
-  c = synthetic.get_config('runlocal')
-  c.dataset.root = str(tmp_path / 'cache')
-  c.synthetic.num_train_ids, c.synthetic.num_test_ids = 8, 6
-  c.synthetic.images_per_id = 6
-  c.synthetic.height, c.synthetic.width = 64, 32
-  c.input.height, c.input.width = 64, 32
-  c.model.patch_size, c.model.stride = 16, 16
-  c.input.ids_per_batch, c.input.images_per_id = 4, 2
-  c.input.eval_batch_size = 16
-  c.train.epochs = epochs
-  c.train.steps_per_epoch = 3
-  c.train.log_every = 1
-  c.train.checkpoint_every = 3
-  c.train.eval_every_epochs = 100
-  run_config.validate(c)
-  return c
 
 
 def _train_lines(workdir):
@@ -48,7 +29,7 @@ def _params_equal(a, b):
 
 
 def test_train_stop_resume_and_eval(tmp_path):
-  config = tiny_config(tmp_path, epochs=2)
+  config = make_config({'train.epochs': 2}, preset='synthetic', cache=tmp_path / 'cache')
   wd = str(tmp_path / 'run')
   run_config.prepare_workdir(wd, config)
   assert train.train_and_evaluate(config, wd, stop_at_step=3) == {}
@@ -89,7 +70,7 @@ def test_train_stop_resume_and_eval(tmp_path):
 def test_init_from_fills_both_backbones(tmp_path):
   from safetensors.numpy import load_file
   path = os.path.join(ROOT, 'tests', 'fixtures', 'parity', 'vit_tiny.safetensors')
-  config = tiny_config(tmp_path)
+  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
   config.init_from = path
   run_config.validate(config)
   state = train.setup(config, str(tmp_path / 'wd'))['state']
