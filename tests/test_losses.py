@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ogfr_jax import config_defaults
 from ogfr_jax import losses
 from ogfr_jax import run_config
 from helpers import make_config
