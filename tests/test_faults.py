@@ -184,11 +184,13 @@ def read_checkpoint(workdir, step=None) -> tuple[dict[str, np.ndarray], dict, in
 
 
 def metrics_lines(workdir) -> dict[tuple[int, str], dict]:
-  """metrics.jsonl as {(step, 'train' | 'eval'): values}; wall-clock speed left out."""
+  """metrics.jsonl as {(step, 'train' | 'eval' | 'fepm'): values}; wall-clock speed left
+  out. The final evaluation's FEPM report is a row of its own (eval/fepm/...)."""
   out = {}
   for line in open(os.path.join(workdir, 'metrics.jsonl')):
     row = json.loads(line)
-    kind = 'train' if 'train/loss/total' in row else 'eval'
+    kind = ('train' if 'train/loss/total' in row
+            else 'fepm' if any(k.startswith('eval/fepm/') for k in row) else 'eval')
     key = (row.pop('step'), kind)
     assert key not in out, f'{key} logged twice'
     row.pop('train/images_per_sec', None)

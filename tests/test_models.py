@@ -497,7 +497,7 @@ def test_extract_and_greedy_selection(default_state):
 
   args = (variables, batch['occluded'], batch['camid'])
   out = fast_jit(features, *args)(*args)
-  assert out['feat'].shape == (B, 64 * 3)  # global + 2 parts
+  assert out['feat'].shape == (B, 64 * (1 + vit.JPM_PARTS))  # global + the parts
   np.testing.assert_array_equal(out['other'], out['feat'])
   # Fresh BNNeck: running mean 0, variance 1, scale 1.
   np.testing.assert_allclose(out['post'], np.asarray(out['feat']) / np.sqrt(1 + 1e-5),
