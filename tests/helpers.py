@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -150,3 +151,12 @@ def float32_feature_tol(config, computations: int = 1) -> float:
   dim, depth, _ = build.vit_size(config)
   n = max(3 * int(config.model.patch_size) ** 2, 4 * dim)
   return computations * 4 * (depth + 1) * n * 2.0 ** -24
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+  """Polls `condition` until it holds; AssertionError naming `what` after `timeout` s."""
+  deadline = time.time() + timeout
+  while not condition():
+    if time.time() > deadline:
+      raise AssertionError(f'timed out waiting for {what}')
+    time.sleep(0.01)

@@ -9,22 +9,21 @@ bitwise the same train state, the same metrics.jsonl lines and the same results.
 one persistent XLA compilation cache (and pytest-xdist workers share it too), so only the first
 run compiles.
 
-Faults that need no training (bad folders, odd images, config and workdir mistakes, checkpoint
-shape mismatches, the stop-request agreement of several processes, bfloat16 losses) run here
-or in small subprocesses without a model.
+Checkpoints without training (unfinished folders, shape mismatches) are here too; bad input
+(folders, names, images, batch sizes, configs, workdirs) is in tests/test_bad_input.py and the
+guards without training (stop requests, non-finite policies, bfloat16 losses) in
+tests/test_guards.py.
 """
 
 import contextlib
 import fcntl
 import hashlib
 import json
-import logging as std_logging
 import os
 import pathlib
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,26 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from PIL import Image
 
-import dataset_fixtures as fx
 from ogfr_jax import config_defaults
 from ogfr_jax import checkpoints
-from ogfr_jax.data import loading
 from ogfr_jax.models import build
 from ogfr_jax import train_state
-from ogfr_jax import writers
 from ogfr_jax import guards
 from ogfr_jax import losses
 from ogfr_jax import optim
 from ogfr_jax import parallel
-from ogfr_jax import prefetch
 from ogfr_jax import run_config
 from ogfr_jax import train
 from ogfr_jax.data import image_io
-from ogfr_jax.data import pipeline
-from ogfr_jax.data import sampler
-from helpers import MARKET, make_config
+from helpers import make_config, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, 'tests', 'faults_child.py')
@@ -227,14 +219,6 @@ def assert_same_as_reference(workdir, reference) -> str:
           f'{len(lines)} metrics.jsonl lines identical')
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-  deadline = time.time() + timeout
-  while not condition():
-    if time.time() > deadline:
-      raise AssertionError(f'timed out waiting for {what}')
-    time.sleep(0.01)
-
-
 # --------------------------------------------------------------------------------------------
 # Kills and preemption (real processes)
 
@@ -278,7 +262,7 @@ def test_killed_in_a_checkpoint_write_and_at_a_random_moment_then_resumed(shared
                     '--release', tmp_path / 'never'),
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     try:
-      _wait_for(lambda: (wd / 'checkpoints' / '4').is_dir() or proc.poll() is not None,
+      wait_for(lambda: (wd / 'checkpoints' / '4').is_dir() or proc.poll() is not None,
                 RUN_TIMEOUT, 'the checkpoint of step 4')
       assert proc.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
       time.sleep(delay)
@@ -552,208 +536,6 @@ def test_corrupt_image_under_fail_policy_names_the_file(shared, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Guards without training
-
-
-def test_stop_request_in_one_process_catches_sigterm_and_restores_the_handler():
-  before = signal.getsignal(signal.SIGTERM)
-  with guards.StopRequest() as stop:
-    assert stop.mode == 'local'
-    handler = signal.getsignal(signal.SIGTERM)
-    assert handler is not before and getattr(handler, '__self__', None) is stop
-    assert not stop.should_stop(0)
-    os.kill(os.getpid(), signal.SIGTERM)
-    _wait_for(lambda: stop.received is not None, 5, 'the handler')
-    assert stop.should_stop(1) and stop.received == 'SIGTERM'
-  assert signal.getsignal(signal.SIGTERM) is before
-  assert guards.Preempted('x').code == 143
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.parametrize('mode', ['service', 'allgather'])
-def test_processes_agree_on_the_step_to_stop(mode):
-  address = f'127.0.0.1:{_free_port()}'
-  extra = ['--no_service'] if mode == 'allgather' else []
-  procs = [subprocess.Popen(
-      [sys.executable, CHILD, 'agree', '--coordinator', address, '--num_processes', '2',
-       '--process_id', str(i), '--signal_at', '10', *extra],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = []
-  for proc in procs:
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    outs.append(json.loads(out.strip().splitlines()[-1]))
-  assert [o['mode'] for o in outs] == [mode, mode]
-  # Only process 1 got the signal; both stop, at the same step, after it.
-  stopped = {o['stopped_at'] for o in outs}
-  assert len(stopped) == 1 and stopped.pop() >= 10
-  if mode == 'allgather':
-    assert outs[1]['received'] == 'SIGTERM'
-    assert outs[0]['received'] == 'a stop request of another process'
-
-
-def _progress(tmp_path, policy: str):
-  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
-  config.train.nonfinite_policy = policy
-
-  class Iterator:
-    num_skipped = 0
-
-    def get_state(self):
-      return {'step': 0}
-
-  s = {'manager': checkpoints.make_manager(str(tmp_path / 'wd')), 'total_steps': 10,
-       'steps_per_epoch': 5, 'global_batch': 8}
-  writer = writers.Writer(str(tmp_path / 'wd'))
-  progress_cls = train._Progress  # pylint: disable=protected-access
-  return progress_cls(config, s, writer, Iterator(), 0, None), writer
-
-
-def _step_metrics(loss: float, total: int) -> dict:
-  bad = not np.isfinite(loss)
-  return {'loss/total': jnp.float32(loss), 'grad_norm': jnp.float32(1.0),
-          'guard/nonfinite': jnp.float32(bad), 'guard/nonfinite_total': jnp.float32(total)}
-
-
-def test_nonfinite_policy_at_log_time_and_before_a_save(tmp_path, caplog):
-  progress, writer = _progress(tmp_path, 'stop')
-  progress.history = [_step_metrics(1.0, 0), _step_metrics(np.nan, 1), _step_metrics(2.0, 1)]
-  with pytest.raises(FloatingPointError, match='at step 2 .*No checkpoint was written'):
-    progress.log_window(3)
-  # Before a checkpoint: the unchecked steps are checked and nothing is written.
-  progress.history = [_step_metrics(1.0, 1), _step_metrics(np.inf, 2)]
-  state = {'w': jnp.ones(3)}
-  with pytest.raises(FloatingPointError, match='at step 5'):
-    progress.save(5, state)
-  progress.manager.wait_until_finished()
-  assert progress.manager.all_steps() == []
-  writer.close()
-
-  progress, writer = _progress(tmp_path / 'skip', 'skip')
-  progress.history = [_step_metrics(1.0, 0), _step_metrics(np.nan, 1), _step_metrics(3.0, 1)]
-  with caplog.at_level(std_logging.WARNING):
-    progress.log_window(3)
-  assert 'skipped 1 update(s) with a non-finite loss or gradient in steps 1-3 (first at step 2' \
-      in caplog.text
-  line = json.loads(open(tmp_path / 'skip' / 'wd' / 'metrics.jsonl').readline())
-  assert line['train/loss/total'] == 2.0  # the mean of the applied steps only
-  assert line['train/guard/nonfinite_steps'] == 1 and line['train/guard/nonfinite_total'] == 1
-  writer.close()
-
-
-def test_skip_policy_stops_when_more_than_the_allowed_share_is_skipped(tmp_path):
-  progress, writer = _progress(tmp_path, 'skip')  # 10 steps, max_skipped_share 0.1: 1 allowed
-  progress.history = [_step_metrics(1.0, 0), _step_metrics(np.nan, 1), _step_metrics(2.0, 1)]
-  progress.log_window(3)  # one skipped step: within the share
-  progress.history = [_step_metrics(np.nan, 2), _step_metrics(np.inf, 3)]
-  with pytest.raises(FloatingPointError) as e:
-    progress.log_window(5)
-  assert str(e.value).startswith(
-      "3 of the 5 steps so far were skipped for a non-finite loss or gradient, more than "
-      "config.train.max_skipped_share=0.1 of the run's 10 steps: the run stops without results")
-  assert 'No checkpoint was written in' in str(e.value)
-  writer.close()
-  # metrics.jsonl is strict JSON: the window whose every step was skipped has a NaN loss,
-  # written as null.
-  text = (tmp_path / 'wd' / 'metrics.jsonl').read_text()
-  rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f'bare {c} in {line}'))
-          for line in text.splitlines()]
-  assert [r['step'] for r in rows] == [3, 5]
-  assert rows[0]['train/loss/total'] == 1.5 and rows[1]['train/loss/total'] is None
-  assert rows[1]['train/guard/nonfinite_total'] == 3
-  # A resumed run rewrites the file with the same encoding.
-  assert writers.truncate_metrics(str(tmp_path / 'wd' / 'metrics.jsonl'), 4) == 1
-  assert (tmp_path / 'wd' / 'metrics.jsonl').read_text() == text.splitlines(True)[0]
-  # And a share of 1 lets such a run go on.
-  progress, writer = _progress(tmp_path / 'lenient', 'skip')
-  progress.config.train.max_skipped_share = 1.0
-  progress.history = [_step_metrics(np.nan, s) for s in range(1, 11)]
-  progress.log_window(10)
-  writer.close()
-
-
-def test_invalid_config_json_is_refused_and_overwrite_starts_afresh(tmp_path):
-  wd = tmp_path / 'wd'
-  (wd / 'checkpoints' / '2').mkdir(parents=True)
-  config = config_defaults.base_config()
-  for garbage in ('{"train": {"epochs": 4', '[1, 2]'):
-    (wd / 'config.json').write_text(garbage)
-    with pytest.raises(ValueError) as e:
-      run_config.prepare_workdir(str(wd), config)
-    assert str(e.value).startswith(f'{wd / "config.json"} is not ')
-    assert str(e.value).endswith('or use another --workdir; --overwrite starts afresh there '
-                                 'and deletes its checkpoints of steps [2].')
-    assert (wd / 'config.json').read_text() == garbage and (wd / 'checkpoints' / '2').is_dir()
-  # What the message advises works.
-  run_config.prepare_workdir(str(wd), config, overwrite=True)
-  assert json.loads((wd / 'config.json').read_text()) == json.loads(config.to_json_best_effort())
-  assert not (wd / 'checkpoints').exists()
-
-
-def test_finite_update_keeps_every_leaf_of_a_bad_step():
-  old = {'w': jnp.ones(3), 'count': jnp.int32(4), 'nested': (jnp.zeros(2),)}
-  new = jax.tree.map(lambda x: x + 1, old)
-  kept = guards.finite_update(guards.is_finite(jnp.float32(np.nan)), new, old)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), kept, old))
-  taken = guards.finite_update(guards.is_finite(jnp.float32(1.0), jnp.ones(2)), new, old)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), taken, new))
-
-
-def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
-  path = tmp_path / 'metrics.jsonl'
-  rows = [{'step': s, 'train/loss/total': float(s)} for s in range(1, 7)]
-  path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 7, "train/lo')
-  writer = writers.Writer(str(tmp_path), resume_step=4)  # killed mid-line after step 6
-  writer.scalars(5, {'x': 1.0})
-  writer.close()
-  steps = [json.loads(l)['step'] for l in path.read_text().splitlines()]
-  assert steps == [1, 2, 3, 4, 5]
-  # Killed during the final evaluation, after the last checkpoint (step 5): it runs again.
-  with open(path, 'a') as f:
-    f.write(json.dumps({'step': 5, 'eval/synthetic/mAP': 0.5}) + '\n')
-  writers.Writer(str(tmp_path), resume_step=5, redo_eval=True).close()
-  rows = [json.loads(l) for l in path.read_text().splitlines()]
-  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5] and 'x' in rows[-1]
-
-
-def test_losses_stay_finite_in_bfloat16_with_identical_and_zero_features():
-  config = config_defaults.base_config()
-  config.model.dtype = 'bfloat16'
-  config.loss.kd_feature = 'both'
-  config.fepm.enabled = False  # the fabricated outputs have no agent
-  pid = jnp.array([0, 0, 1, 1, 2, 2, 3, 3])
-  key = jax.random.PRNGKey(0)
-
-  def outputs(feat):
-    logits = jnp.tile(jnp.arange(8, dtype=jnp.bfloat16), (8, 1))
-    branch = {'feat': feat, 'bn_feat': feat, 'logits': logits}
-    return {'student': {**branch, 'pattern_logits': logits[:, :5]},
-            'teacher': {'feat': jnp.zeros_like(feat), 'bn_feat': jnp.zeros_like(feat),
-                        'logits': logits}}
-
-  batch = {'pid': pid, 'pattern': jnp.zeros(8, jnp.int32)}
-  cases = {
-      'identical': jnp.full((8, 64), 0.3, jnp.bfloat16),
-      'zero': jnp.zeros((8, 64), jnp.bfloat16),
-      'nearly identical': (0.5 + 1e-3 * jax.random.normal(key, (8, 64))).astype(jnp.bfloat16),
-      'large': jnp.full((8, 64), 3e4, jnp.bfloat16),
-  }
-  total = jax.jit(jax.value_and_grad(
-      lambda f: losses.total_loss(outputs(f), batch, config)[0]))
-  hinge = jax.jit(jax.grad(lambda f: losses.triplet_loss(f, pid, 0.3)))
-  for name, feat in cases.items():
-    value, grad = total(feat)
-    assert np.isfinite(float(value)), name
-    assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
-    assert np.all(np.isfinite(np.asarray(hinge(feat), np.float32))), name
-
-
-# --------------------------------------------------------------------------------------------
 # Checkpoints without training
 
 
@@ -771,7 +553,7 @@ def test_unfinished_checkpoint_folder_is_ignored_and_removed(tmp_path):
   manager = checkpoints.make_manager(wd)
   assert manager.latest_step() == 3
   # Orbax removes it in the background when the manager starts (and before any save).
-  _wait_for(lambda: unfinished(wd) == [], 10, 'the unfinished step to be removed')
+  wait_for(lambda: unfinished(wd) == [], 10, 'the unfinished step to be removed')
   restored, data = checkpoints.restore(manager, 3, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   np.testing.assert_array_equal(restored['w'], np.arange(4.0))
@@ -851,181 +633,6 @@ def test_overwrite_discards_another_runs_checkpoint_only_once_every_check_passed
   run_config.write_workdir(check, config)
   assert not (wd / 'checkpoints').exists()
   assert json.loads((wd / 'config.json').read_text())['train']['epochs'] == config.train.epochs
-
-
-# --------------------------------------------------------------------------------------------
-# Bad input: folders, names, images, batch sizes, configs, workdirs
-
-
-def test_missing_or_misnamed_dataset_folder_fails_before_anything_is_written(tmp_path):
-  tree = fx.make_market1501(tmp_path)
-  wd = tmp_path / 'wd'
-  cases = [(tmp_path / 'no_such_folder', str(tmp_path / 'no_such_folder')),
-           (tmp_path, f'(it exists under {tree.root}')]  # the root one level too high
-  for root, named in cases:
-    with pytest.raises(FileNotFoundError) as e:
-      config = make_config({**MARKET, 'dataset.root': str(root)}, preset='synthetic',
-                           cache=tmp_path / 'cache')
-      train.train_and_evaluate(config, str(wd))
-    assert named in str(e.value)
-  (tree.root / 'bounding_box_train').rename(tree.root / 'bounding_box_training')
-  with pytest.raises(FileNotFoundError) as e:
-    config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
-                         cache=tmp_path / 'cache')
-    train.train_and_evaluate(config, str(wd))
-  assert f'expected folder {tree.root / "bounding_box_train"} is missing' in str(e.value)
-  assert not wd.exists()
-
-
-def test_corrupt_images_warned_about_are_the_ones_counted(tmp_path, caplog):
-  """Batches read ahead and never used warn about nothing: every 'skipping corrupt training
-  image' warning is one of the corrupt files counted in num_skipped."""
-  tree = fx.make_market1501(tmp_path)
-  config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
-                       cache=tmp_path / 'cache')
-  config.input.corrupt_image_policy = 'skip'
-  config.input.prefetch = 2
-  train_data, _ = loading.load_data(config)
-  it = pipeline.make_train_iterator(train_data.train, config)
-  loader = it._loader  # pylint: disable=protected-access
-  first, second = set(loader.global_indices(0).tolist()), loader.global_indices(1).tolist()
-  bad = [i for i in second if i not in first][:2]  # read only for the second batch
-  assert bad
-  for i in bad:
-    pathlib.Path(train_data.train.paths[i]).write_bytes(b'')
-  source = prefetch.DevicePrefetcher(it, lambda b: b, size=2)
-  with caplog.at_level(std_logging.WARNING):
-    batch = next(source)
-    _wait_for(lambda: it.step >= 3, 30, 'the batches after the first to be read ahead')
-    source.close()
-  warned = [r.getMessage() for r in caplog.records
-            if r.getMessage().startswith('skipping corrupt training image')]
-  assert int(batch['num_skipped'].sum()) == source.num_skipped == 0
-  assert warned == []
-  # Consumed, they are warned about and counted, one warning per file replaced.
-  it = pipeline.make_train_iterator(train_data.train, config)
-  source = prefetch.DevicePrefetcher(it, lambda b: b, size=2)
-  caplog.clear()
-  with caplog.at_level(std_logging.WARNING):
-    batches = [next(source) for _ in range(2)]
-    source.close()
-  warned = [r.getMessage() for r in caplog.records
-            if r.getMessage().startswith('skipping corrupt training image')]
-  counted = sum(int(b['num_skipped'].sum()) for b in batches)
-  assert counted == source.num_skipped == len(warned) >= len(bad)
-  assert {train_data.train.paths[i] for i in bad} <= {w.split(': ')[1] for w in warned}
-
-
-def _gone(pid: int) -> bool:
-  """True once `pid` has exited (a zombie that nobody reaps counts as exited)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
-  except FileNotFoundError:
-    return True
-
-
-def test_grain_workers_die_with_a_main_process_killed_by_sigkill(tmp_path):
-  tree = fx.make_market1501(tmp_path)
-  proc = subprocess.Popen([sys.executable, CHILD, 'workers', '--root', str(tree.root)],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    line = proc.stdout.readline()
-    assert line.startswith('WORKERS '), proc.stderr.read()[-3000:] if proc.poll() else line
-    pids = json.loads(line[len('WORKERS '):])
-    workers = pids['workers']
-    assert len(workers) >= 2 and not any(_gone(p) for p in workers)
-    proc.send_signal(signal.SIGKILL)  # what the OOM killer does: no clean-up in the parent
-    proc.wait(timeout=30)
-    # The workers and the resource tracker (which unlinks their shared memory once they are
-    # gone) end by themselves within a few of the workers' parent checks.
-    watched = workers + ([pids['tracker']] if pids['tracker'] else [])
-    _wait_for(lambda: all(_gone(p) for p in watched), 20, f'processes {watched} to end')
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    for pid in workers if 'workers' in locals() else []:
-      if not _gone(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def test_batch_not_divisible_by_the_devices_names_the_fields(tmp_path):
-  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
-  config.input.ids_per_batch, config.input.images_per_id = 3, 2
-  with pytest.raises(ValueError, match=r'config\.input\.ids_per_batch x config\.input\.'
-                     r'images_per_id=6 is not divisible by the 8 devices'):
-    train.setup(config, str(tmp_path / 'wd'))
-  config = make_config(preset='synthetic', cache=tmp_path / 'cache')
-  config.input.eval_batch_size = 12
-  with pytest.raises(ValueError, match=r'config\.input\.eval_batch_size=12'):
-    train.setup(config, str(tmp_path / 'wd'))
-  assert not (tmp_path / 'wd').exists() and not (tmp_path / 'cache').exists()
-  # More identities per batch than the dataset has: named before the model is built.
-  tree = fx.make_market1501(tmp_path)
-  config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
-                       cache=tmp_path / 'cache')
-  config.input.ids_per_batch, config.input.images_per_id = 8, 1
-  with pytest.raises(ValueError, match=r'4 identities .*P = 8 distinct identities '
-                     r'\(config\.input\.ids_per_batch\)'):
-    train.train_and_evaluate(config, str(tmp_path / 'wd'))
-  assert not (tmp_path / 'wd').exists()
-
-
-def test_names_modes_and_small_identities_through_the_train_pipeline(tmp_path, monkeypatch,
-                                                                      caplog):
-  """Unparseable names are skipped with a warning; grayscale, RGBA, palette and 16-bit images
-  are converted with a note; an identity with fewer than K images is drawn with replacement."""
-  monkeypatch.setattr(image_io, '_noted_modes', set())
-  monkeypatch.setattr(sampler, '_REPORTED_UNDER_K', set())
-  tree = fx.make_market1501(tmp_path)
-  train_dir = tree.root / 'bounding_box_train'
-  originals = sorted(p for p in train_dir.glob('*.jpg') if not p.name.startswith('.'))
-  # Identities 2 and 15 have exactly K = 2 images, so the first batch reads all four.
-  modes = {originals[0]: 'L', originals[1]: 'P', originals[5]: 'RGBA', originals[6]: 'I;16'}
-  for path, mode in modes.items():
-    rgb = np.asarray(Image.open(path).convert('RGB'))
-    if mode == 'I;16':
-      img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
-    elif mode == 'RGBA':
-      img = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), 'RGBA')
-    else:
-      img = Image.fromarray(rgb).convert(mode)
-    path.unlink()
-    img.save(path.with_suffix('.png'))
-  config = make_config({**MARKET, 'dataset.root': str(tree.root)}, preset='synthetic',
-                       cache=tmp_path / 'cache')
-  with caplog.at_level(std_logging.INFO):
-    train_data, _ = loading.load_data(config)
-    it = pipeline.make_train_iterator(train_data.train, config)
-    batch = next(it)
-    it.close()
-  assert 'IMG_0001.jpg' in caplog.text  # the unparseable query file, named in a warning
-  for mode in ('L', 'RGBA', 'P', 'I;16'):
-    assert f'converting images of mode {mode} to RGB' in caplog.text
-  assert 'fewer than K=2 images' in caplog.text and 'with replacement' in caplog.text
-  assert batch['image'].shape == (8, 32, 16, 3) and np.all(np.isfinite(batch['image']))
-  single = train_data.train.pids[[i for i, p in enumerate(train_data.train.paths)
-                                  if '0100_' in os.path.basename(p)][0]]
-  rows = np.flatnonzero(batch['pid'] == single)
-  assert rows.size == 2 and batch['index'][rows[0]] == batch['index'][rows[1]]
-
-
-def _main(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'ogfr_jax.main', *map(str, args)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-
-
-def test_unknown_dataset_and_policy_names_are_refused_before_the_workdir(tmp_path):
-  proc = _main('--config', 'configs/synthetic.py', '--workdir', tmp_path / 'wd',
-               '--config.dataset.name=market', '--config.train.nonfinite_policy=ignore')
-  assert proc.returncode != 0
-  assert "config.dataset.name='market'" in proc.stderr and 'market1501' in proc.stderr
-  assert not (tmp_path / 'wd').exists()
-  with pytest.raises(ValueError, match=r'config\.train\.nonfinite_policy'):
-    config = make_config(preset='synthetic', cache=tmp_path / 'cache')
-    config.train.nonfinite_policy = 'ignore'
-    run_config.validate(config)
 
 
 @pytest.mark.slow
