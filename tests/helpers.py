@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -160,3 +161,11 @@ def wait_for(condition, timeout: float, what: str) -> None:
     if time.time() > deadline:
       raise AssertionError(f'timed out waiting for {what}')
     time.sleep(0.01)
+
+
+def run_main(*args) -> subprocess.CompletedProcess:
+  """`python -m ogfr_jax.main ARGS` from the repository root on the CPU, output captured."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, '-m', 'ogfr_jax.main', *map(str, args)], cwd=root,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})

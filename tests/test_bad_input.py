@@ -22,7 +22,7 @@ from ogfr_jax import train
 from ogfr_jax.data import image_io
 from ogfr_jax.data import pipeline
 from ogfr_jax.data import sampler
-from helpers import MARKET, make_config, wait_for
+from helpers import MARKET, make_config, run_main, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, 'tests', 'faults_child.py')
@@ -181,14 +181,8 @@ def test_names_modes_and_small_identities_through_the_train_pipeline(tmp_path, m
   assert rows.size == 2 and batch['index'][rows[0]] == batch['index'][rows[1]]
 
 
-def _main(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'ogfr_jax.main', *map(str, args)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-
-
 def test_unknown_dataset_and_policy_names_are_refused_before_the_workdir(tmp_path):
-  proc = _main('--config', 'configs/synthetic.py', '--workdir', tmp_path / 'wd',
+  proc = run_main('--config', 'configs/synthetic.py', '--workdir', tmp_path / 'wd',
                '--config.dataset.name=market', '--config.train.nonfinite_policy=ignore')
   assert proc.returncode != 0
   assert "config.dataset.name='market'" in proc.stderr and 'market1501' in proc.stderr

@@ -45,7 +45,7 @@ from ogfr_jax import parallel
 from ogfr_jax import run_config
 from ogfr_jax import train
 from ogfr_jax.data import image_io
-from helpers import make_config, wait_for
+from helpers import make_config, run_main, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, 'tests', 'faults_child.py')
@@ -640,7 +640,7 @@ def test_workdir_of_another_config_is_refused_and_left_intact(shared, tmp_path):
   wd = tmp_path / 'run'
   shutil.copytree(shared['reference'], wd)
   before = tree_digest(wd)
-  proc = _main('--config', 'configs/synthetic.py:runlocal', '--workdir', wd)
+  proc = run_main('--config', 'configs/synthetic.py:runlocal', '--workdir', wd)
   _assert_refused(proc, f'{wd} holds a run of a different config',
                   'synthetic.num_train_ids: 8 -> 16', 'To resume it, run the command with its '
                   'values (on the left)', 'use another --workdir', f'Nothing was changed in {wd}',
