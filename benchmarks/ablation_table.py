@@ -5,6 +5,9 @@ and spread.
   python benchmarks/ablation_table.py --root runs/abl_oduke --dataset occluded_duke \
       -- --config.dataset.root=/data/Occluded_Duke --config.init_from=vit_base.npz
 
+The table (mean and sample standard deviation over seeds, the values of each seed) is printed
+and written to ROOT/table.json and, in the README's form, ROOT/table.md.
+
 Every step of configs/ablations.py runs through the normal entry point
 (`python -m ogfr_jax.main --config configs/ablations.py:step=S --config.seed=N`) with the same
 budget, so each row differs from the one above it by one component. --dataset NAME runs the
@@ -82,6 +85,45 @@ def run_step(root: str, step: str, seed: int, extra: list[str],
                 'gallery_recall': fepm['gallery']['recall'] or 0.0,
                 'gallery_chance': fepm['gallery']['chance']})
   return row
+
+
+def summarize(rows: dict[str, list[dict]]) -> dict:
+  """{row: {metric: {mean, std, values}}} over seeds; std is the sample standard deviation
+  (ddof 1; 0 for a single seed). A metric no row has is left out; a row without it gets nan."""
+  columns = METRICS + tuple(m for m in FEPM_METRICS
+                            if any(m in r for results in rows.values() for r in results))
+  table = {}
+  for name, results in rows.items():
+    table[name] = {}
+    for m in columns:
+      vals = np.array([r.get(m, np.nan) for r in results], np.float64)
+      std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+      table[name][m] = {'mean': float(vals.mean()), 'std': std, 'values': vals.tolist()}
+  return table
+
+
+def text_table(table: dict) -> str:
+  columns = list(next(iter(table.values()))) if table else []
+  lines = [f"{'row':15s} " + ' '.join(f'{m:>22s}' for m in columns)]
+  for name, cells in table.items():
+    text = [f"{c['mean']:.3f}+-{c['std']:.3f} ({min(c['values']):.2f}..{max(c['values']):.2f})"
+            for c in cells.values()]
+    lines.append(f'{name:15s} ' + ' '.join(f'{t:>22s}' for t in text))
+  return '\n'.join(lines)
+
+
+def markdown(table: dict, metrics: tuple[str, ...] = ('mAP', 'rank1')) -> str:
+  """The README form: per metric, mean +- std and the values of each seed."""
+  head = ' | '.join(f'{m} mean +- std | {m} per seed' for m in metrics)
+  lines = [f'| row | {head} |', '| --- |' + ' --- | --- |' * len(metrics)]
+  for name, cells in table.items():
+    parts = []
+    for m in metrics:
+      c = cells[m]
+      parts += [f"{c['mean']:.3f} +- {c['std']:.3f}",
+                ' / '.join(f'{v:.3f}' for v in c['values'])]
+    lines.append(f'| {name} | ' + ' | '.join(parts) + ' |')
+  return '\n'.join(lines)
 
 
 def pretrain(root: str) -> str:
@@ -187,24 +229,16 @@ def main(argv=None) -> dict:
     rows[step] = [run_step(args.root, step, s, extra, args.config, args.arg, args.dataset,
                            args.config_args) for s in args.seeds]
 
-  table = {}
+  table = summarize(rows)
   print(f'\nOccluded queries vs gallery, {len(args.seeds)} seeds {args.seeds}; '
         'mean +- std (min..max)')
-  columns = METRICS + tuple(m for m in FEPM_METRICS
-                            if any(m in r for results in rows.values() for r in results))
-  print(f"{'row':15s} " + ' '.join(f'{m:>22s}' for m in columns))
-  for name, results in rows.items():
-    table[name] = {}
-    cells = []
-    for m in columns:
-      vals = np.array([r.get(m, np.nan) for r in results])
-      table[name][m] = {'mean': float(vals.mean()), 'std': float(vals.std()),
-                        'values': vals.tolist()}
-      cells.append(f'{vals.mean():.3f}+-{vals.std():.3f} ({vals.min():.2f}..{vals.max():.2f})')
-    print(f'{name:15s} ' + ' '.join(f'{c:>22s}' for c in cells))
+  print(text_table(table))
+  print('\n' + markdown(table))
   with open(os.path.join(args.root, 'table.json'), 'w') as f:
     json.dump({'seeds': args.seeds, 'dataset': args.dataset or None, 'extra': extra,
                'table': table}, f, indent=2)
+  with open(os.path.join(args.root, 'table.md'), 'w') as f:
+    f.write(markdown(table) + '\n')
   if args.json:
     print(json.dumps(table))
   return table

@@ -7,16 +7,9 @@ Command:
 
 Reference: TransReID* (ViT-B, stride 12, SIE + JPM) as reported by TransReID: 85.3 Rank-1 / 67.4 mAP. OGFR's MSMT17 figure is not known to us.
 
-Weights: ImageNet-21k + 1k ViT-B/16, fetched on your own machine: the file TransReID
-starts from, jx_vit_base_p16_224-80ecf9dd.pth (timm's original vit_base_patch16_224), or the
-safetensors of timm's vit_base_patch16_224.augreg2_in21k_ft_in1k / .augreg_in21k_ft_in1k, or an
-AugReg .npz (README, "Real datasets"). The header's `weights:` line names the file and the
-tensors loaded, resampled and skipped; without --config.init_from the ViT-B starts from random
-initialisation, scores far below these figures, and the header says so.
-
-Recipe: TransReID's (config_defaults.transreid_recipe: decay on every parameter, every bias
-at 2x lr, per-epoch cosine to 0.002 x lr, bicubic train resize, erasing up to 1/3), except
-JPM off and the student triplet over its unoccluded views; the reasons are stated there.
+Weights and recipe: ImageNet-21k + 1k ViT-B/16 through --config.init_from (the accepted
+files: README, "Real datasets"); TransReID's recipe with the exceptions that
+config_defaults.transreid_recipe states.
 
 Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
 `benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,

@@ -10,16 +10,9 @@ Command:
 OGFR's published Partial-REID figure is not known to us; compare against the Market-1501-trained
 baselines of the occluded-ReID literature.
 
-Weights: ImageNet-21k + 1k ViT-B/16, fetched on your own machine: the file TransReID
-starts from, jx_vit_base_p16_224-80ecf9dd.pth (timm's original vit_base_patch16_224), or the
-safetensors of timm's vit_base_patch16_224.augreg2_in21k_ft_in1k / .augreg_in21k_ft_in1k, or an
-AugReg .npz (README, "Real datasets"). The header's `weights:` line names the file and the
-tensors loaded, resampled and skipped; without --config.init_from the ViT-B starts from random
-initialisation, scores far below these figures, and the header says so.
-
-Recipe: TransReID's (config_defaults.transreid_recipe: decay on every parameter, every bias
-at 2x lr, per-epoch cosine to 0.002 x lr, bicubic train resize, erasing up to 1/3), except
-JPM off and the student triplet over its unoccluded views; the reasons are stated there.
+Weights and recipe: ImageNet-21k + 1k ViT-B/16 through --config.init_from (the accepted
+files: README, "Real datasets"); TransReID's recipe with the exceptions that
+config_defaults.transreid_recipe states.
 
 Cameras: the model learns SIE embeddings for Market-1501's six cameras; the test images come
 from other cameras, so every query and gallery image gets the mean of the trained camera

@@ -339,7 +339,40 @@ def figures_text(summary: Mapping[str, float],
 # Progress
 
 
-class ProgressDisplay:
+class _LiveLine:
+  """What both progress displays share: a line on a terminal, redrawn in place as a bar."""
+
+  _out: Optional[TextIO] = None
+  _width: Optional[int] = None
+  _shown = False
+
+  def _stream(self) -> TextIO:
+    return self._out or stream()
+
+  def _bar(self, fraction: float, text: str) -> str:
+    """'[#####.....]  50%  <text>', cut to the terminal width."""
+    width = self._width or shutil.get_terminal_size((100, 24)).columns
+    cells = 20
+    filled = int(round(fraction * cells))
+    line = f'[{"#" * filled}{"." * (cells - filled)}] {fraction * 100:3.0f}%  {text}'
+    return line[:max(width - 1, 10)]
+
+  def _show(self, line: str) -> None:
+    s = self._stream()
+    s.write('\r\x1b[2K' + line)
+    s.flush()
+    self._shown = True
+
+  def clear(self) -> None:
+    """Removes the bar from its line (before other output); `redraw` brings it back."""
+    if self._shown:
+      s = self._stream()
+      s.write('\r\x1b[2K')
+      s.flush()
+      self._shown = False
+
+
+class ProgressDisplay(_LiveLine):
   """Step, epoch, loss (and its weighted terms), lr, images/s and ETA of a train loop.
 
   `advance(done)` is called after every step: on a terminal the bar's counter moves (redrawn
@@ -371,9 +404,6 @@ class ProgressDisplay:
     if self.enabled and self.tty:
       _state['live'] = self
 
-  def _stream(self) -> TextIO:
-    return self._out or stream()
-
   def eta_s(self) -> Optional[float]:
     if not self._ips:
       return None
@@ -395,12 +425,7 @@ class ProgressDisplay:
 
   def bar_text(self) -> str:
     """'[#####.....]  50%  <progress line>', cut to the terminal width."""
-    width = self._width or shutil.get_terminal_size((100, 24)).columns
-    fraction = self.done / self.total_steps if self.total_steps else 1.0
-    cells = 20
-    filled = int(round(fraction * cells))
-    line = f'[{"#" * filled}{"." * (cells - filled)}] {fraction * 100:3.0f}%  {self.text()}'
-    return line[:max(width - 1, 10)]
+    return self._bar(self.done / self.total_steps if self.total_steps else 1.0, self.text())
 
   def advance(self, done: int) -> None:
     self.done = int(done)
@@ -430,19 +455,8 @@ class ProgressDisplay:
     self._draw()
 
   def _draw(self) -> None:
-    s = self._stream()
-    s.write('\r\x1b[2K' + self.bar_text())
-    s.flush()
-    self._shown = True
+    self._show(self.bar_text())
     self._last_draw = self.clock()
-
-  def clear(self) -> None:
-    """Removes the bar from its line (before other output); `redraw` brings it back."""
-    if self._shown:
-      s = self._stream()
-      s.write('\r\x1b[2K')
-      s.flush()
-      self._shown = False
 
   def close(self) -> None:
     """Leaves the final state of the bar on its own line and stops being the live bar (once;
@@ -466,7 +480,7 @@ class ProgressDisplay:
     self.close()
 
 
-class CountProgress:
+class CountProgress(_LiveLine):
   """Items done of a known total (the images of a feature extraction), with items/s and ETA.
 
   On a terminal a bar redrawn in place (at most every `min_interval_s`) and taken off the
@@ -495,9 +509,6 @@ class CountProgress:
     self._previous_live = None
     if self.enabled and self.tty:
       self._previous_live, _state['live'] = _state['live'], self
-
-  def _stream(self) -> TextIO:
-    return self._out or stream()
 
   def rate(self) -> Optional[float]:
     elapsed = self.clock() - self._start
@@ -533,23 +544,8 @@ class CountProgress:
   def redraw(self) -> None:
     if not (self.enabled and self.tty) or self._closed:
       return
-    width = self._width or shutil.get_terminal_size((100, 24)).columns
-    fraction = self.done / self.total
-    cells = 20
-    filled = int(round(fraction * cells))
-    line = f'[{"#" * filled}{"." * (cells - filled)}] {fraction * 100:3.0f}%  {self.text()}'
-    s = self._stream()
-    s.write('\r\x1b[2K' + line[:max(width - 1, 10)])
-    s.flush()
-    self._shown = True
+    self._show(self._bar(self.done / self.total, self.text()))
     self._last = self.clock()
-
-  def clear(self) -> None:
-    if self._shown:
-      s = self._stream()
-      s.write('\r\x1b[2K')
-      s.flush()
-      self._shown = False
 
   def close(self) -> None:
     """Takes the bar off the terminal, or ends a run of plain lines with the total (once)."""

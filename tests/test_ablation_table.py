@@ -60,3 +60,20 @@ def test_ladder_on_a_real_layout(tmp_path):
   # The row is the ladder's vit_baseline step of the Occluded-Duke recipe, shrunk by runlocal.
   assert config['dataset']['name'] == 'occluded_duke' and config['model']['size'] == 'tiny'
   assert config['model']['teacher'] is False and config['occlusion']['enabled'] is False
+
+
+def test_summary_uses_the_sample_spread_and_keeps_each_seed():
+  rows = {'occ_synthesis': [{'mAP': 0.442, 'rank1': 0.465}, {'mAP': 0.401, 'rank1': 0.389},
+                            {'mAP': 0.422, 'rank1': 0.451}],
+          'single': [{'mAP': 0.5, 'rank1': 0.25}]}
+  table = ablation_table.summarize(rows)
+  cell = table['occ_synthesis']['mAP']
+  # mean 1.265 / 3; deviations +0.0203, -0.0207, +0.0003 -> sum of squares 8.407e-4 / 2.
+  assert cell['values'] == [0.442, 0.401, 0.422]
+  assert abs(cell['mean'] - 1.265 / 3) < 1e-12
+  assert abs(cell['std'] - (8.406666e-4 / 2) ** 0.5) < 1e-6
+  assert table['single']['mAP']['std'] == 0.0
+  assert 'teacher_mAP' not in table['single']  # no row has it
+  text = ablation_table.markdown(table)
+  assert '| occ_synthesis | 0.422 +- 0.021 | 0.442 / 0.401 / 0.422 |' in text
+  assert text.splitlines()[1] == '| --- | --- | --- | --- | --- |'

@@ -17,8 +17,7 @@ from ogfr_jax.data import donor_exchange
 from ogfr_jax.data import image_io
 from ogfr_jax.data import occlusion
 from ogfr_jax.data import pipeline
-from ogfr_jax.data import records
-from helpers import make_config
+from helpers import make_config, write_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 32, 16
@@ -27,21 +26,6 @@ PATTERNS = ('object', 'texture', 'person', 'crop', 'bank')
 DONOR = {'seed': 5, 'input.prefetch': 0, 'occlusion.prob': 1.0, 'occlusion.patterns': PATTERNS}
 NON_DONOR_KEYS = ('image', 'pattern', 'occ_mask', 'contam_mask', 'pid', 'camid', 'index',
                   'num_skipped')
-
-
-def _write_split(folder, counts):
-  os.makedirs(folder, exist_ok=True)
-  rng = np.random.default_rng(0)
-  paths, pids, camids = [], [], []
-  for pid, count in enumerate(counts):
-    for k in range(count):
-      pixels = rng.integers(0, 256, size=(48, 24, 3), dtype=np.uint8)
-      path = os.path.join(folder, f'{pid + 1:04d}_c{k % 3 + 1}_f{k:07d}.jpg')
-      Image.fromarray(pixels).save(path, quality=90)
-      paths.append(path)
-      pids.append(pid)
-      camids.append(k % 3)
-  return records.Split.from_lists(paths, pids, camids)
 
 
 def _write_bank(folder):
@@ -59,7 +43,7 @@ def _write_bank(folder):
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp('donors')
-  return _write_split(str(root / 'train'), [3, 4, 2, 5, 3, 4, 3, 2]), _write_bank(root / 'bank')
+  return write_split(str(root / 'train'), [3, 4, 2, 5, 3, 4, 3, 2]), _write_bank(root / 'bank')
 
 
 def _batches(split, config, steps, **process):
