@@ -195,7 +195,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.kd_feature_input = 'bn_feat'
   c.loss.kd_logit_weight = 1.0
   c.loss.kd_temperature = 4.0
-  c.loss.kd_after_warmup = False
   c.loss.pattern_weight = 0.1
   c.loss.agent_weight = 1.0
   # An auxiliary for the agent (not in the paper): binary cross-entropy of its token logits on

@@ -307,8 +307,7 @@ def kd_feature_term(outputs, batch, ctx: Context) -> TermValue:
   key = lc.kd_feature_input
   parts = (kd_feature_loss(s[f'part_{key}s'], t[f'part_{key}s'])
            if 'part_feats' in s and 'part_feats' in t else None)
-  gate = _f32(ctx.agent_on) if lc.kd_after_warmup else 1.0
-  return TermValue(gate * _global_and_parts(kd_feature_loss(s[key], t[key]), parts))
+  return TermValue(_global_and_parts(kd_feature_loss(s[key], t[key]), parts))
 
 
 @term('kd_logit', lambda c: c.loss.kd_logit_weight, build.has_teacher)
@@ -317,8 +316,7 @@ def kd_logit_term(outputs, batch, ctx: Context) -> TermValue:
   s, t, temp = outputs['student'], outputs['teacher'], ctx.loss.kd_temperature
   parts = (kd_logit_loss(s['part_logits'], t['part_logits'], temp)
            if 'part_logits' in s and 'part_logits' in t else None)
-  gate = _f32(ctx.agent_on) if ctx.loss.kd_after_warmup else 1.0
-  return TermValue(gate * _global_and_parts(kd_logit_loss(s['logits'], t['logits'], temp), parts))
+  return TermValue(_global_and_parts(kd_logit_loss(s['logits'], t['logits'], temp), parts))
 
 
 @term('pattern', lambda c: c.loss.pattern_weight, build.has_pattern_embed)
