@@ -106,7 +106,8 @@ def text_table(table: dict) -> str:
   columns = list(next(iter(table.values()))) if table else []
   lines = [f"{'row':15s} " + ' '.join(f'{m:>22s}' for m in columns)]
   for name, cells in table.items():
-    text = [f"{c['mean']:.3f}+-{c['std']:.3f} ({min(c['values']):.2f}..{max(c['values']):.2f})"
+    text = ['-' if np.isnan(c['values']).all() else
+            f"{c['mean']:.3f}+-{c['std']:.3f} ({min(c['values']):.2f}..{max(c['values']):.2f})"
             for c in cells.values()]
     lines.append(f'{name:15s} ' + ' '.join(f'{t:>22s}' for t in text))
   return '\n'.join(lines)

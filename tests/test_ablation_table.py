@@ -77,3 +77,6 @@ def test_summary_uses_the_sample_spread_and_keeps_each_seed():
   text = ablation_table.markdown(table)
   assert '| occ_synthesis | 0.422 +- 0.021 | 0.442 / 0.401 / 0.422 |' in text
   assert text.splitlines()[1] == '| --- | --- | --- | --- | --- |'
+  rows['single'][0]['teacher_mAP'] = 0.4  # a row without it shows '-' in the text table
+  text = ablation_table.text_table(ablation_table.summarize(rows))
+  assert text.splitlines()[1].split()[-1] == '-'
