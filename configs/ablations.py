@@ -15,12 +15,16 @@
 Command (one run per step; same budget and seed for each):
   python -m ogfr_jax.main --config configs/ablations.py:step=vit_baseline --workdir runs/abl/base
 
-Machine and wall time: the project's 2-core CPU VM, 1-2 min per step alone (40 epochs).
+Machine and wall time: the project's 2-core CPU VM, one run per core: 1 min (vit_baseline)
+to 4.5 min (student_erase) per step; the whole ladder over 3 seeds (benchmarks/ablation_table.py)
+31 min.
 
-Expected (student mAP on the test split, seeds 0-2): the full step is the README run,
-0.479 +- 0.013. The other steps are not measured on the test split at this recipe; on the
-validation split (`--config.dataset.val_ids=40`) occ_synthesis scores 0.335 +- 0.011 against
-full 0.354 +- 0.005 (docs/results.md, "The teacher on the README recipe").
+Expected (student mAP on the test split, seeds 0-2): vit_baseline 0.427 +- 0.011,
+occ_synthesis 0.483 +- 0.013, kd 0.485 +- 0.009, fepm_random 0.486 +- 0.015, fepm_agent
+0.484 +- 0.015, full 0.479 +- 0.013 (the README run), student_erase 0.531 +- 0.012,
+fepm_oracle 0.493 +- 0.011. With `dataset=synthetic_holdout`: 0.325 / 0.341 / 0.355 / 0.350 /
+0.351 / 0.350 / 0.375 / 0.359. docs/results.md ("The ladder at the README recipe") has rank-1,
+each seed and the validation split.
 
 Args: `step=NAME`; `dataset=occluded_duke` (or another dataset name) runs the ladder on the
 ViT-B recipe of that dataset instead (set --config.dataset.root); `runlocal` for smoke tests.

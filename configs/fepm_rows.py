@@ -7,13 +7,14 @@ Command (one run per row and seed; the table over seeds with benchmarks/ablation
   python benchmarks/ablation_table.py --config configs/fepm_rows.py --arg row \
       --steps none random agent oracle --seeds 0 1 2 --root runs/fepm
 
-Machine and wall time: the project's 2-core CPU VM, about 2 min per row alone (40 epochs).
+Machine and wall time: the project's 2-core CPU VM, about 2 min per row alone (40 epochs);
+about 4 min on one core with the other busy.
 
-Expected: not measured at the current recipe (both ViTs from the source-pretrained start).
-At the from-scratch recipe of commit 53213de, student mAP over seeds 0-2: at 40 epochs none
-0.391 +- 0.016, agent 0.378 +- 0.013; at 20 epochs (`--config.train.epochs=20`) none 0.275 +-
-0.014, random 0.271 +- 0.017, agent 0.271 +- 0.015, oracle 0.280 +- 0.017. docs/results.md
-("Purification") has the teacher's and the selection's figures.
+Expected: rows agent and oracle are the same configs as the ablation ladder's full and
+fepm_oracle steps: student mAP 0.479 +- 0.013 and 0.493 +- 0.011 (seeds 0-2); with
+`protocol=holdout` 0.350 +- 0.006 and 0.359 +- 0.011. Rows none and random: not measured at
+this recipe (the ladder's kd and fepm_random, without pattern embeddings, score 0.485 +- 0.009
+and 0.486 +- 0.015). docs/results.md ("The ladder at the README recipe").
 
 Args: `row=none|random|agent|oracle`; `protocol=holdout` starts from
 configs/synthetic_holdout.py (query occluder types never synthesised in training) instead;

@@ -11,17 +11,15 @@ cached, as real recipes start from ImageNet weights), AdamW, 40 epochs of 60 ste
 Command:
   python -m ogfr_jax.main --config configs/synthetic.py --workdir runs/synthetic
 
-Machine and wall time: the project's 2-core CPU VM. The same 2,400 steps as the from-scratch
-recipe, which ran 1 min 52 s alone (3 min 38 s with two runs sharing the cores; peak RSS
-1.5 GB); pinned to one core of the machine under heavy load from other jobs, 25 min. The first
-run also builds the source weights once: 6-8 min on one loaded core, plus 26 s of export.
+Machine and wall time: the project's 2-core CPU VM, 2 min 5 s alone with the source weights
+cached (peak RSS 1.3 GB); 3.5 min pinned to one core with the other busy. The first run also
+builds the source weights once: 6-8 min on one loaded core, plus 26 s of export.
 
-Expected: on the validation split (`--config.dataset.val_ids=40`, seeds 0-2) student mAP
-0.354 +- 0.005, rank-1 0.377 +- 0.014, against 0.335 +- 0.011 / 0.372 +- 0.008 for occlusion
-synthesis alone from the same weights. Test split (seeds 0-2, `--config.seed=N`): student mAP
-0.479 +- 0.013, rank-1 0.477 +- 0.022; teacher mAP 0.444 purified / 0.427 clean; gallery
-contamination selected at 6.1x chance with recall 0.58. docs/results.md ("The teacher on the
-README recipe") has the runs.
+Expected: test split (seeds 0-2, `--config.seed=N`): student mAP 0.479 +- 0.013, rank-1
+0.477 +- 0.022; teacher mAP 0.443 purified / 0.427 clean; gallery contamination selected at
+6.0x chance with recall 0.58. Tied within the seed spread with each of its ablations
+(occlusion synthesis alone 0.483 +- 0.013); docs/results.md ("The ladder at the README
+recipe") has the ladder, the held-out occluder protocol and the validation split.
 
 Args (`configs/synthetic.py:ARG`): `runlocal` shrinks everything for smoke tests.
 """

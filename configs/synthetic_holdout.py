@@ -11,12 +11,12 @@ contamination of training and gallery images is that of configs/synthetic.py.
 Command:
   python -m ogfr_jax.main --config configs/synthetic_holdout.py --workdir runs/synthetic_holdout
 
-Machine and wall time: the project's 2-core CPU VM, about 2 min alone (40 epochs).
+Machine and wall time: the project's 2-core CPU VM, about 2 min alone (40 epochs, the size of
+the README run); about 4 min on one core with the other busy.
 
-Expected: not measured at the current recipe (source-pretrained start). At the from-scratch
-recipe of commit 53213de, 20 epochs (`--config.train.epochs=20`, seeds 0-2, through
-configs/fepm_rows.py:protocol=holdout): student mAP 0.216 +- 0.006 with the agent, 0.220 +-
-0.005 with FEPM off (docs/results.md, "Purification").
+Expected (seeds 0-2): student mAP 0.350 +- 0.006, rank-1 0.326 +- 0.007; occlusion synthesis
+alone 0.341 +- 0.008, with the teacher and distillation 0.355 +- 0.004 (the whole ladder:
+docs/results.md, "The ladder at the README recipe").
 
 Args (`configs/synthetic_holdout.py:ARG`): `holdout=vehicle+board` names the held-out types
 (any of the generator's OCCLUDER_TYPES: vehicle, pole, pedestrian, foliage, board, joined by
