@@ -16,8 +16,8 @@ Command (one run per step; same budget and seed for each):
   python -m ogfr_jax.main --config configs/ablations.py:step=vit_baseline --workdir runs/abl/base
 
 Machine and wall time: the project's 2-core CPU VM, one run per core: 1 min (vit_baseline)
-to 4.5 min (student_erase) per step; the whole ladder over 3 seeds (benchmarks/ablation_table.py)
-31 min.
+to 4.5 min (student_erase) per step; the whole ladder over 3 seeds (24 runs, through
+benchmarks/ablation_table.py) in 31 min as two one-core runs at a time.
 
 Expected (student mAP on the test split, seeds 0-2): vit_baseline 0.427 +- 0.011,
 occ_synthesis 0.483 +- 0.013, kd 0.485 +- 0.009, fepm_random 0.486 +- 0.015, fepm_agent
