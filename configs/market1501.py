@@ -7,9 +7,10 @@ Command:
 
 Reference: TransReID* (ViT-B, stride 12, SIE + JPM) as reported by TransReID: 95.2 Rank-1 / 88.9 mAP. OGFR's Market-1501 figure is not known to us.
 
-Weights and recipe: ImageNet-21k + 1k ViT-B/16 through --config.init_from (the accepted
-files: README, "Real datasets"); TransReID's recipe with the exceptions that
-config_defaults.transreid_recipe states.
+Weights and recipe: ImageNet-21k + 1k ViT-B/16 through --config.init_from, from
+jx_vit_base_p16_224-80ecf9dd.pth (TransReID's), timm's
+vit_base_patch16_224.augreg2_in21k_ft_in1k safetensors or the others in README, "Real
+datasets"; TransReID's recipe with the exceptions that config_defaults.transreid_recipe states.
 
 Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
 `benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,

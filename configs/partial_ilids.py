@@ -10,9 +10,10 @@ Command:
 OGFR's published Partial-iLIDS figure is not known to us; compare against the Market-1501-trained
 baselines of the occluded-ReID literature.
 
-Weights and recipe: ImageNet-21k + 1k ViT-B/16 through --config.init_from (the accepted
-files: README, "Real datasets"); TransReID's recipe with the exceptions that
-config_defaults.transreid_recipe states.
+Weights and recipe: ImageNet-21k + 1k ViT-B/16 through --config.init_from, from
+jx_vit_base_p16_224-80ecf9dd.pth (TransReID's), timm's
+vit_base_patch16_224.augreg2_in21k_ft_in1k safetensors or the others in README, "Real
+datasets"; TransReID's recipe with the exceptions that config_defaults.transreid_recipe states.
 
 Cameras: the model learns SIE embeddings for Market-1501's six cameras; the test images come
 from other cameras, so every query and gallery image gets the mean of the trained camera
