@@ -1,7 +1,7 @@
 """The ablation ladder over seeds, on the embedded benchmark or a dataset: one table of mean
 and spread.
 
-  python benchmarks/ablation_table.py --root runs/ablations --seeds 0 1 2 [--pretrain] [--json]
+  python benchmarks/ablation_table.py --root runs/ablations --seeds 0 1 2 [--jobs 2] [--json]
   python benchmarks/ablation_table.py --root runs/abl_oduke --dataset occluded_duke \
       -- --config.dataset.root=/data/Occluded_Duke --config.init_from=vit_base.npz
 
@@ -15,7 +15,8 @@ ladder on the recipe of configs/NAME.py (`dataset=NAME` in the config arg; --con
 more, e.g. `runlocal`). Row `random_init` evaluates the full model (--random-init-step) of the
 same config at random initialisation (no training; `--config.init_from=` overrides are left
 out there, and row `init_only` evaluates that initialisation). Runs that already have a
-results.json are reused, so an interrupted table continues where it stopped. Extra
+results.json are reused, so an interrupted table continues where it stopped. --jobs N runs
+N at a time, each pinned to a CPU of its own. Extra
 `--config.FIELD=VALUE` arguments after `--` go to every run.
 
 --pretrain first trains configs/synthetic_source.py (a disjoint synthetic world; the stand-in
@@ -27,9 +28,11 @@ while `random_init` stays a truly random initialisation.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
 import os
+import queue
 import subprocess
 import sys
 
@@ -62,19 +65,59 @@ def test_metrics(results: dict) -> dict:
   return dict(results[names[0]])
 
 
-def run_step(root: str, step: str, seed: int, extra: list[str],
-             config: str = 'configs/ablations.py', arg: str = 'step', dataset: str = '',
-             config_args: str = '') -> dict:
+def step_command(root: str, step: str, seed: int, extra: list[str],
+                 config: str = 'configs/ablations.py', arg: str = 'step', dataset: str = '',
+                 config_args: str = '') -> tuple[list[str], str] | None:
+  """The (command, log path) of one row and seed, or None when its results.json exists."""
   workdir = os.path.join(root, f'{step}_seed{seed}')
-  results = os.path.join(workdir, 'results.json')
-  if not os.path.exists(results):
-    cmd = [sys.executable, '-m', 'ogfr_jax.main', '--config',
-           config_spec(step, config, arg, dataset, config_args), '--workdir', workdir,
-           f'--config.seed={seed}', *extra]
-    print('+', ' '.join(cmd), flush=True)
-    with open(os.path.join(root, f'{step}_seed{seed}.log'), 'w') as log:
-      subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
-  with open(results) as f:
+  if os.path.exists(os.path.join(workdir, 'results.json')):
+    return None
+  cmd = [sys.executable, '-m', 'ogfr_jax.main', '--config',
+         config_spec(step, config, arg, dataset, config_args), '--workdir', workdir,
+         f'--config.seed={seed}', *extra]
+  return cmd, os.path.join(root, f'{step}_seed{seed}.log')
+
+
+def _run(cmd: list[str], log_path: str, cpu: int | None) -> None:
+  print('+', ' '.join(cmd) + ('' if cpu is None else f'  (CPU {cpu})'), flush=True)
+  pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+  with open(log_path, 'w') as log:
+    rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                        preexec_fn=pin).returncode
+  if rc:
+    raise RuntimeError(f'exit {rc} from: {" ".join(cmd)}; its output is in {log_path}')
+
+
+def run_pinned(commands: list[tuple[list[str], str]], jobs: int = 1) -> None:
+  """Runs each (command, log path). jobs 1: one after another, on every CPU this process may
+  use. jobs N > 1: N at a time, each pinned to a CPU of its own, so each run computes on one
+  XLA:CPU thread (the layout of the tables in docs/results.md: their figures repeat to the
+  last digit only on the same thread count)."""
+  if jobs <= 1:
+    for cmd, log_path in commands:
+      _run(cmd, log_path, None)
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  if jobs > len(cpus):
+    raise ValueError(f'--jobs {jobs}: this process may use {len(cpus)} CPUs {cpus}')
+  free: queue.Queue = queue.Queue()
+  for cpu in cpus[:jobs]:
+    free.put(cpu)
+
+  def one(item):
+    cpu = free.get()
+    try:
+      _run(*item, cpu)
+    finally:
+      free.put(cpu)
+
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    for future in [pool.submit(one, item) for item in commands]:
+      future.result()
+
+
+def read_row(root: str, step: str, seed: int) -> dict:
+  with open(os.path.join(root, f'{step}_seed{seed}', 'results.json')) as f:
     results = json.load(f)
   row = test_metrics(results)
   fepm = results.get('fepm')
@@ -197,6 +240,9 @@ def main(argv=None) -> dict:
   p.add_argument('--no-random-init', action='store_true', help='leave out the random_init row')
   p.add_argument('--pretrain', action='store_true',
                  help='start every trained row from a source-pretrained student')
+  p.add_argument('--jobs', type=int, default=1,
+                 help='runs at a time, each pinned to a CPU of its own (one XLA:CPU thread, '
+                 "the layout of docs/results.md's tables); default 1: one after another")
   p.add_argument('--json', action='store_true')
   p.add_argument('--random-init-child', help=argparse.SUPPRESS)
   p.add_argument('--random-init-config', help=argparse.SUPPRESS)
@@ -226,9 +272,11 @@ def main(argv=None) -> dict:
     extra = extra + [f'--config.init_from={pretrain(args.root)}']
     rows['source_only'] = [random_init(args.root, s, extra, 'source_only', untrained)
                            for s in args.seeds]
+  pending = [step_command(args.root, step, s, extra, args.config, args.arg, args.dataset,
+                          args.config_args) for step in args.steps for s in args.seeds]
+  run_pinned([c for c in pending if c], args.jobs)
   for step in args.steps:
-    rows[step] = [run_step(args.root, step, s, extra, args.config, args.arg, args.dataset,
-                           args.config_args) for s in args.seeds]
+    rows[step] = [read_row(args.root, step, s) for s in args.seeds]
 
   table = summarize(rows)
   print(f'\nOccluded queries vs gallery, {len(args.seeds)} seeds {args.seeds}; '

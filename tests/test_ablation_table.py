@@ -80,3 +80,22 @@ def test_summary_uses_the_sample_spread_and_keeps_each_seed():
   rows['single'][0]['teacher_mAP'] = 0.4  # a row without it shows '-' in the text table
   text = ablation_table.text_table(ablation_table.summarize(rows))
   assert text.splitlines()[1].split()[-1] == '-'
+
+
+def test_runs_at_a_time_are_pinned_to_a_cpu_each_and_failures_name_their_log(tmp_path):
+  cpus = sorted(os.sched_getaffinity(0))
+  probe = 'import os, sys; open(sys.argv[1], "w").write(repr(sorted(os.sched_getaffinity(0))))'
+  jobs = min(2, len(cpus))
+  commands = [([sys.executable, '-c', probe, str(tmp_path / f'cpus{k}')], str(tmp_path / f'{k}.log'))
+              for k in range(3)]
+  ablation_table.run_pinned(commands, jobs)
+  seen = [eval((tmp_path / f'cpus{k}').read_text()) for k in range(3)]  # pylint: disable=eval-used
+  if jobs > 1:
+    assert all(len(s) == 1 and s[0] in cpus[:jobs] for s in seen), seen
+  ablation_table.run_pinned(commands[:1], 1)  # one at a time: every CPU this process has
+  assert eval((tmp_path / 'cpus0').read_text()) == cpus  # pylint: disable=eval-used
+  with pytest.raises(ValueError, match='CPUs'):
+    ablation_table.run_pinned(commands, len(cpus) + 1)
+  failing = [([sys.executable, '-c', 'raise SystemExit(3)'], str(tmp_path / 'bad.log'))]
+  with pytest.raises(RuntimeError, match='exit 3.*bad.log'):
+    ablation_table.run_pinned(failing, jobs)
