@@ -15,12 +15,9 @@ jx_vit_base_p16_224-80ecf9dd.pth (TransReID's), timm's
 vit_base_patch16_224.augreg2_in21k_ft_in1k safetensors or the others in README, "Real
 datasets"; TransReID's recipe with the exceptions that config_defaults.transreid_recipe states.
 
-Cameras: the model learns SIE embeddings for Market-1501's six cameras; the test images come
-from other cameras, so every query and gallery image gets the mean of the trained camera
-embeddings (eval.unseen_camera='mean'), the same offset for both sides, instead of the
-embeddings of two unrelated Market cameras. `--config.eval.unseen_camera=index` restores the
-latter. results.json has rank3 beside rank1 (Partial-REID and Partial-iLIDS are reported as
-rank-1 / rank-3).
+Cameras: the test cameras are not Market-1501's, so test images get the mean camera
+embedding (eval.unseen_camera, explained in config_defaults). results.json has rank3 beside
+rank1 (Partial-REID and Partial-iLIDS are reported as rank-1 / rank-3).
 
 Machine and wall time: one GPU or TPU host; not run at full size yet. On CPU,
 `benchmarks/rehearsal.py` measures every stage at this size and projects the run (README,

@@ -261,6 +261,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The camera embedding (SIE) of test images from cameras the model never trained with (a
   # test set other than the training set, dataset.test_name): 'mean' of the trained camera
   # embeddings, or 'index' (the test set's own camera ids index the training cameras' table).
+  # 'mean' gives query and gallery the same offset instead of two unrelated training cameras.
   c.eval.unseen_camera = 'mean'
   # The named evaluators of the final evaluation (evaluator.py): 'student_ranking' (the
   # run's score), and with FEPM 'fepm_selection' (selection rate; precision and recall where
