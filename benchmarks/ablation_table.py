@@ -78,12 +78,16 @@ def step_command(root: str, step: str, seed: int, extra: list[str],
   return cmd, os.path.join(root, f'{step}_seed{seed}.log')
 
 
+def _pin(cpu: int | None):
+  """A child's preexec_fn that pins it to `cpu` (None: no pinning)."""
+  return None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+
+
 def _run(cmd: list[str], log_path: str, cpu: int | None) -> None:
   print('+', ' '.join(cmd) + ('' if cpu is None else f'  (CPU {cpu})'), flush=True)
-  pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
   with open(log_path, 'w') as log:
     rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                        preexec_fn=pin).returncode
+                        preexec_fn=_pin(cpu)).returncode
   if rc:
     raise RuntimeError(f'exit {rc} from: {" ".join(cmd)}; its output is in {log_path}')
 
@@ -187,14 +191,14 @@ def pretrain(root: str) -> str:
 
 
 def random_init(root: str, seed: int, extra: list[str], name: str = 'random_init',
-                spec: str = 'configs/ablations.py:step=full') -> dict:
+                spec: str = 'configs/ablations.py:step=full', cpu: int | None = None) -> dict:
   """Evaluates the untrained model of the config `spec` (same data and evaluation as the
-  trained rows)."""
+  trained rows), pinned to `cpu` when given."""
   path = os.path.join(root, f'{name}_seed{seed}.json')
   if not os.path.exists(path):
     subprocess.run([sys.executable, os.path.abspath(__file__), '--random-init-child', path,
                     '--random-init-config', spec, '--seeds', str(seed), '--root', root, '--',
-                    *extra], cwd=REPO, check=True)
+                    *extra], cwd=REPO, check=True, preexec_fn=_pin(cpu))
   with open(path) as f:
     return json.load(f)
 
@@ -258,19 +262,21 @@ def main(argv=None) -> dict:
   spec = functools.partial(config_spec, config=args.config, arg=args.arg, dataset=args.dataset,
                            config_args=args.config_args)
   untrained = spec(args.random_init_step)
+  # With --jobs N the evaluations of untrained models run on one thread too, like the rows.
+  one_cpu = min(os.sched_getaffinity(0)) if args.jobs > 1 else None
   # random_init is untrained from random weights; with --config.init_from=... among the
   # overrides, init_only evaluates that initialisation untrained.
   own_init = [a for a in extra if a.startswith('--config.init_from=')]
   random_extra = [a for a in extra if a not in own_init]
   rows: dict[str, list[dict]] = {} if args.no_random_init else {
-      'random_init': [random_init(args.root, s, random_extra, spec=untrained)
+      'random_init': [random_init(args.root, s, random_extra, spec=untrained, cpu=one_cpu)
                       for s in args.seeds]}
   if own_init and not args.no_random_init:
-    rows['init_only'] = [random_init(args.root, s, extra, 'init_only', untrained)
+    rows['init_only'] = [random_init(args.root, s, extra, 'init_only', untrained, one_cpu)
                          for s in args.seeds]
   if args.pretrain:
     extra = extra + [f'--config.init_from={pretrain(args.root)}']
-    rows['source_only'] = [random_init(args.root, s, extra, 'source_only', untrained)
+    rows['source_only'] = [random_init(args.root, s, extra, 'source_only', untrained, one_cpu)
                            for s in args.seeds]
   pending = [step_command(args.root, step, s, extra, args.config, args.arg, args.dataset,
                           args.config_args) for step in args.steps for s in args.seeds]
