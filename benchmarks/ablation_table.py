@@ -288,12 +288,13 @@ def main(argv=None) -> dict:
   print(f'\nOccluded queries vs gallery, {len(args.seeds)} seeds {args.seeds}; '
         'mean +- std (min..max)')
   print(text_table(table))
-  print('\n' + markdown(table))
+  readme_table = markdown(table)
+  print('\n' + readme_table)
   with open(os.path.join(args.root, 'table.json'), 'w') as f:
     json.dump({'seeds': args.seeds, 'dataset': args.dataset or None, 'extra': extra,
                'table': table}, f, indent=2)
   with open(os.path.join(args.root, 'table.md'), 'w') as f:
-    f.write(markdown(table) + '\n')
+    f.write(readme_table + '\n')
   if args.json:
     print(json.dumps(table))
   return table

@@ -19,9 +19,9 @@ Machine and wall time: the project's 2-core CPU VM, one run per core: 1 min (vit
 to 4.5 min (student_erase) per step; the whole ladder over 3 seeds (24 runs, through
 benchmarks/ablation_table.py) in 31 min as two one-core runs at a time.
 
-Expected (student mAP on the test split, seeds 0-2): vit_baseline 0.427 +- 0.011,
-occ_synthesis 0.483 +- 0.013, kd 0.485 +- 0.009, fepm_random 0.486 +- 0.015, fepm_agent
-0.484 +- 0.015, full 0.479 +- 0.013 (the README run), student_erase 0.531 +- 0.012,
+Expected (student mAP on the test split, seeds 0-2, one XLA:CPU thread each): vit_baseline
+0.427 +- 0.011, occ_synthesis 0.483 +- 0.013, kd 0.485 +- 0.009, fepm_random 0.486 +- 0.015,
+fepm_agent 0.484 +- 0.015, full 0.479 +- 0.013 (the README run), student_erase 0.531 +- 0.012,
 fepm_oracle 0.493 +- 0.011. With `dataset=synthetic_holdout`: 0.325 / 0.341 / 0.355 / 0.350 /
 0.351 / 0.350 / 0.375 / 0.359. docs/results.md ("The ladder at the README recipe") has rank-1,
 each seed and the validation split.

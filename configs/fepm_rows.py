@@ -10,7 +10,7 @@ Command (one run per row and seed; the table over seeds with benchmarks/ablation
 Machine and wall time: the project's 2-core CPU VM, about 2 min per row alone (40 epochs);
 about 4 min on one core with the other busy.
 
-Expected: rows agent and oracle are the same configs as the ablation ladder's full and
+Expected (one XLA:CPU thread per run): rows agent and oracle are the same configs as the ablation ladder's full and
 fepm_oracle steps: student mAP 0.479 +- 0.013 and 0.493 +- 0.011 (seeds 0-2); with
 `protocol=holdout` 0.350 +- 0.006 and 0.359 +- 0.011. Rows none and random: not measured at
 this recipe (the ladder's kd and fepm_random, without pattern embeddings, score 0.485 +- 0.009

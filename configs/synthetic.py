@@ -15,7 +15,8 @@ Machine and wall time: the project's 2-core CPU VM, 2 min 5 s alone with the sou
 cached (peak RSS 1.3 GB); 3.5 min pinned to one core with the other busy. The first run also
 builds the source weights once: 6-8 min on one loaded core, plus 26 s of export.
 
-Expected: test split (seeds 0-2, `--config.seed=N`): student mAP 0.479 +- 0.013, rank-1
+Expected: test split (seeds 0-2, `--config.seed=N`, one XLA:CPU thread each; the same
+command on two threads gives 0.471 for seed 0): student mAP 0.479 +- 0.013, rank-1
 0.477 +- 0.022; teacher mAP 0.443 purified / 0.427 clean; gallery contamination selected at
 6.0x chance with recall 0.58. Tied within the seed spread with each of its ablations
 (occlusion synthesis alone 0.483 +- 0.013); docs/results.md ("The ladder at the README

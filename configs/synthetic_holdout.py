@@ -14,7 +14,7 @@ Command:
 Machine and wall time: the project's 2-core CPU VM, about 2 min alone (40 epochs, the size of
 the README run); about 4 min on one core with the other busy.
 
-Expected (seeds 0-2): student mAP 0.350 +- 0.006, rank-1 0.326 +- 0.007; occlusion synthesis
+Expected (seeds 0-2, one XLA:CPU thread each): student mAP 0.350 +- 0.006, rank-1 0.326 +- 0.007; occlusion synthesis
 alone 0.341 +- 0.008, with the teacher and distillation 0.355 +- 0.004 (the whole ladder:
 docs/results.md, "The ladder at the README recipe").
 
